@@ -1,0 +1,216 @@
+"""Publish / consume / request-reply helpers over NATS JetStream.
+
+- Every publish has a timeout and is retried with the same ``Nats-Msg-Id``, so a retry
+  after a lost ack is deduplicated by the stream, never stored twice.
+- Request-reply carries a typed :class:`Reply`; errors come back as data and are raised
+  on the caller's side as :class:`~myelin.errors.RemoteError`.
+- Trace context rides in the ``traceparent`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError, TooManyStalledMsgsError
+
+from myelin import telemetry
+from myelin.errors import MyelinError, Overloaded, RemoteError, Retryable
+from myelin.settings import Settings
+from myelin.subjects import ARTIFACTS_BUCKET, MODELS_BUCKET, StreamSpec, stream_specs
+
+log = logging.getLogger(__name__)
+
+MSG_ID = "Nats-Msg-Id"
+
+
+async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> NATS:
+    """Connect with unlimited reconnects (services must outlive a NATS restart)."""
+    return await nats.connect(
+        settings.nats_url,
+        name=f"myelin-{name}",
+        max_reconnect_attempts=-1 if reconnect else 0,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=reconnect,
+    )
+
+
+def jetstream(nc: NATS, settings: Settings) -> JetStreamContext:
+    return nc.jetstream(timeout=settings.publish_timeout_s, publish_async_max_pending=settings.publish_window)
+
+
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
+    """Create the stream, or update it to the spec; safe to call any number of times."""
+    config = api.StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        storage=api.StorageType.FILE,
+        retention=api.RetentionPolicy.LIMITS,
+        duplicate_window=spec.duplicate_window_s,
+        max_age=spec.max_age_s,
+        discard=api.DiscardPolicy.OLD,
+    )
+    try:
+        await js.stream_info(spec.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+async def provision(js: JetStreamContext, settings: Settings) -> None:
+    """Streams, KV buckets and object stores the platform needs; idempotent."""
+    for spec in stream_specs(settings.duplicate_window_s):
+        await ensure_stream(js, spec)
+    try:
+        await js.key_value(MODELS_BUCKET)
+    except (NotFoundError, BadRequestError):
+        await js.create_key_value(bucket=MODELS_BUCKET, history=16)
+    try:
+        await js.object_store(ARTIFACTS_BUCKET)
+    except (NotFoundError, BadRequestError):
+        await js.create_object_store(bucket=ARTIFACTS_BUCKET)
+
+
+@dataclass(frozen=True, slots=True)
+class OutMsg:
+    subject: str
+    payload: bytes
+    msg_id: str
+    headers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PubResult:
+    ok: bool
+    duplicate: bool = False
+    seq: int = 0
+    error: MyelinError | None = None
+
+
+class Publisher:
+    """Publishes batches through an async window with timeouts and same-id retries."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+        self._js = js
+        self._timeout = settings.publish_timeout_s
+        self._retries = settings.publish_retries
+
+    async def publish_batch(self, msgs: Sequence[OutMsg]) -> list[PubResult]:
+        """Publish every message; the result list is aligned with ``msgs``.
+
+        A message whose window slot cannot be had within the timeout gets an
+        :class:`Overloaded` result: the caller must push back, nothing is dropped silently.
+        """
+        futures: list[asyncio.Future[api.PubAck] | None] = []
+        results: list[PubResult | None] = [None] * len(msgs)
+        for i, m in enumerate(msgs):
+            headers = {MSG_ID: m.msg_id, **(m.headers or {})}
+            fut: asyncio.Future[api.PubAck] | None
+            try:
+                fut = await self._js.publish_async(
+                    m.subject, m.payload, wait_stall=self._timeout, headers=headers
+                )
+            except TooManyStalledMsgsError:
+                results[i] = PubResult(
+                    ok=False, error=Overloaded("JetStream publish window is full", retry_after=1.0)
+                )
+                futures.append(None)
+                continue
+            futures.append(fut)
+        for i, pending in enumerate(futures):
+            if pending is None:
+                continue
+            try:
+                ack = await asyncio.wait_for(pending, self._timeout)
+                results[i] = PubResult(ok=True, duplicate=bool(ack.duplicate), seq=ack.seq or 0)
+            except Exception as exc:  # noqa: BLE001 - any failure is retried below with the same id
+                log.debug("async publish failed, retrying: %r", exc)
+                results[i] = await self._publish_with_retry(msgs[i])
+        return [r if r is not None else PubResult(ok=False) for r in results]
+
+    async def publish(self, msg: OutMsg) -> PubResult:
+        return await self._publish_with_retry(msg)
+
+    async def _publish_with_retry(self, m: OutMsg) -> PubResult:
+        headers = {MSG_ID: m.msg_id, **(m.headers or {})}
+        delay = 0.05
+        last: Exception | None = None
+        for _ in range(self._retries + 1):
+            try:
+                ack = await self._js.publish(m.subject, m.payload, timeout=self._timeout, headers=headers)
+                return PubResult(ok=True, duplicate=bool(ack.duplicate), seq=ack.seq or 0)
+            except Exception as exc:  # noqa: BLE001 - transient: timeout, reconnect, no responders
+                last = exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return PubResult(ok=False, error=Overloaded(f"publish failed after retries: {last!r}", retry_after=2.0))
+
+
+# ---------------------------------------------------------------- request-reply
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
+    ok: bool
+    result: msgspec.Raw = msgspec.Raw(b"null")
+    error: ErrorBody | None = None
+
+
+_reply_decoder = msgspec.json.Decoder(Reply)
+_json = msgspec.json.Encoder()
+
+Handler = Callable[[bytes, dict[str, str]], Awaitable[Any]]
+
+
+async def serve(nc: NATS, subject: str, handler: Handler, *, queue: str = "") -> Any:
+    """Answer requests on ``subject`` with ``handler``; errors become typed replies."""
+
+    async def on_msg(msg: Msg) -> None:
+        headers = dict(msg.headers or {})
+        with telemetry.tracer("myelin.bus").start_as_current_span(
+            subject, context=telemetry.extract(headers)
+        ):
+            try:
+                result = await handler(msg.data, headers)
+                body = Reply(ok=True, result=msgspec.Raw(_json.encode(result)))
+            except MyelinError as exc:
+                body = Reply(ok=False, error=ErrorBody(exc.code, exc.message, dict(exc.details)))
+            except Exception as exc:
+                log.exception("handler for %s failed", subject)
+                body = Reply(ok=False, error=ErrorBody("internal", f"{type(exc).__name__}: {exc}"))
+        if msg.reply:
+            await msg.respond(_json.encode(body))
+
+    return await nc.subscribe(subject, queue=queue, cb=on_msg)
+
+
+async def request(nc: NATS, subject: str, payload: Any, *, timeout: float = 5.0) -> msgspec.Raw:
+    """Send a request and return the raw JSON result, or raise :class:`RemoteError`."""
+    data = payload if isinstance(payload, bytes) else _json.encode(payload)
+    headers = telemetry.inject({})
+    try:
+        msg = await nc.request(subject, data, timeout=timeout, headers=dict(headers))
+    except nats.errors.NoRespondersError:
+        raise Retryable(f"no service answers on {subject}; is it running?", subject=subject) from None
+    except (TimeoutError, nats.errors.TimeoutError):
+        raise Retryable(f"{subject} did not answer within {timeout}s", subject=subject) from None
+    reply = _reply_decoder.decode(msg.data)
+    if not reply.ok:
+        err = reply.error or ErrorBody("unknown", "error reply without body")
+        raise RemoteError(err.code, err.message, **err.details)
+    return reply.result

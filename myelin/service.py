@@ -1,0 +1,79 @@
+"""The lifecycle every service shares: settings, tracing, health endpoint, ordered shutdown.
+
+A service is a :class:`ServiceApp`: ``start`` brings it up (inbound adapters last),
+``stop`` takes it down in order (stop intake, drain, flush sinks, close clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NATS
+
+from myelin import bus, telemetry
+from myelin.settings import Settings
+from myelin.subjects import health_subject
+
+
+class ServiceApp(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def configure_logging(service: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("MYELIN_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve_health(nc: NATS, app: ServiceApp) -> Any:
+    started = time.time()
+
+    async def health(_data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+        return {"service": app.name, "ready": True, "pid": os.getpid(),
+                "uptime_s": round(time.time() - started, 3), **app.status()}
+
+    return await bus.serve(nc, health_subject(app.name), health)
+
+
+async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:
+    """Start ``app``, answer health checks, and stop it cleanly on SIGTERM / SIGINT."""
+    telemetry.setup_tracing(app.name, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log = logging.getLogger(app.name)
+    await app.start()
+    health_nc = await bus.connect(settings, f"{app.name}-health")
+    sub = await serve_health(health_nc, app)
+    log.info("%s ready", app.name)
+    try:
+        await stop.wait()
+    finally:
+        log.info("%s stopping", app.name)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        await app.stop()
+        with contextlib.suppress(Exception):
+            await health_nc.drain()
+        telemetry.shutdown_tracing()
+        log.info("%s stopped", app.name)
+
+
+def main(app_factory: Any, name: str) -> None:
+    configure_logging(name)
+    settings = Settings.from_env()
+    asyncio.run(run_until_signalled(app_factory(settings), settings))

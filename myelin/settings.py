@@ -1,0 +1,140 @@
+"""One typed settings object, loaded once from ``MYELIN_*`` environment variables.
+
+Secrets are held in :class:`Secret` so that ``repr`` and logs never show them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from myelin.errors import ConfigError
+
+
+class Secret:
+    """A string that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('****')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"MYELIN_{name}", default)
+
+
+def _int(name: str, default: int) -> int:
+    raw = _env(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"MYELIN_{name} must be an integer, got {raw!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"MYELIN_{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the platform. Each service reads the part it needs."""
+
+    state_dir: Path = field(default_factory=lambda: Path(".myelin"))
+    host: str = "127.0.0.1"
+    nats_url: str = ""
+    nats_port: int = 4222
+    redis_url: str = ""
+    redis_port: int = 6390
+    clickhouse_url: Secret = field(default_factory=lambda: Secret(""))
+    opa_url: str = ""
+    ingest_http_port: int = 8080
+    inference_grpc_port: int = 8001
+    partitions: int = 8
+    max_event_bytes: int = 64 * 1024
+    max_batch_bytes: int = 16 * 1024 * 1024
+    max_batch_events: int = 10_000
+    publish_window: int = 4096
+    publish_timeout_s: float = 5.0
+    publish_retries: int = 5
+    duplicate_window_s: float = 20 * 60.0
+    features_batch: int = 2000
+    features_ack_wait_s: float = 10.0
+    online_ttl_s: int = 7 * 24 * 3600
+    model_alias: str = "champion"
+    policy_dir: Path = field(default_factory=lambda: Path("policies"))
+    policy_cache_ttl_s: float = 30.0
+    ort_intra_threads: int = 1
+    ort_inter_threads: int = 1
+    otlp_endpoint: str = ""
+    trace_console: bool = False
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        d = cls()
+        state_dir = Path(_env("STATE_DIR", str(d.state_dir))).absolute()
+        nats_port = _int("NATS_PORT", d.nats_port)
+        redis_port = _int("REDIS_PORT", d.redis_port)
+        host = _env("HOST", d.host)
+        return cls(
+            state_dir=state_dir,
+            host=host,
+            nats_port=nats_port,
+            nats_url=_env("NATS_URL", f"nats://127.0.0.1:{nats_port}"),
+            redis_port=redis_port,
+            redis_url=_env("REDIS_URL", f"redis://127.0.0.1:{redis_port}/0"),
+            clickhouse_url=Secret(_env("CLICKHOUSE_URL", "")),
+            opa_url=_env("OPA_URL", ""),
+            ingest_http_port=_int("INGEST_HTTP_PORT", d.ingest_http_port),
+            inference_grpc_port=_int("INFERENCE_GRPC_PORT", d.inference_grpc_port),
+            partitions=_int("PARTITIONS", d.partitions),
+            max_event_bytes=_int("MAX_EVENT_BYTES", d.max_event_bytes),
+            max_batch_bytes=_int("MAX_BATCH_BYTES", d.max_batch_bytes),
+            max_batch_events=_int("MAX_BATCH_EVENTS", d.max_batch_events),
+            publish_window=_int("PUBLISH_WINDOW", d.publish_window),
+            publish_timeout_s=_float("PUBLISH_TIMEOUT_S", d.publish_timeout_s),
+            publish_retries=_int("PUBLISH_RETRIES", d.publish_retries),
+            duplicate_window_s=_float("DUPLICATE_WINDOW_S", d.duplicate_window_s),
+            features_batch=_int("FEATURES_BATCH", d.features_batch),
+            features_ack_wait_s=_float("FEATURES_ACK_WAIT_S", d.features_ack_wait_s),
+            online_ttl_s=_int("ONLINE_TTL_S", d.online_ttl_s),
+            model_alias=_env("MODEL_ALIAS", d.model_alias),
+            policy_dir=Path(_env("POLICY_DIR", str(d.policy_dir))).absolute(),
+            policy_cache_ttl_s=_float("POLICY_CACHE_TTL_S", d.policy_cache_ttl_s),
+            ort_intra_threads=_int("ORT_INTRA_THREADS", d.ort_intra_threads),
+            ort_inter_threads=_int("ORT_INTER_THREADS", d.ort_inter_threads),
+            otlp_endpoint=_env("OTLP_ENDPOINT", ""),
+            trace_console=_env("TRACE_CONSOLE", "") in ("1", "true", "yes"),
+        )
+
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.state_dir / "chdb"
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Secret):
+                value = value.get()
+            elif isinstance(value, bool):
+                value = "1" if value else ""
+            env[f"MYELIN_{f.name.upper()}"] = str(value)
+        return env

@@ -1,0 +1,1 @@
+"""The embedded dev stack: real nats-server and redis-server plus the four services."""

