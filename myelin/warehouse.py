@@ -147,10 +147,8 @@ class ChdbWarehouse:
         if data.num_rows == 0:
             return
         cols = ", ".join(f"`{c}`" for c in data.column_names)
-        __myelin_arrow = data  # chdb's Python() table function finds it by name
         with self._lock:
-            self._run(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM Python(__myelin_arrow)", "CSV")
-        del __myelin_arrow
+            self._run(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM Python(myelin_arrow_input)", "CSV", data)
 
     def query_arrow(self, sql: str) -> pa.Table:
         with self._lock:
@@ -159,7 +157,9 @@ class ChdbWarehouse:
             raise WarehouseError("chdb returned no Arrow table")
         return result
 
-    def _run(self, sql: str, fmt: str) -> Any:
+    def _run(self, sql: str, fmt: str, arrow: pa.Table | None = None) -> Any:
+        # chdb's Python() table function looks the table up by name in this very frame.
+        myelin_arrow_input = arrow  # noqa: F841
         try:
             return self._session.query(sql, fmt)
         except Exception as exc:

@@ -1,0 +1,4 @@
+from myelin.service import main
+from services.features.app import FeaturesApp
+
+main(FeaturesApp, "features")

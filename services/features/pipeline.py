@@ -1,0 +1,179 @@
+"""The feature use case: a batch of stream events -> offline rows, then online state.
+
+Order of effects, for exactly-once results:
+1. raw events and per-event feature values -> ClickHouse (ReplacingMergeTree: a replay
+   writes identical rows, which collapse);
+2. entity states + online vectors + the view position -> Redis in one Lua call
+   (guarded by stream sequence);
+3. only then is the batch acked (by the caller).
+A crash between any two steps replays the batch with the same outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from myelin.contracts import ContractRegistry, StreamEvent
+from services.features.logic import EntityState, Outcome, WindowEngine
+from services.features.online_store import OnlineStore, OnlineUpdate
+from services.features.warehouse_sink import WarehouseSink, events_table, feature_values_table
+
+log = logging.getLogger(__name__)
+_decode_event = msgspec.msgpack.Decoder(StreamEvent)
+_json = msgspec.json.Encoder()
+
+
+@dataclass
+class PipelineStats:
+    events: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    late: int = 0
+    undecodable: int = 0
+    feature_rows: int = 0
+    position: int = 0
+    last_event_ingest_ms: int = 0
+
+
+class StateCache:
+    """Hot entity states, bounded (LRU). Redis holds the durable copy."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[str, EntityState] = OrderedDict()
+
+    def get(self, entity: str) -> EntityState | None:
+        st = self._items.get(entity)
+        if st is not None:
+            self._items.move_to_end(entity)
+        return st
+
+    def put(self, entity: str, st: EntityState) -> None:
+        self._items[entity] = st
+        self._items.move_to_end(entity)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+class FeaturePipeline:
+    def __init__(
+        self,
+        engine: WindowEngine,
+        registry: ContractRegistry,
+        online: OnlineStore,
+        sink: WarehouseSink,
+        cache_items: int = 200_000,
+    ) -> None:
+        self.engine = engine
+        self.view = engine.view
+        self.registry = registry
+        self.online = online
+        self.sink = sink
+        self.cache = StateCache(cache_items)
+        self.stats = PipelineStats()
+
+    async def start(self) -> int:
+        await self.online.register_view()
+        self.stats.position = await self.online.position()
+        return self.stats.position
+
+    async def process(self, batch: list[tuple[int, bytes]]) -> None:
+        """``batch`` is ``(stream_seq, payload)`` in stream order."""
+        batch = [(s, p) for s, p in batch if s > self.stats.position]
+        if not batch:
+            return
+        try:
+            await self._process(batch)
+        except BaseException:
+            self.cache.clear()  # the states in it may hold half a batch: reload from Redis
+            raise
+
+    async def _process(self, batch: list[tuple[int, bytes]]) -> None:
+        sources = set(self.view.sources)
+        raw: dict[str, list[Any]] = {k: [] for k in (
+            "event_id", "type", "schema_version", "entity_id", "event_time", "ingest_time",
+            "producer_id", "trace_id", "partition", "stream_seq", "late", "data")}
+        fv: dict[str, list[Any]] = {"entity_id": [], "as_of": [], "stream_seq": [], "trace_id": [],
+                                    "values": []}
+        decoded: list[tuple[int, StreamEvent, Any]] = []
+        undecodable = 0
+        for seq, payload in batch:
+            try:
+                ev = _decode_event.decode(payload)
+                contract = self.registry.get(ev.type, ev.schema_version)
+                if contract is None:
+                    raise msgspec.ValidationError(f"no contract for {ev.type} v{ev.schema_version}")
+                data = contract.msgpack_decoder.decode(ev.data)
+            except msgspec.MsgspecError as exc:
+                undecodable += 1
+                log.warning("stream seq %d is not a valid event, skipped: %s", seq, exc)
+                continue
+            decoded.append((seq, ev, data))
+
+        # Load the states this batch needs that are not hot.
+        needed = list({ev.entity_id for _, ev, _ in decoded if ev.type in sources
+                       and self.cache.get(ev.entity_id) is None})
+        loaded = await self.online.load_states(needed)
+        work: dict[str, EntityState] = {}
+        touched: dict[str, tuple[dict[str, float], str]] = {}
+        applied = dup = late = 0
+        for seq, ev, data in decoded:
+            is_late = 0
+            if ev.type in sources:
+                st = work.get(ev.entity_id)
+                if st is None:
+                    hot = self.cache.get(ev.entity_id)
+                    st = hot.copy() if hot is not None else loaded.get(ev.entity_id) or EntityState()
+                    work[ev.entity_id] = st
+                outcome = self.engine.apply(st, seq, ev.type, ev.event_time, data)
+                if outcome == Outcome.APPLIED:
+                    applied += 1
+                    values = self.engine.vector(st)
+                    touched[ev.entity_id] = (values, ev.trace_id)
+                    fv["entity_id"].append(ev.entity_id)
+                    fv["as_of"].append(st.watermark)
+                    fv["stream_seq"].append(seq)
+                    fv["trace_id"].append(ev.trace_id)
+                    fv["values"].append(list(values.items()))
+                elif outcome == Outcome.LATE:
+                    late += 1
+                    is_late = 1
+                    touched[ev.entity_id] = (self.engine.vector(st), ev.trace_id)
+                else:
+                    dup += 1
+            for k, v in (("event_id", ev.event_id), ("type", ev.type),
+                         ("schema_version", ev.schema_version), ("entity_id", ev.entity_id),
+                         ("event_time", ev.event_time), ("ingest_time", ev.ingest_time),
+                         ("producer_id", ev.producer_id), ("trace_id", ev.trace_id),
+                         ("partition", ev.partition), ("stream_seq", seq), ("late", is_late),
+                         ("data", _json.encode(data).decode())):
+                raw[k].append(v)
+
+        await self.sink.insert("events", events_table(raw))
+        if fv["entity_id"]:
+            await self.sink.insert(
+                "feature_values", feature_values_table(self.view.name, self.view.content_hash, fv)
+            )
+        last_seq = batch[-1][0]
+        updates = [OnlineUpdate(e, work[e], vals, trace) for e, (vals, trace) in touched.items()]
+        await self.online.apply(updates, last_seq)
+        for e, st in work.items():
+            self.cache.put(e, st)
+        s = self.stats
+        s.events += len(batch)
+        s.applied += applied
+        s.duplicates += dup
+        s.late += late
+        s.undecodable += undecodable
+        s.feature_rows += len(fv["entity_id"])
+        s.position = last_seq
+        if decoded:
+            s.last_event_ingest_ms = decoded[-1][1].ingest_time
