@@ -1,0 +1,209 @@
+"""The model registry: versions, aliases and provenance in NATS KV; ONNX artifacts in
+the NATS object store. Shared by the inference service (reads) and the CLI (writes).
+
+KV bucket ``myelin_models``:
+- ``<name>.v<N>``      :class:`ModelVersion` (JSON), written once (create, never update)
+- ``<name>.aliases``   ``{"champion": N, "challenger": M}``
+Object store ``myelin_model_artifacts``: ``<name>/v<N>.onnx``.
+
+Moving an alias asks governance (``promote``) first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+
+from myelin import bus
+from myelin.errors import MyelinError
+from myelin.subjects import ARTIFACTS_BUCKET, MODELS_BUCKET, RPC_GOVERNANCE_DECIDE
+
+ALIASES = ("champion", "challenger", "shadow")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+class RegistryError(MyelinError):
+    code = "registry_error"
+
+
+class ModelNotFound(RegistryError):
+    code = "model_not_found"
+
+
+class PromotionDenied(RegistryError):
+    code = "promotion_denied"
+
+
+class TensorSpec(msgspec.Struct, frozen=True):
+    name: str
+    datatype: str  # OIP datatype, e.g. FP32
+    shape: list[int]
+
+
+class Provenance(msgspec.Struct, frozen=True, kw_only=True):
+    training_window: list[int] = []  # [start_ms, end_ms] of the training data's event time
+    feature_views: list[str] = []  # "name@hash"
+    feature_view: str = ""
+    features: list[str] = []  # input column order
+    training_rows: int = 0
+    training_query: str = ""
+    created_by: str = ""
+
+
+class ModelVersion(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    version: int
+    artifact: str
+    sha256: str
+    size: int
+    created_ms: int
+    platform: str = "onnx_onnxv1"
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    provenance: Provenance = Provenance()
+    metrics: dict[str, float] = {}
+    labels: dict[str, str] = {}
+
+
+_mv_dec = msgspec.json.Decoder(ModelVersion)
+_json = msgspec.json.Encoder()
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise RegistryError(f"model name {name!r} must match {_NAME.pattern}")
+    return name
+
+
+class ModelRegistry:
+    def __init__(self, nc: NATS, js: JetStreamContext) -> None:
+        self._nc = nc
+        self._js = js
+        self._kv: Any = None
+        self._obj: Any = None
+
+    async def _stores(self) -> tuple[Any, Any]:
+        if self._kv is None:
+            self._kv = await self._js.key_value(MODELS_BUCKET)
+            self._obj = await self._js.object_store(ARTIFACTS_BUCKET)
+        return self._kv, self._obj
+
+    async def versions(self, name: str) -> list[int]:
+        kv, _ = await self._stores()
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            return []
+        prefix = f"{name}.v"
+        return sorted(int(k[len(prefix):]) for k in keys if k.startswith(prefix) and k[len(prefix):].isdigit())
+
+    async def get(self, name: str, version: int) -> ModelVersion:
+        kv, _ = await self._stores()
+        try:
+            entry = await kv.get(f"{name}.v{version}")
+        except KeyNotFoundError:
+            raise ModelNotFound(f"model {name} has no version {version}") from None
+        return _mv_dec.decode(entry.value)
+
+    async def aliases(self, name: str) -> dict[str, int]:
+        kv, _ = await self._stores()
+        try:
+            entry = await kv.get(f"{name}.aliases")
+        except KeyNotFoundError:
+            return {}
+        result: dict[str, int] = msgspec.json.decode(entry.value, type=dict[str, int])
+        return result
+
+    async def resolve(self, name: str, version_or_alias: str) -> ModelVersion:
+        """``"3"`` -> version 3; ``"champion"`` -> what the alias points to."""
+        ref = version_or_alias.strip()
+        if ref.isdigit():
+            return await self.get(name, int(ref))
+        target = (await self.aliases(name)).get(ref)
+        if target is None:
+            raise ModelNotFound(f"model {name} has no alias {ref!r}")
+        return await self.get(name, target)
+
+    async def artifact(self, mv: ModelVersion) -> bytes:
+        _, obj = await self._stores()
+        result = await obj.get(mv.artifact)
+        data: bytes = result.data
+        if hashlib.sha256(data).hexdigest() != mv.sha256:
+            raise RegistryError(f"artifact of {mv.name} v{mv.version} does not match its sha256")
+        return data
+
+    async def register(
+        self,
+        name: str,
+        onnx_bytes: bytes,
+        *,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        provenance: Provenance,
+        metrics: dict[str, float],
+        labels: dict[str, str] | None = None,
+    ) -> ModelVersion:
+        check_name(name)
+        kv, obj = await self._stores()
+        for _ in range(20):
+            existing = await self.versions(name)
+            version = (existing[-1] if existing else 0) + 1
+            artifact = f"{name}/v{version}.onnx"
+            mv = ModelVersion(
+                name=name, version=version, artifact=artifact,
+                sha256=hashlib.sha256(onnx_bytes).hexdigest(), size=len(onnx_bytes),
+                created_ms=int(time.time() * 1000), inputs=inputs, outputs=outputs,
+                provenance=provenance, metrics=metrics, labels=labels or {},
+            )
+            await obj.put(artifact, onnx_bytes)
+            try:
+                await kv.create(f"{name}.v{version}", _json.encode(mv))
+            except KeyWrongLastSequenceError:
+                continue  # another writer took this number; try the next
+            return mv
+        raise RegistryError(f"could not allocate a version for {name}")
+
+    async def set_alias(self, name: str, alias: str, version: int, *, requester: str = "cli") -> None:
+        """Point ``alias`` at ``version`` if governance allows the promotion."""
+        mv = await self.get(name, version)
+        decision = msgspec.json.decode(
+            await bus.request(
+                self._nc,
+                RPC_GOVERNANCE_DECIDE,
+                {
+                    "action": "promote",
+                    "subject": f"{name}:v{version}",
+                    "input": {"alias": alias, "requester": requester, "model": msgspec.to_builtins(mv)},
+                },
+            )
+        )
+        if not decision["allow"]:
+            raise PromotionDenied(
+                f"promoting {name} v{version} to {alias} was denied: {'; '.join(decision['reasons'])}",
+                decision_id=decision["decision_id"],
+            )
+        kv, _ = await self._stores()
+        for _ in range(20):
+            try:
+                entry = await kv.get(f"{name}.aliases")
+                current = msgspec.json.decode(entry.value, type=dict[str, int])
+                revision = entry.revision
+            except KeyNotFoundError:
+                current, revision = {}, 0
+            current[alias] = version
+            try:
+                if revision:
+                    await kv.update(f"{name}.aliases", _json.encode(current), last=revision)
+                else:
+                    await kv.create(f"{name}.aliases", _json.encode(current))
+                return
+            except KeyWrongLastSequenceError:
+                continue
+        raise RegistryError(f"could not update aliases of {name}: too much contention")

@@ -1,0 +1,176 @@
+"""Inbound adapter: grpc.aio servicers for OIP v2 (``inference.GRPCInferenceService``) and
+Myelin's feature-aware ``myelin.predict.v1.Predictor``. Errors map to status codes;
+trace context is read from the ``traceparent`` metadata entry."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from opentelemetry.trace import SpanKind
+
+from myelin import __version__, telemetry
+from myelin.errors import MyelinError, Overloaded, Retryable
+from myelin.gen import grpc_predict_v2_pb2 as oip
+from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
+from myelin.gen import myelin_predict_pb2 as mp
+from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
+from myelin.models import ModelNotFound, RegistryError
+from myelin.online import UnknownView
+from services.inference.logic import TensorError, decode_input, encode_output
+from services.inference.model_host import ModelDenied
+from services.inference.predictor import NotFeatureAware, Predictor
+
+log = logging.getLogger(__name__)
+
+_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (TensorError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelDenied, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotFeatureAware, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnknownView, grpc.StatusCode.FAILED_PRECONDITION),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Retryable, grpc.StatusCode.UNAVAILABLE),
+    (RegistryError, grpc.StatusCode.INTERNAL),
+]
+
+
+@contextlib.contextmanager
+def _boundary(context: grpc.aio.ServicerContext[Any, Any], method: str) -> Iterator[None]:
+    md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    with telemetry.tracer("myelin.inference").start_as_current_span(
+        method, context=telemetry.extract(md), kind=SpanKind.SERVER
+    ):
+        yield
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            msg = exc.message if isinstance(exc, MyelinError) else str(exc)
+            await context.abort(code, msg)
+    log.exception("unexpected error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, predictor: Predictor) -> None:
+        self.p = predictor
+
+    async def ServerLive(self, request: oip.ServerLiveRequest, context: Any) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: oip.ServerReadyRequest, context: Any) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self.p.host.ready())
+
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: Any
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="myelin", version=__version__, extensions=[])
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context: Any) -> oip.ModelReadyResponse:
+        try:
+            await self.p.host.get(request.name, request.version)
+            return oip.ModelReadyResponse(ready=True)
+        except (ModelNotFound, ModelDenied, Retryable):
+            return oip.ModelReadyResponse(ready=False)
+
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: Any
+    ) -> oip.ModelMetadataResponse:
+        with _boundary(context, "ModelMetadata"):
+            try:
+                model, _ = await self.p.host.get(request.name, request.version)
+                versions = await self.p.host.versions(request.name)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                await _abort(context, exc)
+                raise
+            return oip.ModelMetadataResponse(
+                name=request.name,
+                versions=[str(v) for v in versions],
+                platform=model.mv.platform,
+                inputs=[oip.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                                 shape=t.shape) for t in model.ort.inputs],
+                outputs=[oip.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                                  shape=t.shape) for t in model.ort.outputs],
+            )
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: Any) -> oip.ModelInferResponse:
+        with _boundary(context, "ModelInfer"):
+            try:
+                model, _ = await self.p.host.get(request.model_name, request.model_version)
+                expected = {t.name: t.datatype for t in model.ort.inputs}
+                raw = list(request.raw_input_contents)
+                if raw and len(raw) != len(request.inputs):
+                    raise TensorError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+                feeds = {
+                    t.name: decode_input(t, raw[i] if raw else None, expected.get(t.name))
+                    for i, t in enumerate(request.inputs)
+                }
+                names = [o.name for o in request.outputs] or None
+                model, results = await self.p.infer(
+                    request.model_name, str(model.mv.version), feeds, names, request.id
+                )
+                resp = oip.ModelInferResponse(
+                    model_name=request.model_name, model_version=model.version, id=request.id
+                )
+                for name, value in results:
+                    tensor, blob = encode_output(name, value, raw=bool(raw))
+                    resp.outputs.append(tensor)
+                    if blob is not None:
+                        resp.raw_output_contents.append(blob)
+                return resp
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                await _abort(context, exc)
+                raise
+
+
+class PredictorServicer(mp_grpc.PredictorServicer):
+    def __init__(self, predictor: Predictor) -> None:
+        self.p = predictor
+
+    async def Predict(self, request: mp.PredictRequest, context: Any) -> mp.PredictResponse:
+        with _boundary(context, "Predict"):
+            try:
+                r = await self.p.predict(
+                    request.model_name, request.model_version, list(request.entity_ids), request.request_id
+                )
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                await _abort(context, exc)
+                raise
+            prov = r.model.mv.provenance
+            view_hash = prov.feature_views[0].partition("@")[2] if prov.feature_views else ""
+            return mp.PredictResponse(
+                model_name=request.model_name,
+                model_version=r.model.version,
+                alias=r.alias,
+                request_id=r.request_id,
+                feature_view=prov.feature_view,
+                feature_view_hash=view_hash,
+                trace_id=r.trace_id,
+                predictions=[
+                    mp.Prediction(
+                        entity_id=v.entity_id,
+                        score=s,
+                        features=[mp.FeatureValue(name=n, value=x)
+                                  for n, x in zip(r.feature_names, v.values, strict=True)],
+                        feature_age_ms=v.age_ms,
+                        feature_status=v.status.value,
+                    )
+                    for v, s in zip(r.vectors, r.scores, strict=True)
+                ],
+            )
+
+
+def build_server(predictor: Predictor, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ])
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor), server)
+    mp_grpc.add_PredictorServicer_to_server(PredictorServicer(predictor), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    return server, bound

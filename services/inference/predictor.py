@@ -1,0 +1,121 @@
+"""The inference use cases, transport-agnostic: feature-aware predict and raw OIP infer."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from myelin import telemetry
+from myelin.errors import MyelinError
+from myelin.online import EntityVector, OnlineReader
+from myelin.records import InferenceRecord, Prediction
+from services.inference.logic import TensorError, feature_matrix, positive_scores
+from services.inference.model_host import LoadedModel, ModelHost
+from services.inference.recorder import Recorder
+
+MAX_ENTITIES = 10_000
+
+
+class NotFeatureAware(MyelinError):
+    code = "not_feature_aware"
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    model: LoadedModel
+    alias: str
+    request_id: str
+    vectors: list[EntityVector]
+    scores: list[float]
+    feature_names: list[str]
+    trace_id: str
+
+
+class Predictor:
+    def __init__(self, host: ModelHost, reader: OnlineReader, recorder: Recorder) -> None:
+        self.host = host
+        self.reader = reader
+        self.recorder = recorder
+        self.predictions = 0
+        self.requests = 0
+
+    async def predict(self, name: str, ref: str, entity_ids: list[str], request_id: str) -> PredictResult:
+        t0 = time.perf_counter()
+        if not entity_ids:
+            raise TensorError("entity_ids is empty")
+        if len(entity_ids) > MAX_ENTITIES:
+            raise TensorError(f"{len(entity_ids)} entity ids; at most {MAX_ENTITIES} per request")
+        model, alias = await self.host.get(name, ref)
+        prov = model.mv.provenance
+        if not prov.feature_view or not prov.features:
+            raise NotFeatureAware(
+                f"model {name} v{model.version} has no feature view in its provenance; use ModelInfer"
+            )
+        vectors = await self.reader.read(prov.feature_view, entity_ids, list(prov.features))
+        x = feature_matrix([v.values for v in vectors], len(prov.features))
+        outputs = model.ort.run_one(x)
+        scores = positive_scores(_probabilities(model, outputs))
+        rid = request_id or uuid.uuid4().hex
+        trace_id = telemetry.trace_id_hex()
+        latency_us = int((time.perf_counter() - t0) * 1e6)
+        self.recorder.record(
+            InferenceRecord(
+                request_id=rid, ts_ms=int(time.time() * 1000), api="predict", model=name,
+                model_version=model.version, alias=alias, latency_us=latency_us, trace_id=trace_id,
+                predictions=[
+                    Prediction(v.entity_id, s, dict(zip(prov.features, v.values, strict=True)),
+                               v.age_ms, v.status.value, v.trace_id)
+                    for v, s in zip(vectors, scores, strict=True)
+                ],
+                rows=len(entity_ids),
+            )
+        )
+        self.requests += 1
+        self.predictions += len(entity_ids)
+        return PredictResult(model, alias, rid, vectors, scores, list(prov.features), trace_id)
+
+    async def infer(
+        self, name: str, ref: str, feeds: dict[str, npt.NDArray[Any]], outputs: list[str] | None,
+        request_id: str,
+    ) -> tuple[LoadedModel, list[tuple[str, Any]]]:
+        t0 = time.perf_counter()
+        model, alias = await self.host.get(name, ref)
+        names = outputs or [o.name for o in model.ort.outputs]
+        known = {o.name for o in model.ort.outputs}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise TensorError(f"unknown output(s) {unknown}; the model has {sorted(known)}")
+        missing = [i.name for i in model.ort.inputs if i.name not in feeds]
+        if missing:
+            raise TensorError(f"missing input(s) {missing}")
+        extra = [n for n in feeds if n not in {i.name for i in model.ort.inputs}]
+        if extra:
+            raise TensorError(f"unknown input(s) {extra}")
+        try:
+            results = model.ort.run(feeds, names)
+        except Exception as exc:
+            raise TensorError(f"the model rejected the inputs: {exc}") from None
+        rows = int(next(iter(feeds.values())).shape[0]) if feeds else 0
+        self.recorder.record(
+            InferenceRecord(
+                request_id=request_id or uuid.uuid4().hex, ts_ms=int(time.time() * 1000), api="oip",
+                model=name, model_version=model.version, alias=alias,
+                latency_us=int((time.perf_counter() - t0) * 1e6), trace_id=telemetry.trace_id_hex(),
+                rows=rows,
+            )
+        )
+        self.requests += 1
+        self.predictions += rows
+        return model, list(zip(names, results, strict=True))
+
+
+def _probabilities(model: LoadedModel, outputs: list[Any]) -> npt.NDArray[np.float64]:
+    for spec, value in zip(model.ort.outputs, outputs, strict=True):
+        if spec.name in ("probabilities", "output_probability", "probability"):
+            return np.asarray(value, dtype=np.float64)
+    return np.asarray(outputs[-1], dtype=np.float64)

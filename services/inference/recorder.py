@@ -1,0 +1,77 @@
+"""Outbound adapter: every inference onto the INFERENCES stream.
+
+A bounded queue between request handlers and one publisher task: requests never wait on
+JetStream, and when the queue is full the server answers RESOURCE_EXHAUSTED instead of
+serving unrecorded inferences. On shutdown the queue is drained before the connection
+closes, so nothing recorded is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import msgspec
+
+from myelin.bus import OutMsg, Publisher
+from myelin.errors import Overloaded
+from myelin.records import InferenceRecord
+from myelin.subjects import inference_subject
+
+log = logging.getLogger(__name__)
+_enc = msgspec.msgpack.Encoder()
+
+
+class Recorder:
+    def __init__(self, publisher: Publisher, max_queued: int = 20_000, batch: int = 256) -> None:
+        self._pub = publisher
+        self._q: asyncio.Queue[InferenceRecord] = asyncio.Queue(max_queued)
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+
+    def record(self, rec: InferenceRecord) -> None:
+        try:
+            self._q.put_nowait(rec)
+        except asyncio.QueueFull:
+            raise Overloaded("inference recorder is full; retry shortly", retry_after=0.5) from None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="inference-recorder")
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._q.get()
+            recs = [first]
+            while len(recs) < self._batch and not self._q.empty():
+                recs.append(self._q.get_nowait())
+            await self._publish(recs)
+            for _ in recs:
+                self._q.task_done()
+
+    async def _publish(self, recs: list[InferenceRecord]) -> None:
+        pending = [OutMsg(inference_subject(r.model), _enc.encode(r), f"inf-{r.request_id}") for r in recs]
+        delay = 0.1
+        while pending:
+            results = await self._pub.publish_batch(pending)
+            self.published += sum(1 for r in results if r.ok)
+            pending = [m for m, r in zip(pending, results, strict=True) if not r.ok]
+            if pending:
+                log.warning("%d inference records not stored yet; retrying", len(pending))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._q.join(), timeout_s)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    @property
+    def queued(self) -> int:
+        return self._q.qsize()
