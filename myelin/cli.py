@@ -1,0 +1,148 @@
+"""The ``myelin`` command line.
+
+  myelin up                 run the embedded stack until Ctrl-C
+  myelin demo [--events N]  the main job, end to end, with a report
+  myelin status             health of each service
+  myelin sql "SELECT ..."   read-only SQL on the warehouse
+  myelin models list NAME   versions and aliases of a model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from typing import Any
+
+import msgspec
+
+from myelin import bus
+from myelin.errors import MyelinError
+from myelin.settings import Settings
+from myelin.stack.supervisor import SERVICES, Stack
+
+
+async def _up(settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Stack(settings):
+        print(f"Myelin is up. Ingest: http://{settings.host}:{settings.ingest_http_port}/v1/events  "
+              f"gRPC: {settings.host}:{settings.inference_grpc_port}  NATS: {settings.nats_url}\n"
+              "Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+        await stop.wait()
+        print("Stopping ...", file=sys.stderr, flush=True)
+    print("Stopped; nothing left running.", file=sys.stderr)
+    return 0
+
+
+async def _demo(settings: Settings, events: int) -> int:
+    from myelin.demo.runner import demo_settings, format_report, run_demo
+
+    s = demo_settings(settings)
+    report = await run_demo(s, events)
+    print(format_report(report))
+    print("All services and engines stopped.", file=sys.stderr)
+    ok = report.accepted >= events and report.predictions > 0 and report.inference_rows >= report.predictions
+    return 0 if ok else 1
+
+
+async def _status(settings: Settings) -> int:
+    nc = await bus.connect(settings, "cli", reconnect=False)
+    code = 0
+    try:
+        for name in SERVICES:
+            try:
+                h = msgspec.json.decode(await bus.request(nc, f"myelin.rpc.health.{name}", {}, timeout=2))
+                print(f"{name:<11} ready  {json.dumps(h, default=str)}")
+            except MyelinError as exc:
+                print(f"{name:<11} DOWN   {exc.message}")
+                code = 1
+    finally:
+        await nc.close()
+    return code
+
+
+async def _sql(settings: Settings, query: str, max_rows: int) -> int:
+    url = settings.clickhouse_url.get()
+    if url:
+        from myelin.warehouse import ServerWarehouse, read_only_sql
+
+        wh = ServerWarehouse(url)
+        try:
+            rows: list[dict[str, Any]] = wh.query_arrow(read_only_sql(query)).to_pylist()[:max_rows]
+        finally:
+            wh.close()
+    else:
+        from myelin.subjects import RPC_WAREHOUSE_QUERY
+
+        nc = await bus.connect(settings, "cli", reconnect=False)
+        try:
+            raw = await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": query, "max_rows": max_rows}, timeout=60)
+        finally:
+            await nc.close()
+        rows = msgspec.json.decode(raw)["data"]
+    for row in rows:
+        print(json.dumps(row, default=str))
+    return 0
+
+
+async def _models(settings: Settings, name: str) -> int:
+    from myelin.models import ModelRegistry
+
+    nc = await bus.connect(settings, "cli", reconnect=False)
+    try:
+        reg = ModelRegistry(nc, bus.jetstream(nc, settings))
+        aliases = await reg.aliases(name)
+        for v in await reg.versions(name):
+            mv = await reg.get(name, v)
+            tags = ",".join(a for a, t in aliases.items() if t == v)
+            print(f"{name} v{v} {tags or '-'} auc={mv.metrics.get('auc', float('nan')):.3f} "
+                  f"view={mv.provenance.feature_view} rows={mv.provenance.training_rows}")
+    finally:
+        await nc.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="myelin", description="Myelin real-time decision platform")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("up", help="run the embedded stack until Ctrl-C")
+    d = sub.add_parser("demo", help="run the end-to-end demo on a fresh embedded stack")
+    d.add_argument("--events", type=int, default=100_000, help="clickstream events to generate")
+    sub.add_parser("status", help="health of each service")
+    q = sub.add_parser("sql", help="read-only SQL on the warehouse")
+    q.add_argument("query")
+    q.add_argument("--max-rows", type=int, default=10_000)
+    m = sub.add_parser("models", help="model registry")
+    m.add_argument("action", choices=["list"])
+    m.add_argument("name")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.cmd == "up":
+            code = asyncio.run(_up(settings))
+        elif args.cmd == "demo":
+            code = asyncio.run(_demo(settings, args.events))
+        elif args.cmd == "status":
+            code = asyncio.run(_status(settings))
+        elif args.cmd == "sql":
+            code = asyncio.run(_sql(settings, args.query, args.max_rows))
+        else:
+            code = asyncio.run(_models(settings, args.name))
+    except MyelinError as exc:
+        print(f"myelin: {exc.code}: {exc.message}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
