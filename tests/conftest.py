@@ -1,0 +1,95 @@
+"""Fixtures that start real engines on free ports: nats-server, redis-server, chdb."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+
+from myelin import bus
+from myelin.settings import Settings
+from myelin.stack.engines import NatsServer, RedisServer
+from myelin.stack.process import free_port
+from myelin.stack.supervisor import with_ports
+from myelin.warehouse import ChdbWarehouse, Warehouse, open_warehouse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    base = replace(Settings.from_env(), state_dir=tmp_path / "state", policy_dir=ROOT / "policies")
+    return with_ports(base, nats_port=free_port(), redis_port=free_port(),
+                      ingest_http_port=free_port(), inference_grpc_port=free_port())
+
+
+@pytest.fixture
+async def nats_server(settings: Settings) -> AsyncIterator[NatsServer]:
+    server = NatsServer(settings.state_dir / "nats", settings.nats_port)
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def redis_server(settings: Settings) -> AsyncIterator[RedisServer]:
+    server = RedisServer(settings.state_dir / "redis", settings.redis_port)
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer, settings: Settings) -> AsyncIterator[NATS]:
+    conn = await bus.connect(settings, "test", reconnect=False)
+    await bus.provision(bus.jetstream(conn, settings), settings)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+_WAREHOUSE: Warehouse | None = None
+
+
+@pytest.fixture(scope="session")
+def _session_warehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warehouse]:
+    # chdb is one engine per process: open it once for the whole test session.
+    if os.environ.get("MYELIN_CLICKHOUSE_URL"):
+        wh = open_warehouse(Settings.from_env())
+    else:
+        wh = ChdbWarehouse(tmp_path_factory.mktemp("chdb"))
+        from myelin.warehouse import DDL
+
+        for stmt in DDL:
+            wh.command(stmt)
+    yield wh
+    wh.close()
+
+
+@pytest.fixture
+def warehouse(_session_warehouse: Warehouse) -> Warehouse:
+    """The session's warehouse, emptied for this test."""
+    for table in ("events", "feature_values", "inferences", "audit", "dead_letters"):
+        _session_warehouse.command(f"TRUNCATE TABLE IF EXISTS myelin.{table}")
+    return _session_warehouse

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+
+from myelin.contracts.events import ClickV1, ImpressionV1, PurchaseV1
+from services.features.logic import EntityState, Outcome, WindowEngine
+from services.features.views import USER_ACTIVITY, Feature, FeatureView
+
+MIN = 60_000
+T0 = 1_800_000_000_000 - (1_800_000_000_000 % MIN)  # bucket-aligned
+IMP = ImpressionV1(user_id="u", item_id="i")
+CLK = ClickV1(user_id="u", item_id="i")
+
+
+def buy(amount: float) -> PurchaseV1:
+    return PurchaseV1(user_id="u", item_id="i", amount=amount)
+
+
+def test_hand_computed_sliding_windows() -> None:
+    eng = WindowEngine(USER_ACTIVITY)
+    st = EntityState()
+    # t=0: 2 impressions, 1 click; t=20m: 1 impression + purchase 10; t=55m: 1 impression + purchase 5
+    events = [("impression", 0, IMP), ("impression", 1, IMP), ("click", 2, CLK),
+              ("impression", 20 * MIN, IMP), ("purchase", 20 * MIN + 5, buy(10)),
+              ("impression", 55 * MIN, IMP), ("purchase", 55 * MIN, buy(5))]
+    for seq, (typ, dt, payload) in enumerate(events, start=1):
+        assert eng.apply(st, seq, typ, T0 + dt, payload) == Outcome.APPLIED
+    v = eng.vector(st)
+    # 10-minute window at t=55m covers buckets (45m, 55m]: one impression
+    assert v["impressions_10m"] == 1 and v["clicks_10m"] == 0 and v["ctr_10m"] == 0.0
+    # 1-hour window covers everything since t=0
+    assert v["impressions_1h"] == 4 and v["clicks_1h"] == 1 and v["ctr_1h"] == 0.25
+    assert v["purchases_1h"] == 2 and v["spend_1h"] == 15.0
+    # advance to t=61m: buckets 0 and 1 min fall out of the hour
+    assert eng.apply(st, 99, "click", T0 + 61 * MIN, CLK) == Outcome.APPLIED
+    v = eng.vector(st)
+    assert v["impressions_1h"] == 2 and v["clicks_1h"] == 1 and v["ctr_1h"] == 0.5
+    assert v["spend_1h"] == 15.0
+
+
+def test_redelivered_event_changes_nothing() -> None:
+    eng = WindowEngine(USER_ACTIVITY)
+    st = EntityState()
+    eng.apply(st, 5, "click", T0, CLK)
+    before = eng.vector(st)
+    assert eng.apply(st, 5, "click", T0, CLK) == Outcome.DUPLICATE
+    assert eng.apply(st, 3, "click", T0, CLK) == Outcome.DUPLICATE
+    assert eng.vector(st) == before
+
+
+def test_late_event_is_counted_not_applied() -> None:
+    eng = WindowEngine(USER_ACTIVITY)
+    st = EntityState()
+    eng.apply(st, 1, "click", T0 + 120 * MIN, CLK)
+    assert eng.apply(st, 2, "click", T0, CLK) == Outcome.LATE
+    assert st.late == 1
+    assert eng.vector(st)["clicks_1h"] == 1
+    # out of order but inside the window: applied
+    assert eng.apply(st, 3, "click", T0 + 100 * MIN, CLK) == Outcome.APPLIED
+    assert eng.vector(st)["clicks_1h"] == 2
+
+
+def test_state_round_trips() -> None:
+    eng = WindowEngine(USER_ACTIVITY)
+    st = EntityState()
+    eng.apply(st, 1, "purchase", T0, buy(3.5))
+    eng.apply(st, 2, "impression", T0 + MIN, IMP)
+    back = EntityState.decode(st.encode())
+    assert back == st
+    assert eng.vector(back) == eng.vector(st)
+
+
+def test_view_hash_changes_with_definition() -> None:
+    v2 = FeatureView(USER_ACTIVITY.name, USER_ACTIVITY.entity, USER_ACTIVITY.sources,
+                     (*USER_ACTIVITY.features, Feature("clicks_2h", "count", 7200, "click")))
+    assert v2.content_hash != USER_ACTIVITY.content_hash
+    assert USER_ACTIVITY.content_hash == FeatureView(
+        USER_ACTIVITY.name, USER_ACTIVITY.entity, USER_ACTIVITY.sources, USER_ACTIVITY.features
+    ).content_hash
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        (Feature("a", "count", 60, "nope"),),
+        (Feature("a", "count", 90, "click"),),
+        (Feature("a", "sum", 60, "purchase"),),
+        (Feature("r", "ratio", numerator="x", denominator="y"),),
+        (Feature("a", "count", 60, "click"), Feature("a", "count", 120, "click")),
+    ],
+)
+def test_invalid_views_are_refused(features: tuple[Feature, ...]) -> None:
+    with pytest.raises(ValueError, match="view v"):
+        FeatureView("v", "user_id", ("click", "purchase"), features)
