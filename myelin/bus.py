@@ -196,7 +196,9 @@ async def serve(nc: NATS, subject: str, handler: Handler, *, queue: str = "") ->
         if msg.reply:
             await msg.respond(_json.encode(body))
 
-    return await nc.subscribe(subject, queue=queue, cb=on_msg)
+    sub = await nc.subscribe(subject, queue=queue, cb=on_msg)
+    await nc.flush()  # the server knows the subscription before we report ready
+    return sub
 
 
 async def request(nc: NATS, subject: str, payload: Any, *, timeout: float = 5.0) -> msgspec.Raw:

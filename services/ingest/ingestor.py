@@ -8,6 +8,7 @@ and events the JetStream window could not take are reported ``retry``, never dro
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,9 @@ class Ingestor:
                 retry_after=1.0,
             )
         try:
-            outcomes = validate_batch(items, self.registry, self.limits, now_ms, telemetry.trace_id_hex())
+            # Every event carries a trace id, even when no tracing backend is configured.
+            trace_id = telemetry.trace_id_hex() or secrets.token_hex(16)
+            outcomes = validate_batch(items, self.registry, self.limits, now_ms, trace_id)
             accepted = [o for o in outcomes if isinstance(o, Accepted)]
             rejected = [o for o in outcomes if isinstance(o, Rejected)]
             headers = telemetry.inject({})
