@@ -45,7 +45,9 @@ async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> N
 
 
 def jetstream(nc: NATS, settings: Settings) -> JetStreamContext:
-    return nc.jetstream(timeout=settings.publish_timeout_s, publish_async_max_pending=settings.publish_window)
+    return nc.jetstream(
+        timeout=settings.publish_timeout_s, publish_async_max_pending=settings.publish_window
+    )
 
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
@@ -147,13 +149,17 @@ class Publisher:
         last: Exception | None = None
         for _ in range(self._retries + 1):
             try:
-                ack = await self._js.publish(m.subject, m.payload, timeout=self._timeout, headers=headers)
+                ack = await self._js.publish(
+                    m.subject, m.payload, timeout=self._timeout, headers=headers
+                )
                 return PubResult(ok=True, duplicate=bool(ack.duplicate), seq=ack.seq or 0)
             except Exception as exc:  # noqa: BLE001 - transient: timeout, reconnect, no responders
                 last = exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        return PubResult(ok=False, error=Overloaded(f"publish failed after retries: {last!r}", retry_after=2.0))
+        return PubResult(
+            ok=False, error=Overloaded(f"publish failed after retries: {last!r}", retry_after=2.0)
+        )
 
 
 # ---------------------------------------------------------------- request-reply
@@ -208,7 +214,9 @@ async def request(nc: NATS, subject: str, payload: Any, *, timeout: float = 5.0)
     try:
         msg = await nc.request(subject, data, timeout=timeout, headers=dict(headers))
     except nats.errors.NoRespondersError:
-        raise Retryable(f"no service answers on {subject}; is it running?", subject=subject) from None
+        raise Retryable(
+            f"no service answers on {subject}; is it running?", subject=subject
+        ) from None
     except (TimeoutError, nats.errors.TimeoutError):
         raise Retryable(f"{subject} did not answer within {timeout}s", subject=subject) from None
     reply = _reply_decoder.decode(msg.data)

@@ -1,10 +1,10 @@
 """The ``myelin`` command line.
 
-  myelin up                 run the embedded stack until Ctrl-C
-  myelin demo [--events N]  the main job, end to end, with a report
-  myelin status             health of each service
-  myelin sql "SELECT ..."   read-only SQL on the warehouse
-  myelin models list NAME   versions and aliases of a model
+myelin up                 run the embedded stack until Ctrl-C
+myelin demo [--events N]  the main job, end to end, with a report
+myelin status             health of each service
+myelin sql "SELECT ..."   read-only SQL on the warehouse
+myelin models list NAME   versions and aliases of a model
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ async def _up(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Stack(settings):
-        print(f"Myelin is up. Ingest: http://{settings.host}:{settings.ingest_http_port}/v1/events  "
-              f"gRPC: {settings.host}:{settings.inference_grpc_port}  NATS: {settings.nats_url}\n"
-              "Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+        print(
+            f"Myelin is up. Ingest: http://{settings.host}:{settings.ingest_http_port}/v1/events  "
+            f"gRPC: {settings.host}:{settings.inference_grpc_port}  NATS: {settings.nats_url}\n"
+            "Press Ctrl-C to stop.",
+            file=sys.stderr,
+            flush=True,
+        )
         await stop.wait()
         print("Stopping ...", file=sys.stderr, flush=True)
     print("Stopped; nothing left running.", file=sys.stderr)
@@ -47,7 +51,11 @@ async def _demo(settings: Settings, events: int) -> int:
     report = await run_demo(s, events)
     print(format_report(report))
     print("All services and engines stopped.", file=sys.stderr)
-    ok = report.accepted >= events and report.predictions > 0 and report.inference_rows >= report.predictions
+    ok = (
+        report.accepted >= events
+        and report.predictions > 0
+        and report.inference_rows >= report.predictions
+    )
     return 0 if ok else 1
 
 
@@ -57,7 +65,9 @@ async def _status(settings: Settings) -> int:
     try:
         for name in SERVICES:
             try:
-                h = msgspec.json.decode(await bus.request(nc, f"myelin.rpc.health.{name}", {}, timeout=2))
+                h = msgspec.json.decode(
+                    await bus.request(nc, f"myelin.rpc.health.{name}", {}, timeout=2)
+                )
                 print(f"{name:<11} ready  {json.dumps(h, default=str)}")
             except MyelinError as exc:
                 print(f"{name:<11} DOWN   {exc.message}")
@@ -82,7 +92,9 @@ async def _sql(settings: Settings, query: str, max_rows: int) -> int:
 
         nc = await bus.connect(settings, "cli", reconnect=False)
         try:
-            raw = await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": query, "max_rows": max_rows}, timeout=60)
+            raw = await bus.request(
+                nc, RPC_WAREHOUSE_QUERY, {"sql": query, "max_rows": max_rows}, timeout=60
+            )
         finally:
             await nc.close()
         rows = msgspec.json.decode(raw)["data"]
@@ -101,15 +113,19 @@ async def _models(settings: Settings, name: str) -> int:
         for v in await reg.versions(name):
             mv = await reg.get(name, v)
             tags = ",".join(a for a, t in aliases.items() if t == v)
-            print(f"{name} v{v} {tags or '-'} auc={mv.metrics.get('auc', float('nan')):.3f} "
-                  f"view={mv.provenance.feature_view} rows={mv.provenance.training_rows}")
+            print(
+                f"{name} v{v} {tags or '-'} auc={mv.metrics.get('auc', float('nan')):.3f} "
+                f"view={mv.provenance.feature_view} rows={mv.provenance.training_rows}"
+            )
     finally:
         await nc.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="myelin", description="Myelin real-time decision platform")
+    parser = argparse.ArgumentParser(
+        prog="myelin", description="Myelin real-time decision platform"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("up", help="run the embedded stack until Ctrl-C")
     d = sub.add_parser("demo", help="run the end-to-end demo on a fresh embedded stack")

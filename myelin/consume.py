@@ -91,7 +91,9 @@ class PullLoop:
         while not self._stopping.is_set():
             if psub is None:
                 try:
-                    psub = await self._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+                    psub = await self._js.pull_subscribe_bind(
+                        durable=self.durable, stream=self.stream
+                    )
                 except Exception as exc:  # noqa: BLE001 - server restarting: try again
                     log.warning("%s: cannot bind consumer: %r", self.durable, exc)
                     await self._sleep(1.0)
@@ -131,7 +133,9 @@ class PullLoop:
                 return True
             except Exception:
                 self.failures += 1
-                log.exception("%s: batch of %d failed; retrying in %.1fs", self.durable, len(msgs), delay)
+                log.exception(
+                    "%s: batch of %d failed; retrying in %.1fs", self.durable, len(msgs), delay
+                )
                 with contextlib.suppress(Exception):
                     await msgs[-1].in_progress()
                 if await self._sleep(delay):

@@ -102,7 +102,11 @@ class ModelRegistry:
         except NoKeysError:
             return []
         prefix = f"{name}.v"
-        return sorted(int(k[len(prefix):]) for k in keys if k.startswith(prefix) and k[len(prefix):].isdigit())
+        return sorted(
+            int(k[len(prefix) :])
+            for k in keys
+            if k.startswith(prefix) and k[len(prefix) :].isdigit()
+        )
 
     async def get(self, name: str, version: int) -> ModelVersion:
         kv, _ = await self._stores()
@@ -157,10 +161,17 @@ class ModelRegistry:
             version = (existing[-1] if existing else 0) + 1
             artifact = f"{name}/v{version}.onnx"
             mv = ModelVersion(
-                name=name, version=version, artifact=artifact,
-                sha256=hashlib.sha256(onnx_bytes).hexdigest(), size=len(onnx_bytes),
-                created_ms=int(time.time() * 1000), inputs=inputs, outputs=outputs,
-                provenance=provenance, metrics=metrics, labels=labels or {},
+                name=name,
+                version=version,
+                artifact=artifact,
+                sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+                size=len(onnx_bytes),
+                created_ms=int(time.time() * 1000),
+                inputs=inputs,
+                outputs=outputs,
+                provenance=provenance,
+                metrics=metrics,
+                labels=labels or {},
             )
             await obj.put(artifact, onnx_bytes)
             try:
@@ -170,7 +181,9 @@ class ModelRegistry:
             return mv
         raise RegistryError(f"could not allocate a version for {name}")
 
-    async def set_alias(self, name: str, alias: str, version: int, *, requester: str = "cli") -> None:
+    async def set_alias(
+        self, name: str, alias: str, version: int, *, requester: str = "cli"
+    ) -> None:
         """Point ``alias`` at ``version`` if governance allows the promotion."""
         mv = await self.get(name, version)
         decision = msgspec.json.decode(
@@ -180,7 +193,11 @@ class ModelRegistry:
                 {
                     "action": "promote",
                     "subject": f"{name}:v{version}",
-                    "input": {"alias": alias, "requester": requester, "model": msgspec.to_builtins(mv)},
+                    "input": {
+                        "alias": alias,
+                        "requester": requester,
+                        "model": msgspec.to_builtins(mv),
+                    },
                 },
             )
         )

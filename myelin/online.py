@@ -111,7 +111,11 @@ class OnlineReader:
         return meta
 
     async def read(
-        self, view: str, entities: list[str], features: list[str] | None = None, now_ms: int | None = None
+        self,
+        view: str,
+        entities: list[str],
+        features: list[str] | None = None,
+        now_ms: int | None = None,
     ) -> list[EntityVector]:
         meta = await self.meta(view)
         names = list(features or meta.features)

@@ -42,8 +42,13 @@ async def serve_health(nc: NATS, app: ServiceApp) -> Any:
     started = time.time()
 
     async def health(_data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-        return {"service": app.name, "ready": True, "pid": os.getpid(),
-                "uptime_s": round(time.time() - started, 3), **app.status()}
+        return {
+            "service": app.name,
+            "ready": True,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - started, 3),
+            **app.status(),
+        }
 
     return await bus.serve(nc, health_subject(app.name), health)
 

@@ -111,7 +111,9 @@ class Warehouse(Protocol):
     def close(self) -> None: ...
 
 
-_READ_ONLY_START = re.compile(r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE)
+_READ_ONLY_START = re.compile(
+    r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE
+)
 
 
 def read_only_sql(sql: str) -> str:
@@ -122,8 +124,12 @@ def read_only_sql(sql: str) -> str:
     if ";" in text:
         raise QueryRejected("one statement per query: remove the ';' separated parts")
     if not _READ_ONLY_START.match(text):
-        raise QueryRejected("only read-only queries (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN) are served")
-    if re.search(r"\bSETTINGS\b", text, re.IGNORECASE) or re.search(r"\bFORMAT\b", text, re.IGNORECASE):
+        raise QueryRejected(
+            "only read-only queries (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN) are served"
+        )
+    if re.search(r"\bSETTINGS\b", text, re.IGNORECASE) or re.search(
+        r"\bFORMAT\b", text, re.IGNORECASE
+    ):
         raise QueryRejected("SETTINGS and FORMAT clauses are chosen by the server; remove them")
     return f"{text}\nSETTINGS readonly = 1"
 
@@ -148,7 +154,11 @@ class ChdbWarehouse:
             return
         cols = ", ".join(f"`{c}`" for c in data.column_names)
         with self._lock:
-            self._run(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM Python(myelin_arrow_input)", "CSV", data)
+            self._run(
+                f"INSERT INTO {table} ({cols}) SELECT {cols} FROM Python(myelin_arrow_input)",
+                "CSV",
+                data,
+            )
 
     def query_arrow(self, sql: str) -> pa.Table:
         with self._lock:
@@ -162,7 +172,7 @@ class ChdbWarehouse:
         myelin_arrow_input = arrow  # noqa: F841
         try:
             return self._session.query(sql, fmt)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - chdb raises plain errors; mapped to WarehouseError
             raise WarehouseError(str(exc).strip().splitlines()[0][:2000]) from None
 
     def close(self) -> None:
@@ -210,7 +220,9 @@ def open_warehouse(settings: Settings) -> Warehouse:
 
 def arrow_to_ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+    with pa.ipc.new_stream(
+        sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")
+    ) as w:
         w.write_table(table)
     return bytes(sink.getvalue().to_pybytes())
 

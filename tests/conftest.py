@@ -24,8 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     base = replace(Settings.from_env(), state_dir=tmp_path / "state", policy_dir=ROOT / "policies")
-    return with_ports(base, nats_port=free_port(), redis_port=free_port(),
-                      ingest_http_port=free_port(), inference_grpc_port=free_port())
+    return with_ports(
+        base,
+        nats_port=free_port(),
+        redis_port=free_port(),
+        ingest_http_port=free_port(),
+        inference_grpc_port=free_port(),
+    )
 
 
 @pytest.fixture

@@ -24,8 +24,15 @@ class Stream:
     end_ms: int
 
 
-def generate(n_events: int, now_ms: int, *, users: int = 2000, items: int = 500,
-             span_s: int = 3 * 3600, seed: int = 7) -> Stream:
+def generate(
+    n_events: int,
+    now_ms: int,
+    *,
+    users: int = 2000,
+    items: int = 500,
+    span_s: int = 3 * 3600,
+    seed: int = 7,
+) -> Stream:
     rng = random.Random(seed)
     start = now_ms - span_s * 1000
     end = now_ms - 5_000
@@ -37,9 +44,17 @@ def generate(n_events: int, now_ms: int, *, users: int = 2000, items: int = 500,
     def add(t: int, type_: str, data: dict[str, Any]) -> None:
         nonlocal seq
         seq += 1
-        events.append({"event_id": f"ev-{seed}-{seq:08d}", "type": type_, "schema_version": 1,
-                       "event_time": t, "producer_id": "demo-web", "client_version": "demo/1",
-                       "data": data})
+        events.append(
+            {
+                "event_id": f"ev-{seed}-{seq:08d}",
+                "type": type_,
+                "schema_version": 1,
+                "event_time": t,
+                "producer_id": "demo-web",
+                "client_version": "demo/1",
+                "data": data,
+            }
+        )
 
     while len(events) < n_events:
         u = rng.randrange(users)
@@ -54,8 +69,11 @@ def generate(n_events: int, now_ms: int, *, users: int = 2000, items: int = 500,
                 add(tc, "click", {"user_id": user, "item_id": item})
                 if rng.random() < buy_p[u]:
                     amount = round(rng.lognormvariate(3.0, 0.8), 2)
-                    add(tc + rng.randint(10_000, 120_000), "purchase",
-                        {"user_id": user, "item_id": item, "amount": amount, "currency": "EUR"})
+                    add(
+                        tc + rng.randint(10_000, 120_000),
+                        "purchase",
+                        {"user_id": user, "item_id": item, "amount": amount, "currency": "EUR"},
+                    )
     events = events[:n_events]
     events.sort(key=lambda e: e["event_time"])
     bad: list[Any] = [
@@ -64,8 +82,12 @@ def generate(n_events: int, now_ms: int, *, users: int = 2000, items: int = 500,
         {**events[2], "event_id": "bad-version", "schema_version": 9},
         {**events[3], "event_id": "bad-future", "event_time": now_ms + 3_600_000},
         {**events[4], "event_id": "bad-missing", "data": {"item_id": "item-1"}},
-        {**events[5], "event_id": "bad-amount", "type": "purchase",
-         "data": {"user_id": "user-00001", "item_id": "item-1", "amount": -5}},
+        {
+            **events[5],
+            "event_id": "bad-amount",
+            "type": "purchase",
+            "data": {"user_id": "user-00001", "item_id": "item-1", "amount": -5},
+        },
         {**events[6], "event_id": "bad-big", "data": {"user_id": "u" * 200, "item_id": "i"}},
         "not an object",
     ]

@@ -22,15 +22,20 @@ class Progress:
         rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
         if self._tty:
             bar = "#" * int(frac * 30)
-            self.out.write(f"\r  {self.label:<22} [{bar:<30}] {frac:4.0%} {self.done:>9,}/{self.total:,} "
-                           f"{self.unit} {rate:,.0f}/s ")
+            self.out.write(
+                f"\r  {self.label:<22} [{bar:<30}] {frac:4.0%} {self.done:>9,}/{self.total:,} "
+                f"{self.unit} {rate:,.0f}/s "
+            )
             self.out.flush()
         else:
             decile = int(frac * 10)
             if decile != self._last_decile:
                 self._last_decile = decile
-                print(f"  {self.label}: {frac:4.0%} ({self.done:,}/{self.total:,} {self.unit}, {rate:,.0f}/s)",
-                      file=self.out, flush=True)
+                print(
+                    f"  {self.label}: {frac:4.0%} ({self.done:,}/{self.total:,} {self.unit}, {rate:,.0f}/s)",
+                    file=self.out,
+                    flush=True,
+                )
 
     def close(self) -> float:
         elapsed = time.perf_counter() - self.t0

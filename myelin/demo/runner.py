@@ -36,8 +36,16 @@ from myelin.training import clicked_impressions_sql, training_set_sql
 from myelin.warehouse import ipc_to_arrow
 
 VIEW = "user_activity"
-FEATURES = ["impressions_10m", "clicks_10m", "ctr_10m", "impressions_1h", "clicks_1h", "ctr_1h",
-            "purchases_1h", "spend_1h"]
+FEATURES = [
+    "impressions_10m",
+    "clicks_10m",
+    "ctr_10m",
+    "impressions_1h",
+    "clicks_1h",
+    "ctr_1h",
+    "purchases_1h",
+    "spend_1h",
+]
 MODEL = "ctr"
 ANALYST_SQL = """SELECT toString(toStartOfInterval(event_time, INTERVAL 30 MINUTE)) AS half_hour,
        countIf(type = 'impression') AS impressions,
@@ -84,9 +92,12 @@ class DemoReport:
 
 
 async def sql(nc: Any, query: str, *, arrow: bool = False, max_rows: int = 10_000_000) -> Any:
-    raw = await bus.request(nc, RPC_WAREHOUSE_QUERY,
-                            {"sql": query, "format": "arrow" if arrow else "json", "max_rows": max_rows},
-                            timeout=120.0)
+    raw = await bus.request(
+        nc,
+        RPC_WAREHOUSE_QUERY,
+        {"sql": query, "format": "arrow" if arrow else "json", "max_rows": max_rows},
+        timeout=120.0,
+    )
     result = msgspec.json.decode(raw)
     if arrow:
         return ipc_to_arrow(base64.b64decode(result["arrow_b64"]))
@@ -105,14 +116,17 @@ async def _post(http: aiohttp.ClientSession, url: str, body: bytes) -> dict[str,
             return data
 
 
-async def ingest(settings: Settings, events: list[dict[str, Any]], report: DemoReport, out: TextIO) -> None:
+async def ingest(
+    settings: Settings, events: list[dict[str, Any]], report: DemoReport, out: TextIO
+) -> None:
     url = f"http://127.0.0.1:{settings.ingest_http_port}/v1/events"
     enc = msgspec.json.Encoder()
     batch = 2000
-    bodies = [enc.encode(events[i:i + batch]) for i in range(0, len(events), batch)]
+    bodies = [enc.encode(events[i : i + batch]) for i in range(0, len(events), batch)]
     prog = Progress("ingest (HTTP batches)", len(events), "events", out)
     sem = asyncio.Semaphore(4)
     async with aiohttp.ClientSession() as http:
+
         async def send(body: bytes, n: int) -> None:
             async with sem:
                 res = await _post(http, url, body)
@@ -121,24 +135,32 @@ async def ingest(settings: Settings, events: list[dict[str, Any]], report: DemoR
             report.rejected += res["rejected"]
             for r in res["results"]:
                 if r["status"] == "rejected":
-                    report.rejected_by_reason[r["reason"]] = report.rejected_by_reason.get(r["reason"], 0) + 1
+                    report.rejected_by_reason[r["reason"]] = (
+                        report.rejected_by_reason.get(r["reason"], 0) + 1
+                    )
             prog.update(n)
 
-        await asyncio.gather(*(send(b, min(batch, len(events) - i * batch)) for i, b in enumerate(bodies)))
+        await asyncio.gather(
+            *(send(b, min(batch, len(events) - i * batch)) for i, b in enumerate(bodies))
+        )
         report.ingest_s = prog.close()
         # A producer retry of an already-sent batch: every event comes back "duplicate".
         res = await _post(http, url, bodies[0])
         report.duplicates += res["duplicates"]
 
 
-async def wait_features(nc: Any, settings: Settings, out: TextIO, timeout_s: float = 300.0) -> dict[str, Any]:
+async def wait_features(
+    nc: Any, settings: Settings, out: TextIO, timeout_s: float = 300.0
+) -> dict[str, Any]:
     js = bus.jetstream(nc, settings)
     last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
     prog = Progress("features catch up", last, "events", out)
     seen = 0
     deadline = time.monotonic() + timeout_s
     while True:
-        h: dict[str, Any] = msgspec.json.decode(await bus.request(nc, health_subject("features"), {}))
+        h: dict[str, Any] = msgspec.json.decode(
+            await bus.request(nc, health_subject("features"), {})
+        )
         prog.update(h["position"] - seen)
         seen = h["position"]
         if seen >= last:
@@ -149,14 +171,31 @@ async def wait_features(nc: Any, settings: Settings, out: TextIO, timeout_s: flo
         await asyncio.sleep(0.2)
 
 
-async def register(nc: Any, settings: Settings, t: Trained, view_hash: str, query: str,
-                   labels: dict[str, str] | None = None) -> int:
+async def register(
+    nc: Any,
+    settings: Settings,
+    t: Trained,
+    view_hash: str,
+    query: str,
+    labels: dict[str, str] | None = None,
+) -> int:
     reg = ModelRegistry(nc, bus.jetstream(nc, settings))
     mv = await reg.register(
-        MODEL, t.onnx, inputs=t.inputs, outputs=t.outputs, metrics=t.metrics, labels=labels,
-        provenance=Provenance(training_window=list(t.window), feature_views=[f"{VIEW}@{view_hash}"],
-                              feature_view=VIEW, features=t.features, training_rows=t.train_rows,
-                              training_query=query.strip(), created_by="myelin demo"),
+        MODEL,
+        t.onnx,
+        inputs=t.inputs,
+        outputs=t.outputs,
+        metrics=t.metrics,
+        labels=labels,
+        provenance=Provenance(
+            training_window=list(t.window),
+            feature_views=[f"{VIEW}@{view_hash}"],
+            feature_view=VIEW,
+            features=t.features,
+            training_rows=t.train_rows,
+            training_query=query.strip(),
+            created_by="myelin demo",
+        ),
     )
     return mv.version
 
@@ -177,7 +216,9 @@ async def score(settings: Settings, users: list[str], report: DemoReport, out: T
         async def one(i: int) -> None:
             async with sem:
                 t0 = time.perf_counter()
-                r = await stub.Predict(mp.PredictRequest(model_name=MODEL, entity_ids=[users[i % len(users)]]))
+                r = await stub.Predict(
+                    mp.PredictRequest(model_name=MODEL, entity_ids=[users[i % len(users)]])
+                )
                 lat.append((time.perf_counter() - t0) * 1000)
                 report.predictions += len(r.predictions)
                 prog.update(1)
@@ -203,16 +244,23 @@ async def oip_parity(settings: Settings, t: Trained, x: np.ndarray[Any, Any]) ->
     """ModelInfer (raw tensors, as Triton clients send) vs onnxruntime in this process."""
     import onnxruntime as ort
 
-    direct = ort.InferenceSession(t.onnx, providers=["CPUExecutionProvider"]).run(None, {"input": x})[1]
+    direct = ort.InferenceSession(t.onnx, providers=["CPUExecutionProvider"]).run(
+        None, {"input": x}
+    )[1]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_grpc_port}") as ch:
         stub = oip_grpc.GRPCInferenceServiceStub(ch)
         req = oip.ModelInferRequest(model_name=MODEL, id="parity")
-        req.inputs.append(oip.ModelInferRequest.InferInputTensor(name="input", datatype="FP32",
-                                                                 shape=list(x.shape)))
+        req.inputs.append(
+            oip.ModelInferRequest.InferInputTensor(
+                name="input", datatype="FP32", shape=list(x.shape)
+            )
+        )
         req.outputs.append(oip.ModelInferRequest.InferRequestedOutputTensor(name="probabilities"))
         req.raw_input_contents.append(x.astype("<f4").tobytes())
         resp = await stub.ModelInfer(req)
-    served = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(list(resp.outputs[0].shape))
+    served = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(
+        list(resp.outputs[0].shape)
+    )
     return float(np.max(np.abs(served - direct)))
 
 
@@ -239,7 +287,9 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
             bad = await _post_bad(settings, stream.bad)
             report.rejected += bad["rejected"]
             for r in bad["results"]:
-                report.rejected_by_reason[r["reason"]] = report.rejected_by_reason.get(r["reason"], 0) + 1
+                report.rejected_by_reason[r["reason"]] = (
+                    report.rejected_by_reason.get(r["reason"], 0) + 1
+                )
             t0 = time.perf_counter()
             health = await wait_features(nc, settings, out)
             report.features_caught_up_s = time.perf_counter() - t0
@@ -250,18 +300,32 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
             query = training_set_sql(VIEW, FEATURES, clicked_impressions_sql(CLICK_WINDOW_S))
             table: pa.Table = await sql(nc, query, arrow=True)
             report.training_rows = table.num_rows
-            report.entities = int((await sql(nc, f"SELECT uniqExact(entity_id) AS n FROM myelin.feature_values "
-                                             f"WHERE view = '{VIEW}'"))[0]["n"])
-            print(f"  {table.num_rows:,} labelled impressions; training logistic regression ...",
-                  file=out, flush=True)
+            report.entities = int(
+                (
+                    await sql(
+                        nc,
+                        f"SELECT uniqExact(entity_id) AS n FROM myelin.feature_values "
+                        f"WHERE view = '{VIEW}'",
+                    )
+                )[0]["n"]
+            )
+            print(
+                f"  {table.num_rows:,} labelled impressions; training logistic regression ...",
+                file=out,
+                flush=True,
+            )
             trained = await asyncio.to_thread(train, table, FEATURES)
             report.metrics = trained.metrics
             report.onnx_vs_sklearn_max_diff = trained.max_abs_diff_vs_sklearn
             report.model_version = await register(nc, settings, trained, view_hash, query)
             reg = ModelRegistry(nc, bus.jetstream(nc, settings))
             await reg.set_alias(MODEL, "champion", report.model_version, requester="demo")
-            print(f"  registered {MODEL} v{report.model_version} (AUC {trained.metrics['auc']:.3f}) "
-                  "and promoted it to champion (governance allowed)", file=out, flush=True)
+            print(
+                f"  registered {MODEL} v{report.model_version} (AUC {trained.metrics['auc']:.3f}) "
+                "and promoted it to champion (governance allowed)",
+                file=out,
+                flush=True,
+            )
 
             # A model trained on shuffled labels: governance must keep it out of service.
             noise = await asyncio.to_thread(train, table, FEATURES, shuffle_labels=True)
@@ -269,13 +333,20 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
             try:
                 await reg.set_alias(MODEL, "champion", noise_v, requester="demo")
             except PromotionDenied as exc:
-                print(f"  promotion of v{noise_v} to champion denied: {exc.message}", file=out, flush=True)
+                print(
+                    f"  promotion of v{noise_v} to champion denied: {exc.message}",
+                    file=out,
+                    flush=True,
+                )
             await reg.set_alias(MODEL, "challenger", noise_v, requester="demo")
             report.denied_model = f"{MODEL} v{noise_v} (AUC {noise.metrics['auc']:.3f})"
             async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_grpc_port}") as ch:
                 try:
                     await mp_grpc.PredictorStub(ch).Predict(
-                        mp.PredictRequest(model_name=MODEL, model_version="challenger", entity_ids=["user-00001"]))
+                        mp.PredictRequest(
+                            model_name=MODEL, model_version="challenger", entity_ids=["user-00001"]
+                        )
+                    )
                     report.denied_status = "SERVED (unexpected)"
                 except grpc.aio.AioRpcError as err:
                     report.denied_status = f"{err.code().name}: {err.details()}"
@@ -288,20 +359,33 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
 
             expected = report.predictions
             report.inference_rows = await wait_rows(
-                nc, "SELECT count() AS n FROM myelin.inferences FINAL WHERE api = 'predict'", expected)
+                nc,
+                "SELECT count() AS n FROM myelin.inferences FINAL WHERE api = 'predict'",
+                expected,
+            )
             await wait_rows(nc, "SELECT count() AS n FROM myelin.dead_letters FINAL", 1)
-            report.dlq_rows = int((await sql(nc, "SELECT count() AS n FROM myelin.dead_letters FINAL"))[0]["n"])
-            for row in await sql(nc, "SELECT concat(action, if(allow, ':allow', ':deny')) AS k, count() AS n "
-                                     "FROM myelin.audit FINAL GROUP BY k ORDER BY k"):
+            report.dlq_rows = int(
+                (await sql(nc, "SELECT count() AS n FROM myelin.dead_letters FINAL"))[0]["n"]
+            )
+            for row in await sql(
+                nc,
+                "SELECT concat(action, if(allow, ':allow', ':deny')) AS k, count() AS n "
+                "FROM myelin.audit FINAL GROUP BY k ORDER BY k",
+            ):
                 report.audit_rows[row["k"]] = int(row["n"])
-            report.events_in_clickhouse = int((await sql(nc, "SELECT count() AS n FROM myelin.events FINAL"))[0]["n"])
-            chain = await sql(nc, """
+            report.events_in_clickhouse = int(
+                (await sql(nc, "SELECT count() AS n FROM myelin.events FINAL"))[0]["n"]
+            )
+            chain = await sql(
+                nc,
+                """
                 SELECT e.trace_id AS trace_id, e.event_id AS event_id, e.type AS type,
                        f.stream_seq AS feature_seq, i.request_id AS inference_request
                 FROM myelin.inferences AS i
                 INNER JOIN myelin.events AS e ON e.trace_id = i.source_trace_id
                 INNER JOIN myelin.feature_values AS f ON f.trace_id = e.trace_id AND f.entity_id = e.entity_id
-                WHERE i.api = 'predict' AND i.source_trace_id != '' LIMIT 1""")
+                WHERE i.api = 'predict' AND i.source_trace_id != '' LIMIT 1""",
+            )
             if chain:
                 report.trace_chain = {k: str(v) for k, v in chain[0].items()}
             report.analyst_rows = await sql(nc, ANALYST_SQL)
@@ -312,8 +396,11 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
 
 async def _post_bad(settings: Settings, bad: list[Any]) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http:
-        return await _post(http, f"http://127.0.0.1:{settings.ingest_http_port}/v1/events",
-                           msgspec.json.encode(bad))
+        return await _post(
+            http,
+            f"http://127.0.0.1:{settings.ingest_http_port}/v1/events",
+            msgspec.json.encode(bad),
+        )
 
 
 def _first_rows(table: pa.Table, n: int) -> np.ndarray[Any, Any]:
@@ -327,41 +414,69 @@ def demo_settings(base: Settings, state_dir: Path | None = None) -> Settings:
     """Fresh state and free ports, so the demo never collides with a running stack."""
     state = state_dir or base.state_dir / "demo"
     shutil.rmtree(state, ignore_errors=True)
-    return with_ports(replace(base, state_dir=state), nats_port=free_port(), redis_port=free_port(),
-                      ingest_http_port=free_port(), inference_grpc_port=free_port())
+    return with_ports(
+        replace(base, state_dir=state),
+        nats_port=free_port(),
+        redis_port=free_port(),
+        ingest_http_port=free_port(),
+        inference_grpc_port=free_port(),
+    )
 
 
 def format_report(r: DemoReport) -> str:
     lines = ["", "=" * 72, "Myelin demo report", "=" * 72]
     add = lines.append
-    add(f"ingest     events sent {r.events_sent:,}: accepted {r.accepted:,}, rejected {r.rejected:,}, "
-        f"duplicates (producer retry) {r.duplicates:,}")
-    add(f"           {r.accepted / max(r.ingest_s, 1e-9):,.0f} events/s through HTTP -> JetStream "
-        f"({r.ingest_s:.1f} s)")
-    add("           rejected by reason: " + ", ".join(f"{k}={v}" for k, v in sorted(r.rejected_by_reason.items())))
+    add(
+        f"ingest     events sent {r.events_sent:,}: accepted {r.accepted:,}, rejected {r.rejected:,}, "
+        f"duplicates (producer retry) {r.duplicates:,}"
+    )
+    add(
+        f"           {r.accepted / max(r.ingest_s, 1e-9):,.0f} events/s through HTTP -> JetStream "
+        f"({r.ingest_s:.1f} s)"
+    )
+    add(
+        "           rejected by reason: "
+        + ", ".join(f"{k}={v}" for k, v in sorted(r.rejected_by_reason.items()))
+    )
     add(f"           dead letters in ClickHouse: {r.dlq_rows}")
-    add(f"features   {r.feature_rows:,} feature vectors for {r.entities:,} users (view {VIEW}); "
-        f"late events {r.late}; caught up {r.features_caught_up_s:.1f} s after ingest")
+    add(
+        f"features   {r.feature_rows:,} feature vectors for {r.entities:,} users (view {VIEW}); "
+        f"late events {r.late}; caught up {r.features_caught_up_s:.1f} s after ingest"
+    )
     add(f"           raw events in ClickHouse: {r.events_in_clickhouse:,}")
-    add(f"training   {r.training_rows:,} point-in-time rows from ClickHouse; model {MODEL} v{r.model_version}: "
+    add(
+        f"training   {r.training_rows:,} point-in-time rows from ClickHouse; model {MODEL} v{r.model_version}: "
         f"AUC {r.metrics.get('auc', 0):.3f}, logloss {r.metrics.get('logloss', 0):.3f}, "
-        f"positive rate {r.metrics.get('positive_rate', 0):.3f}")
+        f"positive rate {r.metrics.get('positive_rate', 0):.3f}"
+    )
     add(f"           ONNX vs scikit-learn max |diff| {r.onnx_vs_sklearn_max_diff:.2e}")
-    add(f"governance champion promotion allowed; {r.denied_model} as challenger -> {r.denied_status}")
+    add(
+        f"governance champion promotion allowed; {r.denied_model} as challenger -> {r.denied_status}"
+    )
     add("           audit trail: " + ", ".join(f"{k}={v}" for k, v in sorted(r.audit_rows.items())))
-    add(f"inference  {r.predictions:,} predictions served in {r.predict_requests:,} single-entity requests "
-        f"+ 50 x 100-entity requests")
-    add(f"           Predict, 1 entity, 32 in flight: p50 {r.predict_p50_ms:.2f} ms, p99 {r.predict_p99_ms:.2f} ms, "
-        f"{r.predict_rps:,.0f} req/s")
-    add(f"           Predict, 100 entities: p50 {r.batch100_p50_ms:.2f} ms, p99 {r.batch100_p99_ms:.2f} ms")
-    add(f"           OIP ModelInfer vs onnxruntime direct, 256 rows: max |diff| {r.oip_max_abs_diff:.2e}")
+    add(
+        f"inference  {r.predictions:,} predictions served in {r.predict_requests:,} single-entity requests "
+        f"+ 50 x 100-entity requests"
+    )
+    add(
+        f"           Predict, 1 entity, 32 in flight: p50 {r.predict_p50_ms:.2f} ms, p99 {r.predict_p99_ms:.2f} ms, "
+        f"{r.predict_rps:,.0f} req/s"
+    )
+    add(
+        f"           Predict, 100 entities: p50 {r.batch100_p50_ms:.2f} ms, p99 {r.batch100_p99_ms:.2f} ms"
+    )
+    add(
+        f"           OIP ModelInfer vs onnxruntime direct, 256 rows: max |diff| {r.oip_max_abs_diff:.2e}"
+    )
     add(f"           inference records in ClickHouse: {r.inference_rows:,}")
     if r.trace_chain:
-        add(f"tracing    trace {r.trace_chain.get('trace_id')} : event {r.trace_chain.get('event_id')} "
+        add(
+            f"tracing    trace {r.trace_chain.get('trace_id')} : event {r.trace_chain.get('event_id')} "
             f"({r.trace_chain.get('type')}) -> feature row seq {r.trace_chain.get('feature_seq')} -> "
-            f"inference {r.trace_chain.get('inference_request')}")
+            f"inference {r.trace_chain.get('inference_request')}"
+        )
     add("")
-    add("An analyst's query (myelin sql \"...\"):")
+    add('An analyst\'s query (myelin sql "..."):')
     add("  " + r.analyst_sql.replace("\n", "\n  "))
     if r.analyst_rows:
         cols = list(r.analyst_rows[0])

@@ -25,14 +25,22 @@ class Trained:
     outputs: list[TensorSpec]
 
 
-def matrix(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    x = np.column_stack([np.nan_to_num(table.column(f).to_numpy(zero_copy_only=False).astype(np.float64))
-                         for f in features]).astype(np.float32)
+def matrix(
+    table: pa.Table, features: list[str]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    x = np.column_stack(
+        [
+            np.nan_to_num(table.column(f).to_numpy(zero_copy_only=False).astype(np.float64))
+            for f in features
+        ]
+    ).astype(np.float32)
     y = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     return x, y
 
 
-def train(table: pa.Table, features: list[str], *, shuffle_labels: bool = False, seed: int = 0) -> Trained:
+def train(
+    table: pa.Table, features: list[str], *, shuffle_labels: bool = False, seed: int = 0
+) -> Trained:
     """Time-ordered split (last 20% held out); logistic regression on standardized features."""
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
@@ -56,8 +64,10 @@ def train(table: pa.Table, features: list[str], *, shuffle_labels: bool = False,
         "positive_rate": float(y.mean()),
     }
     onx = convert_sklearn(
-        model, initial_types=[("input", FloatTensorType([None, len(features)]))],
-        options={id(model.steps[-1][1]): {"zipmap": False}}, target_opset=17,
+        model,
+        initial_types=[("input", FloatTensorType([None, len(features)]))],
+        options={id(model.steps[-1][1]): {"zipmap": False}},
+        target_opset=17,
     )
     data = onx.SerializeToString()
     import onnxruntime as ort
@@ -67,8 +77,13 @@ def train(table: pa.Table, features: list[str], *, shuffle_labels: bool = False,
     diff = float(np.max(np.abs(onnx_p - p))) if len(p) else 0.0
     ts = table.column("ts").to_numpy(zero_copy_only=False).astype("datetime64[ms]").astype(np.int64)
     return Trained(
-        onnx=data, features=features, metrics=metrics, train_rows=cut, test_rows=len(y) - cut,
-        window=(int(ts.min()), int(ts.max())), max_abs_diff_vs_sklearn=diff,
+        onnx=data,
+        features=features,
+        metrics=metrics,
+        train_rows=cut,
+        test_rows=len(y) - cut,
+        window=(int(ts.min()), int(ts.max())),
+        max_abs_diff_vs_sklearn=diff,
         inputs=[TensorSpec("input", "FP32", [-1, len(features)])],
         outputs=[TensorSpec("label", "INT64", [-1]), TensorSpec("probabilities", "FP32", [-1, 2])],
     )

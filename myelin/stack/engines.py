@@ -35,7 +35,9 @@ def redis_server_binary() -> Path:
 class NatsServer(ManagedProcess):
     """nats-server with JetStream, file storage under ``data_dir``, bound to ``host``."""
 
-    def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1", sync_always: bool = False) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, host: str = "127.0.0.1", sync_always: bool = False
+    ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = data_dir / "nats.conf"
         lines = [
@@ -50,7 +52,9 @@ class NatsServer(ManagedProcess):
             lines.append("  sync_interval: always")
         lines.append("}")
         conf.write_text("\n".join(lines) + "\n")
-        super().__init__("nats-server", [str(nats_server_binary()), "-c", str(conf)], data_dir / "nats.log")
+        super().__init__(
+            "nats-server", [str(nats_server_binary()), "-c", str(conf)], data_dir / "nats.log"
+        )
         self.host, self.port = host, port
 
     @property
@@ -83,7 +87,9 @@ class RedisServer(ManagedProcess):
             )
             + "\n"
         )
-        super().__init__("redis-server", [str(redis_server_binary()), str(conf)], data_dir / "redis.log")
+        super().__init__(
+            "redis-server", [str(redis_server_binary()), str(conf)], data_dir / "redis.log"
+        )
         self.host, self.port = host, port
 
     @property

@@ -32,7 +32,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_port(host: str, port: int, timeout: float, proc: ManagedProcess | None = None) -> None:
+async def wait_port(
+    host: str, port: int, timeout: float, proc: ManagedProcess | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -83,7 +85,7 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=_die_with_parent,
         )
 
     async def stop(self, timeout: float = 10.0) -> int | None:
@@ -95,7 +97,7 @@ class ManagedProcess:
                 proc.send_signal(signal.SIGTERM)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
-            while proc.poll() is None and loop.time() < deadline:
+            while proc.poll() is None and loop.time() < deadline:  # noqa: ASYNC110 - polling a child
                 await asyncio.sleep(0.05)
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -30,7 +30,9 @@ SERVICES = ("governance", "features", "inference", "ingest")
 class Stack:
     """The whole platform as one async context manager."""
 
-    def __init__(self, settings: Settings, *, log: Any = None, services: tuple[str, ...] = SERVICES) -> None:
+    def __init__(
+        self, settings: Settings, *, log: Any = None, services: tuple[str, ...] = SERVICES
+    ) -> None:
         self.settings = settings
         self.services = services
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -80,14 +82,18 @@ class Stack:
             while True:
                 if proc.returncode is not None:
                     tail = _tail(proc.log_path)
-                    raise ProcessError(f"{name} exited with {proc.returncode} while starting:\n{tail}")
+                    raise ProcessError(
+                        f"{name} exited with {proc.returncode} while starting:\n{tail}"
+                    )
                 try:
                     raw = await bus.request(nc, health_subject(name), {}, timeout=1.0)
                     result: dict[str, Any] = msgspec.json.decode(raw)
                     return result
                 except MyelinError:
                     if loop.time() > deadline:
-                        raise ProcessError(f"{name} not ready after {timeout}s; see {proc.log_path}") from None
+                        raise ProcessError(
+                            f"{name} not ready after {timeout}s; see {proc.log_path}"
+                        ) from None
                     await asyncio.sleep(0.1)
         finally:
             await nc.close()
@@ -139,6 +145,10 @@ def with_ports(settings: Settings, **ports: Any) -> Settings:
     s = replace(settings, **ports)
     return replace(
         s,
-        nats_url=f"nats://127.0.0.1:{s.nats_port}" if "MYELIN_NATS_URL" not in os.environ else s.nats_url,
-        redis_url=f"redis://127.0.0.1:{s.redis_port}/0" if "MYELIN_REDIS_URL" not in os.environ else s.redis_url,
+        nats_url=f"nats://127.0.0.1:{s.nats_port}"
+        if "MYELIN_NATS_URL" not in os.environ
+        else s.nats_url,
+        redis_url=f"redis://127.0.0.1:{s.redis_port}/0"
+        if "MYELIN_REDIS_URL" not in os.environ
+        else s.redis_url,
     )

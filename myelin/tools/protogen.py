@@ -6,9 +6,9 @@ Generated imports are rewritten to be package-relative, so the output is importa
 
 from __future__ import annotations
 
+import os
 import re
 import sys
-import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,9 @@ def generate(out_dir: Path) -> list[Path]:
         text = _FROM.sub(r"from .\1 import", text)
         path.write_text(text)
         written.append(path)
-    (out_dir / "__init__.py").write_text('"""Generated from proto/ by `make proto`; do not edit."""\n')
+    (out_dir / "__init__.py").write_text(
+        '"""Generated from proto/ by `make proto`; do not edit."""\n'
+    )
     (out_dir / "py.typed").write_text("")
     return written
 

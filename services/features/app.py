@@ -55,16 +55,29 @@ class FeaturesApp:
         js = bus.jetstream(self._nc, s)
         view = USER_ACTIVITY
         self.pipeline = FeaturePipeline(
-            WindowEngine(view), default_registry(), OnlineStore(self._redis, view, s.online_ttl_s), self.sink
+            WindowEngine(view),
+            default_registry(),
+            OnlineStore(self._redis, view, s.online_ttl_s),
+            self.sink,
         )
         position = await self.pipeline.start()
         durable = f"features-{view.name}"
         # Redis holds the committed position; the consumer is re-created to start right after it.
-        await ensure_consumer(js, EVENTS_STREAM, durable, "myelin.events.>",
-                              max_ack_pending=s.features_batch * 2, ack_wait_s=s.features_ack_wait_s,
-                              start_seq=position + 1)
-        log.info("view %s (%s) resumes after stream sequence %d", view.name, view.content_hash, position)
-        self.loops.append(PullLoop(js, EVENTS_STREAM, durable, self._on_events, batch=s.features_batch))
+        await ensure_consumer(
+            js,
+            EVENTS_STREAM,
+            durable,
+            "myelin.events.>",
+            max_ack_pending=s.features_batch * 2,
+            ack_wait_s=s.features_ack_wait_s,
+            start_seq=position + 1,
+        )
+        log.info(
+            "view %s (%s) resumes after stream sequence %d", view.name, view.content_hash, position
+        )
+        self.loops.append(
+            PullLoop(js, EVENTS_STREAM, durable, self._on_events, batch=s.features_batch)
+        )
         for stream, name, handler in (
             (INFERENCES_STREAM, "warehouse-inferences", inference_drain(self.sink)),
             (AUDIT_STREAM, "warehouse-audit", audit_drain(self.sink)),

@@ -44,8 +44,14 @@ class EntityState:
     buckets: dict[int, list[float]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return _enc.encode([self.seq, self.watermark, self.late,
-                            [[b, *v] for b, v in sorted(self.buckets.items())]])
+        return _enc.encode(
+            [
+                self.seq,
+                self.watermark,
+                self.late,
+                [[b, *v] for b, v in sorted(self.buckets.items())],
+            ]
+        )
 
     @classmethod
     def decode(cls, blob: bytes) -> EntityState:
@@ -53,8 +59,9 @@ class EntityState:
         return cls(seq, wm, late, {int(r[0]): [float(x) for x in r[1:]] for r in rows})
 
     def copy(self) -> EntityState:
-        return EntityState(self.seq, self.watermark, self.late,
-                           {b: list(v) for b, v in self.buckets.items()})
+        return EntityState(
+            self.seq, self.watermark, self.late, {b: list(v) for b, v in self.buckets.items()}
+        )
 
 
 class Outcome:
@@ -72,14 +79,23 @@ class WindowEngine:
         self.bucket_ms = view.bucket_s * 1000
         self.horizon_buckets = view.max_window_s // view.bucket_s
         self._plan = [
-            (f.name, f.kind, self.counters.keys.index((f.source, f.field if f.kind == "sum" else ""))
-             if f.kind != "ratio" else -1, f.window_s // view.bucket_s if f.kind != "ratio" else 0,
-             f.numerator, f.denominator)
+            (
+                f.name,
+                f.kind,
+                self.counters.keys.index((f.source, f.field if f.kind == "sum" else ""))
+                if f.kind != "ratio"
+                else -1,
+                f.window_s // view.bucket_s if f.kind != "ratio" else 0,
+                f.numerator,
+                f.denominator,
+            )
             for f in sorted(view.features, key=lambda f: f.kind == "ratio")
         ]
         self._names = view.feature_names
 
-    def apply(self, st: EntityState, seq: int, event_type: str, event_time: int, payload: Any) -> int:
+    def apply(
+        self, st: EntityState, seq: int, event_type: str, event_time: int, payload: Any
+    ) -> int:
         """Mutates ``st``; returns an :class:`Outcome` code."""
         if seq <= st.seq:
             return Outcome.DUPLICATE

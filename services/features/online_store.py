@@ -45,7 +45,9 @@ return applied
 class OnlineUpdate:
     __slots__ = ("as_of", "entity", "seq", "state", "trace_id", "values")
 
-    def __init__(self, entity: str, state: EntityState, values: dict[str, float], trace_id: str) -> None:
+    def __init__(
+        self, entity: str, state: EntityState, values: dict[str, float], trace_id: str
+    ) -> None:
         self.entity = entity
         self.state = state
         self.seq = state.seq

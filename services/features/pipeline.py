@@ -98,11 +98,30 @@ class FeaturePipeline:
 
     async def _process(self, batch: list[tuple[int, bytes]]) -> None:
         sources = set(self.view.sources)
-        raw: dict[str, list[Any]] = {k: [] for k in (
-            "event_id", "type", "schema_version", "entity_id", "event_time", "ingest_time",
-            "producer_id", "trace_id", "partition", "stream_seq", "late", "data")}
-        fv: dict[str, list[Any]] = {"entity_id": [], "as_of": [], "stream_seq": [], "trace_id": [],
-                                    "values": []}
+        raw: dict[str, list[Any]] = {
+            k: []
+            for k in (
+                "event_id",
+                "type",
+                "schema_version",
+                "entity_id",
+                "event_time",
+                "ingest_time",
+                "producer_id",
+                "trace_id",
+                "partition",
+                "stream_seq",
+                "late",
+                "data",
+            )
+        }
+        fv: dict[str, list[Any]] = {
+            "entity_id": [],
+            "as_of": [],
+            "stream_seq": [],
+            "trace_id": [],
+            "values": [],
+        }
         decoded: list[tuple[int, StreamEvent, Any]] = []
         undecodable = 0
         for seq, payload in batch:
@@ -119,8 +138,13 @@ class FeaturePipeline:
             decoded.append((seq, ev, data))
 
         # Load the states this batch needs that are not hot.
-        needed = list({ev.entity_id for _, ev, _ in decoded if ev.type in sources
-                       and self.cache.get(ev.entity_id) is None})
+        needed = list(
+            {
+                ev.entity_id
+                for _, ev, _ in decoded
+                if ev.type in sources and self.cache.get(ev.entity_id) is None
+            }
+        )
         loaded = await self.online.load_states(needed)
         work: dict[str, EntityState] = {}
         touched: dict[str, tuple[dict[str, float], str]] = {}
@@ -131,7 +155,9 @@ class FeaturePipeline:
                 st = work.get(ev.entity_id)
                 if st is None:
                     hot = self.cache.get(ev.entity_id)
-                    st = hot.copy() if hot is not None else loaded.get(ev.entity_id) or EntityState()
+                    st = (
+                        hot.copy() if hot is not None else loaded.get(ev.entity_id) or EntityState()
+                    )
                     work[ev.entity_id] = st
                 outcome = self.engine.apply(st, seq, ev.type, ev.event_time, data)
                 if outcome == Outcome.APPLIED:
@@ -149,12 +175,20 @@ class FeaturePipeline:
                     touched[ev.entity_id] = (self.engine.vector(st), ev.trace_id)
                 else:
                     dup += 1
-            for k, v in (("event_id", ev.event_id), ("type", ev.type),
-                         ("schema_version", ev.schema_version), ("entity_id", ev.entity_id),
-                         ("event_time", ev.event_time), ("ingest_time", ev.ingest_time),
-                         ("producer_id", ev.producer_id), ("trace_id", ev.trace_id),
-                         ("partition", ev.partition), ("stream_seq", seq), ("late", is_late),
-                         ("data", _json.encode(data).decode())):
+            for k, v in (
+                ("event_id", ev.event_id),
+                ("type", ev.type),
+                ("schema_version", ev.schema_version),
+                ("entity_id", ev.entity_id),
+                ("event_time", ev.event_time),
+                ("ingest_time", ev.ingest_time),
+                ("producer_id", ev.producer_id),
+                ("trace_id", ev.trace_id),
+                ("partition", ev.partition),
+                ("stream_seq", seq),
+                ("late", is_late),
+                ("data", _json.encode(data).decode()),
+            ):
                 raw[k].append(v)
 
         await self.sink.insert("events", events_table(raw))

@@ -44,7 +44,9 @@ async def serve_sql(nc: NATS, sink: WarehouseSink) -> Any:
         if req.format == "arrow":
             blob = arrow_to_ipc(table)
             if len(blob) > MAX_REPLY_BYTES:
-                raise QueryRejected(f"result is {len(blob)} bytes compressed; the cap is {MAX_REPLY_BYTES}")
+                raise QueryRejected(
+                    f"result is {len(blob)} bytes compressed; the cap is {MAX_REPLY_BYTES}"
+                )
             return {"rows": table.num_rows, "arrow_b64": base64.b64encode(blob).decode()}
         return {"rows": table.num_rows, "columns": table.column_names, "data": table.to_pylist()}
 

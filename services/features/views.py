@@ -50,7 +50,9 @@ class FeatureView:
                 if f.source not in self.sources:
                     raise ValueError(f"view {self.name}: {f.name} reads {f.source!r}, not a source")
                 if f.window_s <= 0 or f.window_s % self.bucket_s:
-                    raise ValueError(f"view {self.name}: {f.name} window must be a multiple of bucket_s")
+                    raise ValueError(
+                        f"view {self.name}: {f.name} window must be a multiple of bucket_s"
+                    )
                 if f.kind == "sum" and not f.field:
                     raise ValueError(f"view {self.name}: sum {f.name} needs a field")
 

@@ -77,28 +77,74 @@ def feature_values_table(view: str, view_hash: str, rows: dict[str, list[Any]]) 
 
 
 def inferences_table(records: list[InferenceRecord]) -> pa.Table:
-    cols: dict[str, list[Any]] = {k: [] for k in (
-        "request_id", "row", "ts", "api", "model", "model_version", "alias", "entity_id", "score",
-        "features", "feature_age_ms", "feature_status", "latency_us", "trace_id", "source_trace_id")}
+    cols: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "request_id",
+            "row",
+            "ts",
+            "api",
+            "model",
+            "model_version",
+            "alias",
+            "entity_id",
+            "score",
+            "features",
+            "feature_age_ms",
+            "feature_status",
+            "latency_us",
+            "trace_id",
+            "source_trace_id",
+        )
+    }
     for r in records:
         preds = r.predictions
         for i, p in enumerate(preds):
-            for k, v in (("request_id", r.request_id), ("row", i), ("ts", r.ts_ms), ("api", r.api),
-                         ("model", r.model), ("model_version", r.model_version), ("alias", r.alias),
-                         ("entity_id", p.entity_id), ("score", p.score),
-                         ("features", list(p.features.items())), ("feature_age_ms", p.feature_age_ms),
-                         ("feature_status", p.feature_status), ("latency_us", r.latency_us),
-                         ("trace_id", r.trace_id), ("source_trace_id", p.source_trace_id)):
+            for k, v in (
+                ("request_id", r.request_id),
+                ("row", i),
+                ("ts", r.ts_ms),
+                ("api", r.api),
+                ("model", r.model),
+                ("model_version", r.model_version),
+                ("alias", r.alias),
+                ("entity_id", p.entity_id),
+                ("score", p.score),
+                ("features", list(p.features.items())),
+                ("feature_age_ms", p.feature_age_ms),
+                ("feature_status", p.feature_status),
+                ("latency_us", r.latency_us),
+                ("trace_id", r.trace_id),
+                ("source_trace_id", p.source_trace_id),
+            ):
                 cols[k].append(v)
         if not preds:  # raw OIP inference: one row per request, no entity
-            for k, v in (("request_id", r.request_id), ("row", 0), ("ts", r.ts_ms), ("api", r.api),
-                         ("model", r.model), ("model_version", r.model_version), ("alias", r.alias),
-                         ("entity_id", ""), ("score", float("nan")), ("features", []),
-                         ("feature_age_ms", -1), ("feature_status", f"rows={r.rows}"),
-                         ("latency_us", r.latency_us), ("trace_id", r.trace_id), ("source_trace_id", "")):
+            for k, v in (
+                ("request_id", r.request_id),
+                ("row", 0),
+                ("ts", r.ts_ms),
+                ("api", r.api),
+                ("model", r.model),
+                ("model_version", r.model_version),
+                ("alias", r.alias),
+                ("entity_id", ""),
+                ("score", float("nan")),
+                ("features", []),
+                ("feature_age_ms", -1),
+                ("feature_status", f"rows={r.rows}"),
+                ("latency_us", r.latency_us),
+                ("trace_id", r.trace_id),
+                ("source_trace_id", ""),
+            ):
                 cols[k].append(v)
-    types = {"row": pa.uint32(), "ts": TS, "score": pa.float64(), "features": FMAP,
-             "feature_age_ms": pa.int64(), "latency_us": pa.uint32()}
+    types = {
+        "row": pa.uint32(),
+        "ts": TS,
+        "score": pa.float64(),
+        "features": FMAP,
+        "feature_age_ms": pa.int64(),
+        "latency_us": pa.uint32(),
+    }
     return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in cols.items()})
 
 

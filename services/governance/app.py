@@ -32,9 +32,15 @@ class GovernanceApp:
         s = self.settings
         sources = load_policies(s.policy_dir)
         version = policy_version(sources)
-        self._engine = OpaEngine(s.opa_url, sources, version) if s.opa_url else RegoEngine(sources, version)
-        log.info("policies %s loaded (version %s, engine %s)", sorted(sources), version,
-                 type(self._engine).__name__)
+        self._engine = (
+            OpaEngine(s.opa_url, sources, version) if s.opa_url else RegoEngine(sources, version)
+        )
+        log.info(
+            "policies %s loaded (version %s, engine %s)",
+            sorted(sources),
+            version,
+            type(self._engine).__name__,
+        )
         self._nc = await bus.connect(s, self.name)
         audit = AuditLog(bus.Publisher(bus.jetstream(self._nc, s), s))
         self.decider = Decider(self._engine, audit, s.policy_cache_ttl_s)

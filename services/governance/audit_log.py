@@ -17,7 +17,9 @@ class AuditLog:
         self._pub = publisher
 
     async def __call__(self, record: AuditRecord) -> None:
-        msg = OutMsg(audit_subject(record.action), _enc.encode(record), msg_id=f"audit-{record.decision_id}")
+        msg = OutMsg(
+            audit_subject(record.action), _enc.encode(record), msg_id=f"audit-{record.decision_id}"
+        )
         result = await self._pub.publish(msg)
         if not result.ok:
             raise Retryable("audit trail unavailable; decision withheld", cause=str(result.error))

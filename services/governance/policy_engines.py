@@ -78,7 +78,7 @@ class OpaEngine:
             if not self._pushed:
                 await self._push()
             resp = await self._client.query_rule(input_doc, package)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any transport failure means "OPA unavailable"
             raise Retryable(f"OPA server did not answer: {exc}") from None
         return resp.get("result")
 

@@ -31,7 +31,12 @@ class GovernanceClient:
         raw = await bus.request(
             self._nc,
             RPC_GOVERNANCE_DECIDE,
-            {"action": action, "subject": subject, "input": input_doc, "trace_id": telemetry.trace_id_hex()},
+            {
+                "action": action,
+                "subject": subject,
+                "input": input_doc,
+                "trace_id": telemetry.trace_id_hex(),
+            },
             timeout=self._timeout,
         )
         return _dec.decode(raw)

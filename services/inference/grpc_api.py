@@ -60,10 +60,14 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     def __init__(self, predictor: Predictor) -> None:
         self.p = predictor
 
-    async def ServerLive(self, request: oip.ServerLiveRequest, context: Any) -> oip.ServerLiveResponse:
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: Any
+    ) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: oip.ServerReadyRequest, context: Any) -> oip.ServerReadyResponse:
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: Any
+    ) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=self.p.host.ready())
 
     async def ServerMetadata(
@@ -71,7 +75,9 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(name="myelin", version=__version__, extensions=[])
 
-    async def ModelReady(self, request: oip.ModelReadyRequest, context: Any) -> oip.ModelReadyResponse:
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: Any
+    ) -> oip.ModelReadyResponse:
         try:
             await self.p.host.get(request.name, request.version)
             return oip.ModelReadyResponse(ready=True)
@@ -85,27 +91,39 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             try:
                 model, _ = await self.p.host.get(request.name, request.version)
                 versions = await self.p.host.versions(request.name)
-            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            except Exception as exc:
                 await _abort(context, exc)
                 raise
             return oip.ModelMetadataResponse(
                 name=request.name,
                 versions=[str(v) for v in versions],
                 platform=model.mv.platform,
-                inputs=[oip.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
-                                                                 shape=t.shape) for t in model.ort.inputs],
-                outputs=[oip.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype,
-                                                                  shape=t.shape) for t in model.ort.outputs],
+                inputs=[
+                    oip.ModelMetadataResponse.TensorMetadata(
+                        name=t.name, datatype=t.datatype, shape=t.shape
+                    )
+                    for t in model.ort.inputs
+                ],
+                outputs=[
+                    oip.ModelMetadataResponse.TensorMetadata(
+                        name=t.name, datatype=t.datatype, shape=t.shape
+                    )
+                    for t in model.ort.outputs
+                ],
             )
 
-    async def ModelInfer(self, request: oip.ModelInferRequest, context: Any) -> oip.ModelInferResponse:
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: Any
+    ) -> oip.ModelInferResponse:
         with _boundary(context, "ModelInfer"):
             try:
                 model, _ = await self.p.host.get(request.model_name, request.model_version)
                 expected = {t.name: t.datatype for t in model.ort.inputs}
                 raw = list(request.raw_input_contents)
                 if raw and len(raw) != len(request.inputs):
-                    raise TensorError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+                    raise TensorError(
+                        f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs"
+                    )
                 feeds = {
                     t.name: decode_input(t, raw[i] if raw else None, expected.get(t.name))
                     for i, t in enumerate(request.inputs)
@@ -123,7 +141,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                     if blob is not None:
                         resp.raw_output_contents.append(blob)
                 return resp
-            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            except Exception as exc:
                 await _abort(context, exc)
                 raise
 
@@ -136,9 +154,12 @@ class PredictorServicer(mp_grpc.PredictorServicer):
         with _boundary(context, "Predict"):
             try:
                 r = await self.p.predict(
-                    request.model_name, request.model_version, list(request.entity_ids), request.request_id
+                    request.model_name,
+                    request.model_version,
+                    list(request.entity_ids),
+                    request.request_id,
                 )
-            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            except Exception as exc:
                 await _abort(context, exc)
                 raise
             prov = r.model.mv.provenance
@@ -155,8 +176,10 @@ class PredictorServicer(mp_grpc.PredictorServicer):
                     mp.Prediction(
                         entity_id=v.entity_id,
                         score=s,
-                        features=[mp.FeatureValue(name=n, value=x)
-                                  for n, x in zip(r.feature_names, v.values, strict=True)],
+                        features=[
+                            mp.FeatureValue(name=n, value=x)
+                            for n, x in zip(r.feature_names, v.values, strict=True)
+                        ],
                         feature_age_ms=v.age_ms,
                         feature_status=v.status.value,
                     )
@@ -166,10 +189,12 @@ class PredictorServicer(mp_grpc.PredictorServicer):
 
 
 def build_server(predictor: Predictor, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor), server)
     mp_grpc.add_PredictorServicer_to_server(PredictorServicer(predictor), server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -113,9 +113,13 @@ def decode_input(
     shape = list(tensor.shape)
     count = _check_shape(tensor.name, shape)
     if dt == "BYTES":
-        items = decode_bytes_tensor(raw) if raw is not None else list(tensor.contents.bytes_contents)
+        items = (
+            decode_bytes_tensor(raw) if raw is not None else list(tensor.contents.bytes_contents)
+        )
         if len(items) != count:
-            raise TensorError(f"input {tensor.name!r}: shape {shape} needs {count} elements, got {len(items)}")
+            raise TensorError(
+                f"input {tensor.name!r}: shape {shape} needs {count} elements, got {len(items)}"
+            )
         return np.array(items, dtype=np.object_).reshape(shape)
     npdt = OIP_TO_NUMPY[dt]
     if raw is not None:
@@ -129,7 +133,9 @@ def decode_input(
         raise TensorError(f"input {tensor.name!r}: FP16 must be sent as raw_input_contents")
     values = getattr(tensor.contents, _CONTENTS_FIELD[dt])
     if len(values) != count:
-        raise TensorError(f"input {tensor.name!r}: shape {shape} needs {count} elements, got {len(values)}")
+        raise TensorError(
+            f"input {tensor.name!r}: shape {shape} needs {count} elements, got {len(values)}"
+        )
     return np.asarray(values, dtype=npdt).reshape(shape)
 
 

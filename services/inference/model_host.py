@@ -43,7 +43,9 @@ class LoadedModel:
 
 
 class ModelHost:
-    def __init__(self, registry: ModelRegistry, governance: GovernanceClient, settings: Settings) -> None:
+    def __init__(
+        self, registry: ModelRegistry, governance: GovernanceClient, settings: Settings
+    ) -> None:
         self._registry = registry
         self._gov = governance
         self._s = settings
@@ -94,7 +96,9 @@ class ModelHost:
                 return model
             mv = await self._registry.get(name, version)
             data = await self._registry.artifact(mv)
-            ortm = await asyncio.to_thread(load_onnx, data, self._s.ort_intra_threads, self._s.ort_inter_threads)
+            ortm = await asyncio.to_thread(
+                load_onnx, data, self._s.ort_intra_threads, self._s.ort_inter_threads
+            )
             verdict = await self._decide(mv)
             model = LoadedModel(mv, ortm, verdict, time.monotonic())
             self._loaded[key] = model
@@ -107,7 +111,9 @@ class ModelHost:
                 "serve", f"{mv.name}:v{mv.version}", {"model": msgspec.to_builtins(mv)}
             )
         except MyelinError as exc:
-            raise Retryable(f"governance unavailable, not serving {mv.name} v{mv.version}: {exc.message}") from None
+            raise Retryable(
+                f"governance unavailable, not serving {mv.name} v{mv.version}: {exc.message}"
+            ) from None
 
     async def _check(self, model: LoadedModel) -> None:
         if time.monotonic() - model.decided_at > self._s.policy_cache_ttl_s:
@@ -158,8 +164,10 @@ class ModelHost:
 
     def status(self) -> dict[str, Any]:
         return {
-            "models": [f"{m.mv.name}:v{m.mv.version}{'' if m.verdict.allow else ' (denied)'}"
-                       for m in self._loaded.values()],
+            "models": [
+                f"{m.mv.name}:v{m.mv.version}{'' if m.verdict.allow else ' (denied)'}"
+                for m in self._loaded.values()
+            ],
             "aliases": self._aliases,
             "swaps": self.swaps,
         }

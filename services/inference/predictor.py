@@ -44,7 +44,9 @@ class Predictor:
         self.predictions = 0
         self.requests = 0
 
-    async def predict(self, name: str, ref: str, entity_ids: list[str], request_id: str) -> PredictResult:
+    async def predict(
+        self, name: str, ref: str, entity_ids: list[str], request_id: str
+    ) -> PredictResult:
         t0 = time.perf_counter()
         if not entity_ids:
             raise TensorError("entity_ids is empty")
@@ -65,11 +67,23 @@ class Predictor:
         latency_us = int((time.perf_counter() - t0) * 1e6)
         self.recorder.record(
             InferenceRecord(
-                request_id=rid, ts_ms=int(time.time() * 1000), api="predict", model=name,
-                model_version=model.version, alias=alias, latency_us=latency_us, trace_id=trace_id,
+                request_id=rid,
+                ts_ms=int(time.time() * 1000),
+                api="predict",
+                model=name,
+                model_version=model.version,
+                alias=alias,
+                latency_us=latency_us,
+                trace_id=trace_id,
                 predictions=[
-                    Prediction(v.entity_id, s, dict(zip(prov.features, v.values, strict=True)),
-                               v.age_ms, v.status.value, v.trace_id)
+                    Prediction(
+                        v.entity_id,
+                        s,
+                        dict(zip(prov.features, v.values, strict=True)),
+                        v.age_ms,
+                        v.status.value,
+                        v.trace_id,
+                    )
                     for v, s in zip(vectors, scores, strict=True)
                 ],
                 rows=len(entity_ids),
@@ -80,7 +94,11 @@ class Predictor:
         return PredictResult(model, alias, rid, vectors, scores, list(prov.features), trace_id)
 
     async def infer(
-        self, name: str, ref: str, feeds: dict[str, npt.NDArray[Any]], outputs: list[str] | None,
+        self,
+        name: str,
+        ref: str,
+        feeds: dict[str, npt.NDArray[Any]],
+        outputs: list[str] | None,
         request_id: str,
     ) -> tuple[LoadedModel, list[tuple[str, Any]]]:
         t0 = time.perf_counter()
@@ -98,14 +116,19 @@ class Predictor:
             raise TensorError(f"unknown input(s) {extra}")
         try:
             results = model.ort.run(feeds, names)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain errors on bad inputs
             raise TensorError(f"the model rejected the inputs: {exc}") from None
         rows = int(next(iter(feeds.values())).shape[0]) if feeds else 0
         self.recorder.record(
             InferenceRecord(
-                request_id=request_id or uuid.uuid4().hex, ts_ms=int(time.time() * 1000), api="oip",
-                model=name, model_version=model.version, alias=alias,
-                latency_us=int((time.perf_counter() - t0) * 1e6), trace_id=telemetry.trace_id_hex(),
+                request_id=request_id or uuid.uuid4().hex,
+                ts_ms=int(time.time() * 1000),
+                api="oip",
+                model=name,
+                model_version=model.version,
+                alias=alias,
+                latency_us=int((time.perf_counter() - t0) * 1e6),
+                trace_id=telemetry.trace_id_hex(),
                 rows=rows,
             )
         )

@@ -51,7 +51,9 @@ class Recorder:
                 self._q.task_done()
 
     async def _publish(self, recs: list[InferenceRecord]) -> None:
-        pending = [OutMsg(inference_subject(r.model), _enc.encode(r), f"inf-{r.request_id}") for r in recs]
+        pending = [
+            OutMsg(inference_subject(r.model), _enc.encode(r), f"inf-{r.request_id}") for r in recs
+        ]
         delay = 0.1
         while pending:
             results = await self._pub.publish_batch(pending)

@@ -19,7 +19,9 @@ class OrtModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
-    def run(self, feeds: dict[str, npt.NDArray[Any]], outputs: list[str] | None = None) -> list[Any]:
+    def run(
+        self, feeds: dict[str, npt.NDArray[Any]], outputs: list[str] | None = None
+    ) -> list[Any]:
         result: list[Any] = self.session.run(outputs, feeds)
         return result
 
@@ -34,6 +36,12 @@ def load_onnx(data: bytes, intra_threads: int, inter_threads: int) -> OrtModel:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
-    inputs = [TensorSpec(i.name, ONNX_TO_OIP.get(i.type, i.type), onnx_shape(i.shape)) for i in sess.get_inputs()]
-    outputs = [TensorSpec(o.name, ONNX_TO_OIP.get(o.type, o.type), onnx_shape(o.shape)) for o in sess.get_outputs()]
+    inputs = [
+        TensorSpec(i.name, ONNX_TO_OIP.get(i.type, i.type), onnx_shape(i.shape))
+        for i in sess.get_inputs()
+    ]
+    outputs = [
+        TensorSpec(o.name, ONNX_TO_OIP.get(o.type, o.type), onnx_shape(o.shape))
+        for o in sess.get_outputs()
+    ]
     return OrtModel(sess, inputs, outputs)

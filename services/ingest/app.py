@@ -31,7 +31,9 @@ class IngestApp:
         self._nc = await bus.connect(s, self.name)
         limits = Limits(s.max_event_bytes, s.max_batch_bytes, s.max_batch_events, s.partitions)
         self.ingestor = Ingestor(
-            default_registry(), limits, bus.Publisher(bus.jetstream(self._nc, s), s),
+            default_registry(),
+            limits,
+            bus.Publisher(bus.jetstream(self._nc, s), s),
             max_inflight_events=max(s.publish_window * 8, s.max_batch_events),
         )
         self._sub = await serve_ingest(self._nc, self.ingestor)

@@ -23,31 +23,43 @@ INGESTOR = web.AppKey("ingestor", Ingestor)
 
 
 def _reply(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=_json.encode(body), content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        status=status, body=_json.encode(body), content_type="application/json", headers=headers
+    )
 
 
 async def post_events(request: web.Request) -> web.Response:
     ingestor = request.app[INGESTOR]
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream", ""):
-        return _reply(415, {"error": "unsupported_media_type",
-                            "message": f"send application/json, not {ctype}"})
+        return _reply(
+            415,
+            {"error": "unsupported_media_type", "message": f"send application/json, not {ctype}"},
+        )
     ctx = telemetry.extract(dict(request.headers))
     with telemetry.tracer("myelin.ingest").start_as_current_span("POST /v1/events", context=ctx):
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _reply(413, {"error": "batch_too_large",
-                                "message": f"the limit is {ingestor.limits.max_batch_bytes} bytes"})
+            return _reply(
+                413,
+                {
+                    "error": "batch_too_large",
+                    "message": f"the limit is {ingestor.limits.max_batch_bytes} bytes",
+                },
+            )
         try:
             result = await ingestor.ingest(body)
         except BatchRefused as refused:
-            return _reply(refused.status, {"error": refused.reason.value, "message": refused.message})
+            return _reply(
+                refused.status, {"error": refused.reason.value, "message": refused.message}
+            )
         except Overloaded as exc:
-            return _reply(429, {"error": "overloaded", "message": exc.message,
-                                "retry_after_s": exc.retry_after},
-                          {"Retry-After": str(math.ceil(exc.retry_after))})
+            return _reply(
+                429,
+                {"error": "overloaded", "message": exc.message, "retry_after_s": exc.retry_after},
+                {"Retry-After": str(math.ceil(exc.retry_after))},
+            )
     if result.retry:
         return _reply(429, result, {"Retry-After": str(math.ceil(result.retry_after_s or 1))})
     if result.rejected and not (result.accepted or result.duplicates):

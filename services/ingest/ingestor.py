@@ -21,7 +21,15 @@ from myelin.contracts import ContractRegistry
 from myelin.errors import Overloaded
 from myelin.records import DeadLetter
 from myelin.subjects import dlq_subject
-from services.ingest.logic import Accepted, BatchRefused, Limits, Reason, Rejected, parse_batch, validate_batch
+from services.ingest.logic import (
+    Accepted,
+    BatchRefused,
+    Limits,
+    Reason,
+    Rejected,
+    parse_batch,
+    validate_batch,
+)
 
 _mp = msgspec.msgpack.Encoder()
 
@@ -92,7 +100,9 @@ class Ingestor:
             items = parse_batch(body, self.limits)
         except BatchRefused as refused:
             self.counters.refused_batches += 1
-            await self._dead_letter([Rejected(-1, "", refused.reason, refused.message, body[:65536])], now_ms)
+            await self._dead_letter(
+                [Rejected(-1, "", refused.reason, refused.message, body[:65536])], now_ms
+            )
             raise
         n = len(items)
         if not self._inflight.try_acquire(n):
@@ -126,14 +136,23 @@ class Ingestor:
             else:
                 retry += 1
                 err = r.error
-                retry_after = max(retry_after, err.retry_after if isinstance(err, Overloaded) else 1.0)
+                retry_after = max(
+                    retry_after, err.retry_after if isinstance(err, Overloaded) else 1.0
+                )
                 results[a.index] = EventResult(
-                    a.index, a.event_id, "retry", Reason.OVERLOADED.value,
+                    a.index,
+                    a.event_id,
+                    "retry",
+                    Reason.OVERLOADED.value,
                     err.message if err else "not stored; retry with the same event_id",
                 )
         for rj in rejected:
-            results[rj.index] = EventResult(rj.index, rj.event_id, "rejected", rj.reason.value, rj.message)
-            self.counters.by_reason[rj.reason.value] = self.counters.by_reason.get(rj.reason.value, 0) + 1
+            results[rj.index] = EventResult(
+                rj.index, rj.event_id, "rejected", rj.reason.value, rj.message
+            )
+            self.counters.by_reason[rj.reason.value] = (
+                self.counters.by_reason.get(rj.reason.value, 0) + 1
+            )
         self.counters.accepted += acc
         self.counters.duplicates += dup
         self.counters.rejected += len(rejected)
@@ -154,7 +173,9 @@ class Ingestor:
             )
             # Same event + same reason -> same id: a retried bad batch is dead-lettered once.
             key = r.event_id or hashlib.sha256(r.raw).hexdigest()[:32]
-            msgs.append(OutMsg(dlq_subject(r.reason.value), _mp.encode(record), f"dlq:{r.reason}:{key}"))
+            msgs.append(
+                OutMsg(dlq_subject(r.reason.value), _mp.encode(record), f"dlq:{r.reason}:{key}")
+            )
         await self._pub.publish_batch(msgs)
 
     def status(self) -> dict[str, Any]:

@@ -96,7 +96,9 @@ def parse_batch(body: bytes, limits: Limits) -> list[msgspec.Raw]:
     try:
         items = _raw_list.decode(body)
     except msgspec.ValidationError:
-        raise BatchRefused(Reason.NOT_A_BATCH, "the body must be a JSON array of events", 400) from None
+        raise BatchRefused(
+            Reason.NOT_A_BATCH, "the body must be a JSON array of events", 400
+        ) from None
     except msgspec.DecodeError as exc:
         raise BatchRefused(Reason.MALFORMED_JSON, f"malformed JSON: {exc}", 400) from None
     if len(items) > limits.max_batch_events:
@@ -128,8 +130,11 @@ def validate_event(
 ) -> Outcome:
     if len(raw) > limits.max_event_bytes:
         return Rejected(
-            index, _guess_id(raw), Reason.EVENT_TOO_LARGE,
-            f"event is {len(raw)} bytes; the limit is {limits.max_event_bytes}", raw[:1024],
+            index,
+            _guess_id(raw),
+            Reason.EVENT_TOO_LARGE,
+            f"event is {len(raw)} bytes; the limit is {limits.max_event_bytes}",
+            raw[:1024],
         )
     try:
         env = _envelope.decode(raw)
@@ -140,34 +145,51 @@ def validate_event(
         known = registry.versions(env.type)
         if not known:
             return Rejected(
-                index, env.event_id, Reason.UNKNOWN_TYPE,
+                index,
+                env.event_id,
+                Reason.UNKNOWN_TYPE,
                 f"unknown event type {env.type!r}; known types: {', '.join(registry.types())}",
-                raw, env.producer_id,
+                raw,
+                env.producer_id,
             )
         return Rejected(
-            index, env.event_id, Reason.UNKNOWN_VERSION,
+            index,
+            env.event_id,
+            Reason.UNKNOWN_VERSION,
             f"{env.type} has no schema version {env.schema_version}; known: {known}",
-            raw, env.producer_id,
+            raw,
+            env.producer_id,
         )
     if env.event_time > now_ms + limits.max_future_skew_ms:
         return Rejected(
-            index, env.event_id, Reason.CLOCK_SKEW,
+            index,
+            env.event_id,
+            Reason.CLOCK_SKEW,
             f"event_time is {(env.event_time - now_ms) / 1000:.0f}s in the future; "
             f"at most {limits.max_future_skew_ms / 1000:.0f}s is accepted",
-            raw, env.producer_id,
+            raw,
+            env.producer_id,
         )
     if env.event_time < now_ms - limits.max_age_ms:
         return Rejected(
-            index, env.event_id, Reason.CLOCK_SKEW,
+            index,
+            env.event_id,
+            Reason.CLOCK_SKEW,
             f"event_time is {(now_ms - env.event_time) / 86_400_000:.1f} days old; "
             f"at most {limits.max_age_ms / 86_400_000:.0f} days is accepted",
-            raw, env.producer_id,
+            raw,
+            env.producer_id,
         )
     try:
         payload = contract.json_decoder.decode(env.data)
     except msgspec.ValidationError as exc:
         return Rejected(
-            index, env.event_id, Reason.INVALID_PAYLOAD, _field_error(exc, "data"), raw, env.producer_id
+            index,
+            env.event_id,
+            Reason.INVALID_PAYLOAD,
+            _field_error(exc, "data"),
+            raw,
+            env.producer_id,
         )
     except msgspec.DecodeError as exc:  # pragma: no cover - the outer decode already parsed it
         return Rejected(index, env.event_id, Reason.INVALID_PAYLOAD, str(exc), raw, env.producer_id)
@@ -187,7 +209,9 @@ def validate_event(
         partition=partition,
         data=msgspec.Raw(_mp.encode(payload)),
     )
-    return Accepted(index, env.event_id, event_subject(env.type, partition), _mp.encode(stored), trace_id)
+    return Accepted(
+        index, env.event_id, event_subject(env.type, partition), _mp.encode(stored), trace_id
+    )
 
 
 def validate_batch(
@@ -205,8 +229,11 @@ def validate_batch(
         if isinstance(outcome, Accepted):
             if outcome.event_id in seen:
                 outcome = Rejected(
-                    i, outcome.event_id, Reason.DUPLICATE_IN_BATCH,
-                    f"event_id {outcome.event_id!r} appears more than once in this batch", bytes(raw),
+                    i,
+                    outcome.event_id,
+                    Reason.DUPLICATE_IN_BATCH,
+                    f"event_id {outcome.event_id!r} appears more than once in this batch",
+                    bytes(raw),
                 )
             else:
                 seen.add(outcome.event_id)

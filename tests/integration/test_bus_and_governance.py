@@ -40,20 +40,55 @@ async def test_request_without_responder_is_retryable(nc: NATS) -> None:
 @pytest.mark.parametrize(
     ("package", "doc", "allow", "reason"),
     [
-        ("myelin.serve", {"model": {"provenance": {"training_window": [1, 2], "feature_views": ["v@h"]},
-                                    "metrics": {"auc": 0.7}, "labels": {}}}, True, None),
-        ("myelin.serve", {"model": {"provenance": {"training_window": [1, 2], "feature_views": ["v@h"]},
-                                    "metrics": {"auc": 0.51}, "labels": {}}}, False, "below the serving floor"),
-        ("myelin.serve", {"model": {"provenance": {}, "metrics": {"auc": 0.9}, "labels": {}}}, False,
-         "no provenance"),
-        ("myelin.promote", {"alias": "gold", "model": {"metrics": {"auc": 0.9}}}, False, "unknown alias gold"),
-        ("myelin.promote", {"alias": "champion", "model": {"metrics": {"auc": 0.55}}}, False, "at least 0.6"),
+        (
+            "myelin.serve",
+            {
+                "model": {
+                    "provenance": {"training_window": [1, 2], "feature_views": ["v@h"]},
+                    "metrics": {"auc": 0.7},
+                    "labels": {},
+                }
+            },
+            True,
+            None,
+        ),
+        (
+            "myelin.serve",
+            {
+                "model": {
+                    "provenance": {"training_window": [1, 2], "feature_views": ["v@h"]},
+                    "metrics": {"auc": 0.51},
+                    "labels": {},
+                }
+            },
+            False,
+            "below the serving floor",
+        ),
+        (
+            "myelin.serve",
+            {"model": {"provenance": {}, "metrics": {"auc": 0.9}, "labels": {}}},
+            False,
+            "no provenance",
+        ),
+        (
+            "myelin.promote",
+            {"alias": "gold", "model": {"metrics": {"auc": 0.9}}},
+            False,
+            "unknown alias gold",
+        ),
+        (
+            "myelin.promote",
+            {"alias": "champion", "model": {"metrics": {"auc": 0.55}}},
+            False,
+            "at least 0.6",
+        ),
         ("myelin.backfill", {"requester": "ops", "range_days": 3}, True, None),
         ("myelin.pii_read", {"role": "analyst", "purpose": "x"}, False, "role analyst"),
     ],
 )
-async def test_rego_policies(settings: Settings, package: str, doc: dict[str, object], allow: bool,
-                             reason: str | None) -> None:
+async def test_rego_policies(
+    settings: Settings, package: str, doc: dict[str, object], allow: bool, reason: str | None
+) -> None:
     sources = load_policies(settings.policy_dir)
     engine = RegoEngine(sources, policy_version(sources))
     result = await engine.evaluate(package, doc)
@@ -66,15 +101,24 @@ async def test_governance_service_decides_and_audits(nc: NATS, settings: Setting
     app = GovernanceApp(settings)
     await app.start()
     try:
-        req = {"action": "backfill", "subject": "user_activity", "input": {"range_days": 400},
-               "trace_id": "ab" * 16}
+        req = {
+            "action": "backfill",
+            "subject": "user_activity",
+            "input": {"range_days": 400},
+            "trace_id": "ab" * 16,
+        }
         first = msgspec.json.decode(await bus.request(nc, RPC_GOVERNANCE_DECIDE, req))
         second = msgspec.json.decode(await bus.request(nc, RPC_GOVERNANCE_DECIDE, req))
         assert first["allow"] is False
-        assert sorted(first["reasons"]) == ["backfill needs a requester", "backfill ranges are limited to 90 days"]
+        assert sorted(first["reasons"]) == [
+            "backfill needs a requester",
+            "backfill ranges are limited to 90 days",
+        ]
         assert first["cached"] is False and second["cached"] is True
         with pytest.raises(RemoteError) as err:
-            await bus.request(nc, RPC_GOVERNANCE_DECIDE, {"action": "launch", "subject": "x", "input": {}})
+            await bus.request(
+                nc, RPC_GOVERNANCE_DECIDE, {"action": "launch", "subject": "x", "input": {}}
+            )
         assert err.value.code == "poison"
         js = bus.jetstream(nc, settings)
         for _ in range(50):

@@ -23,15 +23,30 @@ _mp = msgspec.msgpack.Encoder()
 
 def event(seq: int, typ: str, user: str, t: int, **data: Any) -> tuple[int, bytes]:
     payload = {"user_id": user, "item_id": "i", **data}
-    return seq, _mp.encode(StreamEvent(
-        event_id=f"e{seq}", type=typ, schema_version=1, event_time=t, ingest_time=t, producer_id="p",
-        client_version="", trace_id=f"{seq:032x}", entity_id=user, partition=0,
-        data=msgspec.Raw(_mp.encode(payload))))
+    return seq, _mp.encode(
+        StreamEvent(
+            event_id=f"e{seq}",
+            type=typ,
+            schema_version=1,
+            event_time=t,
+            ingest_time=t,
+            producer_id="p",
+            client_version="",
+            trace_id=f"{seq:032x}",
+            entity_id=user,
+            partition=0,
+            data=msgspec.Raw(_mp.encode(payload)),
+        )
+    )
 
 
 def pipeline(redis_client: aioredis.Redis, warehouse: Warehouse) -> FeaturePipeline:
-    return FeaturePipeline(WindowEngine(USER_ACTIVITY), default_registry(),
-                           OnlineStore(redis_client, USER_ACTIVITY, 3600), WarehouseSink(warehouse))
+    return FeaturePipeline(
+        WindowEngine(USER_ACTIVITY),
+        default_registry(),
+        OnlineStore(redis_client, USER_ACTIVITY, 3600),
+        WarehouseSink(warehouse),
+    )
 
 
 async def test_batches_apply_once_and_land_in_both_stores(
@@ -39,9 +54,13 @@ async def test_batches_apply_once_and_land_in_both_stores(
 ) -> None:
     now = int(time.time() * 1000)
     t0 = now - 30 * MIN
-    batch = [event(1, "impression", "a", t0), event(2, "impression", "a", t0 + 1),
-             event(3, "click", "a", t0 + 2), event(4, "purchase", "b", t0 + 3, amount=12.5),
-             event(5, "impression", "a", t0 + 20 * MIN)]
+    batch = [
+        event(1, "impression", "a", t0),
+        event(2, "impression", "a", t0 + 1),
+        event(3, "click", "a", t0 + 2),
+        event(4, "purchase", "b", t0 + 3, amount=12.5),
+        event(5, "impression", "a", t0 + 20 * MIN),
+    ]
     p = pipeline(redis_client, warehouse)
     assert await p.start() == 0
     await p.process(batch[:3])
@@ -57,7 +76,9 @@ async def test_batches_apply_once_and_land_in_both_stores(
     reader = OnlineReader(redis_client)
     a, b, c = await reader.read("user_activity", ["a", "b", "nobody"], now_ms=now)
     va = dict(zip(USER_ACTIVITY.feature_names, a.values, strict=True))
-    assert va["impressions_1h"] == 3 and va["clicks_1h"] == 1 and va["ctr_1h"] == pytest.approx(1 / 3)
+    assert (
+        va["impressions_1h"] == 3 and va["clicks_1h"] == 1 and va["ctr_1h"] == pytest.approx(1 / 3)
+    )
     assert va["impressions_10m"] == 1 and va["clicks_10m"] == 0
     assert a.seq == 5 and a.as_of_ms == t0 + 20 * MIN and a.trace_id == f"{5:032x}"
     assert a.status == Status.FRESH
@@ -66,15 +87,19 @@ async def test_batches_apply_once_and_land_in_both_stores(
     assert c.status == Status.MISSING
 
     rows = warehouse.query_arrow(
-        "SELECT count() AS n, uniqExact(event_id) AS u FROM myelin.events FINAL").to_pylist()[0]
+        "SELECT count() AS n, uniqExact(event_id) AS u FROM myelin.events FINAL"
+    ).to_pylist()[0]
     assert rows == {"n": 5, "u": 5}
     fv = warehouse.query_arrow(
         "SELECT stream_seq, values['impressions_1h'] AS imp FROM myelin.feature_values FINAL "
-        "WHERE entity_id = 'a' ORDER BY stream_seq").to_pylist()
+        "WHERE entity_id = 'a' ORDER BY stream_seq"
+    ).to_pylist()
     assert [(r["stream_seq"], r["imp"]) for r in fv] == [(1, 1.0), (2, 2.0), (3, 2.0), (5, 3.0)]
 
 
-async def test_expired_values_are_not_served(redis_client: aioredis.Redis, warehouse: Warehouse) -> None:
+async def test_expired_values_are_not_served(
+    redis_client: aioredis.Redis, warehouse: Warehouse
+) -> None:
     now = int(time.time() * 1000)
     p = pipeline(redis_client, warehouse)
     await p.start()
@@ -92,5 +117,7 @@ async def test_late_events_are_counted_and_kept_in_history(
     await p.start()
     await p.process([event(1, "click", "a", now), event(2, "click", "a", now - 3 * 3600_000)])
     assert p.stats.late == 1
-    late = warehouse.query_arrow("SELECT event_id FROM myelin.events FINAL WHERE late = 1").to_pylist()
+    late = warehouse.query_arrow(
+        "SELECT event_id FROM myelin.events FINAL WHERE late = 1"
+    ).to_pylist()
     assert late == [{"event_id": "e2"}]

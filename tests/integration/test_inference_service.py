@@ -39,23 +39,37 @@ _mp = msgspec.msgpack.Encoder()
 
 
 @pytest.fixture
-async def stack(nc: NATS, settings: Settings, redis_client: aioredis.Redis,
-                warehouse: Warehouse) -> AsyncIterator[Settings]:
+async def stack(
+    nc: NATS, settings: Settings, redis_client: aioredis.Redis, warehouse: Warehouse
+) -> AsyncIterator[Settings]:
     s = replace(settings, policy_cache_ttl_s=2.0)
     gov = GovernanceApp(s)
     await gov.start()
     # real online features for users u0..u4, through the features pipeline
     now = int(time.time() * 1000)
-    p = FeaturePipeline(WindowEngine(USER_ACTIVITY), default_registry(),
-                        OnlineStore(redis_client, USER_ACTIVITY, 3600), WarehouseSink(warehouse))
+    p = FeaturePipeline(
+        WindowEngine(USER_ACTIVITY),
+        default_registry(),
+        OnlineStore(redis_client, USER_ACTIVITY, 3600),
+        WarehouseSink(warehouse),
+    )
     await p.start()
     batch = []
     for i in range(40):
         typ = "click" if i % 3 == 0 else "impression"
-        ev = StreamEvent(event_id=f"e{i}", type=typ, schema_version=1, event_time=now - 60_000 + i,
-                         ingest_time=now, producer_id="t", client_version="", trace_id=f"{i + 1:032x}",
-                         entity_id=f"u{i % 5}", partition=0,
-                         data=msgspec.Raw(_mp.encode({"user_id": f"u{i % 5}", "item_id": "x"})))
+        ev = StreamEvent(
+            event_id=f"e{i}",
+            type=typ,
+            schema_version=1,
+            event_time=now - 60_000 + i,
+            ingest_time=now,
+            producer_id="t",
+            client_version="",
+            trace_id=f"{i + 1:032x}",
+            entity_id=f"u{i % 5}",
+            partition=0,
+            data=msgspec.Raw(_mp.encode({"user_id": f"u{i % 5}", "item_id": "x"})),
+        )
         batch.append((i + 1, _mp.encode(ev)))
     await p.process(batch)
     inf = InferenceApp(s)
@@ -67,7 +81,7 @@ async def stack(nc: NATS, settings: Settings, redis_client: aioredis.Redis,
         await gov.stop()
 
 
-async def online_matrix(redis_client: aioredis.Redis, users: list[str]) -> np.ndarray:  # type: ignore[type-arg]
+async def online_matrix(redis_client: aioredis.Redis, users: list[str]) -> np.ndarray:
     from myelin.online import OnlineReader
 
     vecs = await OnlineReader(redis_client).read("user_activity", users, FEATURES)
@@ -83,10 +97,18 @@ async def test_predict_scores_online_features_like_onnxruntime(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.inference_grpc_port}") as ch:
         resp = await mp_grpc.PredictorStub(ch).Predict(
             mp.PredictRequest(model_name="ctr", entity_ids=users, request_id="r1"),
-            metadata=(("traceparent", "00-" + "cd" * 16 + "-" + "ef" * 8 + "-01"),))
-    expected = ort.InferenceSession(trained.onnx).run(None, {"input": await online_matrix(redis_client, users)})[1]
-    assert resp.model_version == str(version) and resp.alias == "champion" and resp.request_id == "r1"
-    assert resp.feature_view == "user_activity" and resp.feature_view_hash == USER_ACTIVITY.content_hash
+            metadata=(("traceparent", "00-" + "cd" * 16 + "-" + "ef" * 8 + "-01"),),
+        )
+    expected = ort.InferenceSession(trained.onnx).run(
+        None, {"input": await online_matrix(redis_client, users)}
+    )[1]
+    assert (
+        resp.model_version == str(version) and resp.alias == "champion" and resp.request_id == "r1"
+    )
+    assert (
+        resp.feature_view == "user_activity"
+        and resp.feature_view_hash == USER_ACTIVITY.content_hash
+    )
     assert [p.entity_id for p in resp.predictions] == users
     assert [p.score for p in resp.predictions] == pytest.approx(expected[:, 1].tolist(), abs=1e-6)
     assert [p.feature_status for p in resp.predictions] == ["FRESH"] * 5 + ["MISSING"]
@@ -103,7 +125,9 @@ async def test_predict_scores_online_features_like_onnxruntime(
     sub = await js.pull_subscribe("myelin.inferences.>", stream=INFERENCES_STREAM)
     [msg] = await sub.fetch(1, timeout=2)
     rec = msgspec.msgpack.decode(msg.data, type=InferenceRecord)
-    assert rec.request_id == "r1" and rec.trace_id == "cd" * 16 and rec.model_version == str(version)
+    assert (
+        rec.request_id == "r1" and rec.trace_id == "cd" * 16 and rec.model_version == str(version)
+    )
     assert [p.entity_id for p in rec.predictions] == users
     assert rec.predictions[0].source_trace_id  # the trace of the event behind the features
 
@@ -113,10 +137,21 @@ async def test_errors_map_to_status_codes(stack: Settings, nc: NATS) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.inference_grpc_port}") as ch:
         stub = mp_grpc.PredictorStub(ch)
         cases = [
-            (mp.PredictRequest(model_name="nope", entity_ids=["u0"]), grpc.StatusCode.NOT_FOUND, "no alias"),
-            (mp.PredictRequest(model_name="ctr", entity_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-            (mp.PredictRequest(model_name="ctr", model_version="9", entity_ids=["u0"]),
-             grpc.StatusCode.NOT_FOUND, "no version 9"),
+            (
+                mp.PredictRequest(model_name="nope", entity_ids=["u0"]),
+                grpc.StatusCode.NOT_FOUND,
+                "no alias",
+            ),
+            (
+                mp.PredictRequest(model_name="ctr", entity_ids=[]),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "empty",
+            ),
+            (
+                mp.PredictRequest(model_name="ctr", model_version="9", entity_ids=["u0"]),
+                grpc.StatusCode.NOT_FOUND,
+                "no version 9",
+            ),
         ]
         for req, code, text in cases:
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -133,11 +168,13 @@ async def test_governance_keeps_a_denied_model_out_of_service(stack: Settings, n
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.inference_grpc_port}") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await mp_grpc.PredictorStub(ch).Predict(
-                mp.PredictRequest(model_name="ctr", model_version=str(blocked), entity_ids=["u0"]))
+                mp.PredictRequest(model_name="ctr", model_version=str(blocked), entity_ids=["u0"])
+            )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "model is labelled blocked" in (err.value.details() or "")
         ready = await oip_grpc.GRPCInferenceServiceStub(ch).ModelReady(
-            oip.ModelReadyRequest(name="ctr", version=str(blocked)))
+            oip.ModelReadyRequest(name="ctr", version=str(blocked))
+        )
         assert ready.ready is False
 
 
@@ -157,7 +194,9 @@ async def test_hot_swap_drops_no_request(stack: Settings, nc: NATS) -> None:
 
         tasks = [asyncio.create_task(hammer()) for _ in range(8)]
         await asyncio.sleep(0.3)
-        await ModelRegistry(nc, bus.jetstream(nc, stack)).set_alias("ctr", "champion", v2, requester="t")
+        await ModelRegistry(nc, bus.jetstream(nc, stack)).set_alias(
+            "ctr", "champion", v2, requester="t"
+        )
         for _ in range(100):
             if versions and versions[-1] == str(v2):
                 break
@@ -180,7 +219,9 @@ async def test_open_inference_protocol(stack: Settings, nc: NATS) -> None:
         assert (await stub.ServerLive(oip.ServerLiveRequest())).live
         meta = await stub.ModelMetadata(oip.ModelMetadataRequest(name="ctr"))
         assert meta.platform == "onnx_onnxv1" and list(meta.versions) == [str(version)]
-        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, len(FEATURES)])]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+            ("input", "FP32", [-1, len(FEATURES)])
+        ]
         assert {t.name for t in meta.outputs} == {"label", "probabilities"}
         assert (await stub.ServerReady(oip.ServerReadyRequest())).ready
         # typed contents in, typed contents out
@@ -190,7 +231,9 @@ async def test_open_inference_protocol(stack: Settings, nc: NATS) -> None:
         resp = await stub.ModelInfer(req)
         assert resp.id == "typed" and resp.model_version == str(version)
         out = {o.name: o for o in resp.outputs}
-        probs = np.array(out["probabilities"].contents.fp32_contents, dtype=np.float32).reshape(7, 2)
+        probs = np.array(out["probabilities"].contents.fp32_contents, dtype=np.float32).reshape(
+            7, 2
+        )
         assert np.array_equal(probs, direct[1])
         assert list(out["label"].contents.int64_contents) == direct[0].tolist()
         # a wrong datatype is INVALID_ARGUMENT
@@ -199,4 +242,6 @@ async def test_open_inference_protocol(stack: Settings, nc: NATS) -> None:
         bad.raw_input_contents.append(np.zeros(len(FEATURES)).tobytes())
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ModelInfer(bad)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expects FP32" in (err.value.details() or "")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expects FP32" in (
+            err.value.details() or ""
+        )

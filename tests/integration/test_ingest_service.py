@@ -22,8 +22,14 @@ pytestmark = pytest.mark.integration
 
 
 def click(i: int, **over: Any) -> dict[str, Any]:
-    e = {"event_id": f"c{i}", "type": "click", "schema_version": 1, "event_time": int(time.time() * 1000),
-         "producer_id": "p1", "data": {"user_id": f"u{i % 3}", "item_id": "i1"}}
+    e = {
+        "event_id": f"c{i}",
+        "type": "click",
+        "schema_version": 1,
+        "event_time": int(time.time() * 1000),
+        "producer_id": "p1",
+        "data": {"user_id": f"u{i % 3}", "item_id": "i1"},
+    }
     e.update(over)
     return e
 
@@ -56,14 +62,18 @@ async def stream_events(nc: NATS, settings: Settings, stream: str, subject: str)
     return out
 
 
-async def test_batch_is_stored_and_a_retry_is_a_no_op(ingest: str, nc: NATS, settings: Settings) -> None:
+async def test_batch_is_stored_and_a_retry_is_a_no_op(
+    ingest: str, nc: NATS, settings: Settings
+) -> None:
     batch = [click(i) for i in range(50)]
     status, body, _ = await post(ingest, batch, headers={"Content-Type": "application/json"})
     assert status == 200 and body["accepted"] == 50
     status, body, _ = await post(ingest, batch)
     assert status == 200 and body["duplicates"] == 50 and body["accepted"] == 0
-    stored = [msgspec.msgpack.decode(d, type=StreamEvent) for d in
-              await stream_events(nc, settings, EVENTS_STREAM, "myelin.events.>")]
+    stored = [
+        msgspec.msgpack.decode(d, type=StreamEvent)
+        for d in await stream_events(nc, settings, EVENTS_STREAM, "myelin.events.>")
+    ]
     assert sorted(e.event_id for e in stored) == sorted(e["event_id"] for e in batch)
     assert all(e.trace_id and e.ingest_time and e.producer_id == "p1" for e in stored)
 
@@ -76,8 +86,10 @@ async def test_mixed_batch_reports_each_event_and_dead_letters_rejects(
     assert status == 207
     assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "rejected"]
     assert [r.get("reason") for r in body["results"]] == [None, "invalid_payload", "unknown_type"]
-    dead = [msgspec.msgpack.decode(d, type=DeadLetter) for d in
-            await stream_events(nc, settings, DLQ_STREAM, "myelin.dlq.>")]
+    dead = [
+        msgspec.msgpack.decode(d, type=DeadLetter)
+        for d in await stream_events(nc, settings, DLQ_STREAM, "myelin.dlq.>")
+    ]
     assert sorted(d.reason for d in dead) == ["invalid_payload", "unknown_type"]
     assert all(d.producer_id == "p1" and d.payload for d in dead)
     assert len(await stream_events(nc, settings, EVENTS_STREAM, "myelin.events.>")) == 1
@@ -91,8 +103,9 @@ async def test_mixed_batch_reports_each_event_and_dead_letters_rejects(
         (b"[]", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
     ],
 )
-async def test_bad_bodies_get_specific_errors(ingest: str, body: bytes, headers: dict[str, str], status: int,
-                                              error: str) -> None:
+async def test_bad_bodies_get_specific_errors(
+    ingest: str, body: bytes, headers: dict[str, str], status: int, error: str
+) -> None:
     got, payload, _ = await post(ingest, body, headers=headers)
     assert (got, payload["error"]) == (status, error)
 
@@ -116,7 +129,9 @@ async def test_oversized_batch_is_413(nc: NATS, settings: Settings) -> None:
 
 
 async def test_nats_endpoint_has_the_same_contract(ingest: str, nc: NATS) -> None:
-    res = msgspec.json.decode(await bus.request(nc, RPC_INGEST_PUBLISH, [click(1), click(2, type="x")]))
+    res = msgspec.json.decode(
+        await bus.request(nc, RPC_INGEST_PUBLISH, [click(1), click(2, type="x")])
+    )
     assert (res["accepted"], res["rejected"]) == (1, 1)
     with pytest.raises(RemoteError) as err:
         await bus.request(nc, RPC_INGEST_PUBLISH, b"not json")

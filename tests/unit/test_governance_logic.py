@@ -1,6 +1,12 @@
 from __future__ import annotations
 
-from services.governance.logic import DecisionRequest, TTLCache, cache_key, interpret, policy_version
+from services.governance.logic import (
+    DecisionRequest,
+    TTLCache,
+    cache_key,
+    interpret,
+    policy_version,
+)
 
 
 def test_interpret_denies_unless_allow_is_true() -> None:

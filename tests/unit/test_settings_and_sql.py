@@ -22,7 +22,9 @@ def test_defaults_bind_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(k, raising=False)
     s = Settings.from_env()
     assert s.host == "127.0.0.1"
-    assert s.nats_url.startswith("nats://127.0.0.1:") and s.redis_url.startswith("redis://127.0.0.1:")
+    assert s.nats_url.startswith("nats://127.0.0.1:") and s.redis_url.startswith(
+        "redis://127.0.0.1:"
+    )
 
 
 def test_bad_number_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

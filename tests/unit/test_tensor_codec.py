@@ -52,8 +52,9 @@ def test_bytes_tensors_round_trip() -> None:
         (tensor("FP32", [2]), None, None, "needs 2 elements, got 0"),
     ],
 )
-def test_bad_tensors_are_specific(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
-                                  expected: str | None, msg: str) -> None:
+def test_bad_tensors_are_specific(
+    t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, expected: str | None, msg: str
+) -> None:
     with pytest.raises(TensorError, match=msg):
         decode_input(t, raw, expected)
 

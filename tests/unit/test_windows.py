@@ -20,9 +20,15 @@ def test_hand_computed_sliding_windows() -> None:
     eng = WindowEngine(USER_ACTIVITY)
     st = EntityState()
     # t=0: 2 impressions, 1 click; t=20m: 1 impression + purchase 10; t=55m: 1 impression + purchase 5
-    events = [("impression", 0, IMP), ("impression", 1, IMP), ("click", 2, CLK),
-              ("impression", 20 * MIN, IMP), ("purchase", 20 * MIN + 5, buy(10)),
-              ("impression", 55 * MIN, IMP), ("purchase", 55 * MIN, buy(5))]
+    events = [
+        ("impression", 0, IMP),
+        ("impression", 1, IMP),
+        ("click", 2, CLK),
+        ("impression", 20 * MIN, IMP),
+        ("purchase", 20 * MIN + 5, buy(10)),
+        ("impression", 55 * MIN, IMP),
+        ("purchase", 55 * MIN, buy(5)),
+    ]
     for seq, (typ, dt, payload) in enumerate(events, start=1):
         assert eng.apply(st, seq, typ, T0 + dt, payload) == Outcome.APPLIED
     v = eng.vector(st)
@@ -71,12 +77,19 @@ def test_state_round_trips() -> None:
 
 
 def test_view_hash_changes_with_definition() -> None:
-    v2 = FeatureView(USER_ACTIVITY.name, USER_ACTIVITY.entity, USER_ACTIVITY.sources,
-                     (*USER_ACTIVITY.features, Feature("clicks_2h", "count", 7200, "click")))
+    v2 = FeatureView(
+        USER_ACTIVITY.name,
+        USER_ACTIVITY.entity,
+        USER_ACTIVITY.sources,
+        (*USER_ACTIVITY.features, Feature("clicks_2h", "count", 7200, "click")),
+    )
     assert v2.content_hash != USER_ACTIVITY.content_hash
-    assert USER_ACTIVITY.content_hash == FeatureView(
-        USER_ACTIVITY.name, USER_ACTIVITY.entity, USER_ACTIVITY.sources, USER_ACTIVITY.features
-    ).content_hash
+    assert (
+        USER_ACTIVITY.content_hash
+        == FeatureView(
+            USER_ACTIVITY.name, USER_ACTIVITY.entity, USER_ACTIVITY.sources, USER_ACTIVITY.features
+        ).content_hash
+    )
 
 
 @pytest.mark.parametrize(

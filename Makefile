@@ -1,0 +1,44 @@
+# Two commands on a fresh clone (Python 3.11+ and make):
+#   make demo   - the main job on the embedded stack
+#   make test   - lint, types and the whole test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo up test lint types pytest proto bench clean install
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Myelin needs Python 3.11 or newer")'
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/myelin demo
+
+up: $(STAMP)
+	$(BIN)/myelin up
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+test: lint types pytest
+
+proto: $(STAMP)
+	$(BIN)/python -m myelin.tools.protogen
+
+bench: $(STAMP)
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf .myelin .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,171 @@
+"""The whole platform as separate processes on real engines, as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+
+from myelin import bus
+from myelin.demo.runner import DemoReport, run_demo
+from myelin.settings import Settings
+from myelin.stack.supervisor import Stack
+from tests.helpers import FEATURES, register, tiny_model
+
+pytestmark = pytest.mark.e2e
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+async def test_demo_end_to_end(settings: Settings) -> None:
+    out = io.StringIO()
+    before = _children()
+    report: DemoReport = await run_demo(settings, 3000, out)
+    assert _children() == before, "the demo left processes behind"
+    assert report.accepted == 3000
+    assert report.duplicates >= 2000  # the re-sent first batch
+    assert report.rejected == 8 and report.dlq_rows == 8
+    assert set(report.rejected_by_reason) == {
+        "invalid_payload",
+        "unknown_type",
+        "unknown_version",
+        "clock_skew",
+        "invalid_envelope",
+    }
+    assert report.events_in_clickhouse == 3000
+    # batches sent concurrently can arrive hours apart in a small run: late events are counted
+    assert report.feature_rows + report.late == 3000
+    assert report.training_rows > 1000
+    assert report.metrics["auc"] > 0.55
+    assert report.onnx_vs_sklearn_max_diff < 1e-5
+    assert report.oip_max_abs_diff == 0.0
+    assert "FAILED_PRECONDITION" in report.denied_status and "serving floor" in report.denied_status
+    assert report.predictions > 0 and report.inference_rows == report.predictions
+    assert (
+        report.audit_rows.get("promote:allow", 0) >= 2
+        and report.audit_rows.get("serve:deny", 0) >= 1
+    )
+    assert report.trace_chain and len(report.trace_chain["trace_id"]) == 32
+    assert report.analyst_rows and sum(int(r["impressions"]) for r in report.analyst_rows) > 0
+    assert "features catch up" in out.getvalue()  # progress was shown
+
+
+async def test_stock_triton_client(settings: Settings, tmp_path: Path) -> None:
+    """tritonclient.grpc, unchanged, in its own process, against the inference service."""
+    import json
+    import subprocess
+    import sys
+
+    async with Stack(settings, log=lambda _m: None):
+        nc = await bus.connect(settings, "test")
+        try:
+            trained = tiny_model()
+            version = await register(nc, settings, trained)
+        finally:
+            await nc.close()
+        x = np.random.default_rng(5).poisson(3, (16, len(FEATURES))).astype(np.float32)
+        np.save(tmp_path / "x.npy", x)
+        direct = ort.InferenceSession(trained.onnx).run(None, {"input": x})[1]
+        probe = Path(__file__).with_name("triton_probe.py")
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                str(probe),
+                f"127.0.0.1:{settings.inference_grpc_port}",
+                "ctr",
+                str(tmp_path / "x.npy"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["live"] is True and got["ready"] is True and got["model_ready"] is True
+    meta = got["meta"]
+    assert meta["platform"] == "onnx_onnxv1" and meta["versions"] == [str(version)]
+    assert meta["inputs"][0] == {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": ["-1", str(len(FEATURES))],
+    }
+    assert got["server"]["name"] == "myelin"
+    assert got["id"] == "triton-1"
+    assert got["missing"] == "StatusCode.NOT_FOUND"
+    assert np.array_equal(np.array(got["probs"], dtype=np.float32), direct)
+
+
+async def test_ingest_to_online_across_a_features_crash(settings: Settings) -> None:
+    """kill -9 the features process; after restart nothing is lost or double-counted."""
+    import time
+
+    import aiohttp
+    import msgspec
+
+    from myelin.subjects import RPC_WAREHOUSE_QUERY, health_subject
+
+    s = replace(settings, features_batch=200)
+    async with Stack(s, log=lambda _m: None) as stack:
+        url = f"http://127.0.0.1:{s.ingest_http_port}/v1/events"
+        now = int(time.time() * 1000)
+        events = [
+            {
+                "event_id": f"k{i}",
+                "type": "click" if i % 4 == 0 else "impression",
+                "schema_version": 1,
+                "event_time": now - 600_000 + i * 50,
+                "data": {"user_id": f"u{i % 37}", "item_id": "i"},
+            }
+            for i in range(6000)
+        ]
+        async with aiohttp.ClientSession() as http:
+            for i in range(0, 3000, 500):
+                async with http.post(url, json=events[i : i + 500]) as r:
+                    assert r.status == 200
+            stack.procs["features"].kill()  # mid-stream, no goodbye
+            for i in range(3000, 6000, 500):
+                async with http.post(url, json=events[i : i + 500]) as r:
+                    assert r.status == 200
+        await stack.restart_service("features")
+        nc = await bus.connect(s, "test")
+        try:
+            for _ in range(200):
+                h = msgspec.json.decode(await bus.request(nc, health_subject("features"), {}))
+                if h["position"] >= 6000:
+                    break
+                await asyncio.sleep(0.1)
+            assert h["position"] == 6000
+            rows = msgspec.json.decode(
+                await bus.request(
+                    nc,
+                    RPC_WAREHOUSE_QUERY,
+                    {
+                        "sql": (
+                            "SELECT (SELECT count() FROM myelin.events FINAL) AS events, "
+                            "(SELECT count() FROM myelin.feature_values FINAL) AS fv"
+                        )
+                    },
+                )
+            )["data"][0]
+            assert rows == {"events": 6000, "fv": 6000}
+        finally:
+            await nc.close()
+        import redis
+
+        rc = redis.Redis.from_url(s.redis_url)
+        clicks = 0.0
+        for u in range(37):
+            raw = rc.hget(f"myelin:v1:online:user_activity:u{u}", "clicks_1h")
+            clicks += float(raw) if isinstance(raw, bytes) else 0.0
+        rc.close()
+    assert clicks == sum(1 for e in events if e["type"] == "click")
