@@ -15,7 +15,8 @@ class Prediction(msgspec.Struct, frozen=True, array_like=True):
 
 
 class InferenceRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One inference request (one or many rows)."""
+    """One inference request (one or many rows). Each message on the INFERENCES stream is
+    a msgpack list of these: the recorder publishes them in batches."""
 
     request_id: str
     ts_ms: int

@@ -23,7 +23,7 @@ from services.features.warehouse_sink import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_inf = msgspec.msgpack.Decoder(InferenceRecord)
+_inf = msgspec.msgpack.Decoder(list[InferenceRecord])  # the recorder publishes batches
 _aud = msgspec.msgpack.Decoder(AuditRecord)
 _dlq = msgspec.msgpack.Decoder(DeadLetter)
 
@@ -40,7 +40,7 @@ def _decode_all(msgs: list[Msg], dec: msgspec.msgpack.Decoder[T]) -> list[tuple[
 
 def inference_drain(sink: WarehouseSink) -> Callable[[list[Msg]], Awaitable[None]]:
     async def handle(msgs: list[Msg]) -> None:
-        recs = [r for _, r in _decode_all(msgs, _inf)]
+        recs = [r for _, group in _decode_all(msgs, _inf) for r in group]
         await sink.insert("inferences", inferences_table(recs))
 
     return handle

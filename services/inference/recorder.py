@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 
 import msgspec
 
@@ -51,16 +52,23 @@ class Recorder:
                 self._q.task_done()
 
     async def _publish(self, recs: list[InferenceRecord]) -> None:
+        # One message per model per drained batch (a msgpack list of records): the cost of
+        # a JetStream publish is paid per batch. Ids are fixed before the first attempt, so
+        # a retry after a lost ack is deduplicated by the stream.
+        by_model: dict[str, list[InferenceRecord]] = {}
+        for r in recs:
+            by_model.setdefault(r.model, []).append(r)
         pending = [
-            OutMsg(inference_subject(r.model), _enc.encode(r), f"inf-{r.request_id}") for r in recs
+            (OutMsg(inference_subject(m), _enc.encode(g), f"inf-{uuid.uuid4().hex}"), len(g))
+            for m, g in by_model.items()
         ]
         delay = 0.1
         while pending:
-            results = await self._pub.publish_batch(pending)
-            self.published += sum(1 for r in results if r.ok)
-            pending = [m for m, r in zip(pending, results, strict=True) if not r.ok]
+            results = await self._pub.publish_batch([m for m, _ in pending])
+            self.published += sum(n for (_, n), r in zip(pending, results, strict=True) if r.ok)
+            pending = [p for p, r in zip(pending, results, strict=True) if not r.ok]
             if pending:
-                log.warning("%d inference records not stored yet; retrying", len(pending))
+                log.warning("%d inference record batches not stored yet; retrying", len(pending))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

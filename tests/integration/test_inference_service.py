@@ -124,7 +124,7 @@ async def test_predict_scores_online_features_like_onnxruntime(
         await asyncio.sleep(0.05)
     sub = await js.pull_subscribe("myelin.inferences.>", stream=INFERENCES_STREAM)
     [msg] = await sub.fetch(1, timeout=2)
-    rec = msgspec.msgpack.decode(msg.data, type=InferenceRecord)
+    [rec] = msgspec.msgpack.decode(msg.data, type=list[InferenceRecord])
     assert (
         rec.request_id == "r1" and rec.trace_id == "cd" * 16 and rec.model_version == str(version)
     )
