@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -38,6 +39,15 @@ def state_key(view: str, entity: str) -> str:
 
 def position_key(view: str) -> str:
     return f"{PREFIX}:position:{view}"
+
+
+_READ_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('HMGET', key, unpack(ARGV))
+end
+return out
+"""
 
 
 class Status(StrEnum):
@@ -92,6 +102,9 @@ class OnlineReader:
     def __init__(self, client: aioredis.Redis) -> None:
         self._r = client
         self._meta: dict[str, ViewMeta] = {}
+        # One server-side call for any number of entities: one command to pack, one reply
+        # to parse (a pipeline of HMGETs costs ~35 us of client time per entity).
+        self._mget: Any = client.register_script(_READ_LUA)
 
     async def meta(self, view: str, *, refresh: bool = False) -> ViewMeta:
         if not refresh and view in self._meta:
@@ -120,10 +133,7 @@ class OnlineReader:
         meta = await self.meta(view)
         names = list(features or meta.features)
         fields = [*names, "_as_of", "_seq", "_trace"]
-        pipe = self._r.pipeline(transaction=False)
-        for e in entities:
-            pipe.hmget(online_key(view, e), fields)
-        rows = await pipe.execute()
+        rows = await self._mget(keys=[online_key(view, e) for e in entities], args=fields)
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         out: list[EntityVector] = []
         n = len(names)

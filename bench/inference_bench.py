@@ -1,0 +1,231 @@
+"""Inference serving benchmark: Myelin's Predict and ModelInfer over gRPC, next to the
+bare libraries measured in the same run on the same machine:
+
+- a bare grpc.aio unary echo server (its own process, like the inference service),
+  called by the same Python client with the same concurrency;
+- one pipelined redis-py HMGET round trip for the same keys;
+- onnxruntime called directly on the same rows.
+
+Run: .venv/bin/python -m bench.inference_bench  (prints a markdown table)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import redis.asyncio as aioredis
+
+from bench._common import pct, table
+from myelin import bus, online
+from myelin.gen import grpc_predict_v2_pb2 as oip
+from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
+from myelin.gen import myelin_predict_pb2 as mp
+from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
+from myelin.settings import Settings
+from myelin.stack.process import free_port, wait_port
+from myelin.stack.supervisor import Stack, with_ports
+from tests.helpers import FEATURES, register, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ECHO_SERVER = """
+import asyncio, sys, grpc
+async def main():
+    async def echo(req, ctx):
+        return req
+    h = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((h,))
+    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+async def load(
+    call: Callable[[int], Awaitable[object]], n: int, concurrency: int
+) -> tuple[float, list[float]]:
+    lat: list[float] = []
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            t = time.perf_counter()
+            await call(i)
+            lat.append((time.perf_counter() - t) * 1000)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return n / (time.perf_counter() - t0), lat
+
+
+async def main() -> None:
+    state = Path(tempfile.mkdtemp(prefix="myelin-bench-"))
+    base = replace(Settings.from_env(), state_dir=state, policy_dir=ROOT / "policies")
+    s = with_ports(
+        base,
+        nats_port=free_port(),
+        redis_port=free_port(),
+        ingest_http_port=free_port(),
+        inference_grpc_port=free_port(),
+    )
+    echo_port = free_port()
+    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)])  # noqa: ASYNC220
+    rows: list[tuple[str, str, float, float, str]] = []
+    try:
+        await wait_port("127.0.0.1", echo_port, 20)
+        async with Stack(s, log=lambda _m: None):
+            nc = await bus.connect(s, "bench")
+            trained = tiny_model()
+            await register(nc, s, trained)
+            await nc.close()
+            users = [f"user-{i}" for i in range(1000)]
+            r = aioredis.Redis.from_url(s.redis_url)
+            pipe = r.pipeline(transaction=False)
+            for u in users:  # online vectors as the features service writes them
+                pipe.hset(
+                    online.online_key("user_activity", u),
+                    mapping={
+                        **{f: "1.0" for f in FEATURES},
+                        "_as_of": str(int(time.time() * 1000)),
+                        "_seq": "1",
+                        "_trace": "",
+                    },
+                )
+            await pipe.execute()
+            fields = [*FEATURES, "_as_of", "_seq", "_trace"]
+
+            async with (
+                grpc.aio.insecure_channel(f"127.0.0.1:{s.inference_grpc_port}") as ch,
+                grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as ech,
+            ):
+                stub = mp_grpc.PredictorStub(ch)
+                oip_stub = oip_grpc.GRPCInferenceServiceStub(ch)
+                echo_call: Any = ech.unary_unary("/bench.Echo/Echo")
+                payload = mp.PredictRequest(
+                    model_name="ctr", entity_ids=["user-1"]
+                ).SerializeToString()
+
+                async def predict1(i: int) -> object:
+                    return await stub.Predict(
+                        mp.PredictRequest(model_name="ctr", entity_ids=[users[i % 1000]])
+                    )
+
+                async def predict100(i: int) -> object:
+                    ids = [users[(i * 100 + j) % 1000] for j in range(100)]
+                    return await stub.Predict(mp.PredictRequest(model_name="ctr", entity_ids=ids))
+
+                async def echo1(_i: int) -> object:
+                    return await echo_call(payload)
+
+                async def redis1(i: int) -> object:
+                    p = r.pipeline(transaction=False)
+                    p.hmget(online.online_key("user_activity", users[i % 1000]), fields)
+                    return await p.execute()
+
+                async def redis100(i: int) -> object:
+                    p = r.pipeline(transaction=False)
+                    for j in range(100):
+                        p.hmget(
+                            online.online_key("user_activity", users[(i * 100 + j) % 1000]), fields
+                        )
+                    return await p.execute()
+
+                x = np.ones((256, len(FEATURES)), dtype=np.float32)
+                req = oip.ModelInferRequest(model_name="ctr")
+                req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+                req.raw_input_contents.append(x.tobytes())
+
+                async def infer256(_i: int) -> object:
+                    return await oip_stub.ModelInfer(req)
+
+                for warm in (predict1, echo1, redis1, infer256):
+                    await load(warm, 200, 8)
+                # sequential latency
+                _, lp = await load(predict1, 2000, 1)
+                _, le = await load(echo1, 2000, 1)
+                _, lr = await load(redis1, 2000, 1)
+                rows += [
+                    (
+                        "Predict 1 entity, 1 in flight",
+                        "p50 ms",
+                        pct(lp, 50),
+                        pct(le, 50),
+                        "ceiling: grpc.aio echo",
+                    ),
+                    (
+                        "Predict 1 entity, 1 in flight",
+                        "p99 ms",
+                        pct(lp, 99),
+                        pct(le, 99),
+                        "ceiling: grpc.aio echo",
+                    ),
+                    (
+                        "online read inside Predict (1 entity)",
+                        "p50 ms",
+                        pct(lp, 50) - pct(le, 50),
+                        pct(lr, 50),
+                        "Predict minus echo, vs bare redis-py HMGET",
+                    ),
+                ]
+                # throughput at 32 in flight
+                rp, lp32 = await load(predict1, 6000, 32)
+                re_, le32 = await load(echo1, 6000, 32)
+                rows += [
+                    (
+                        "Predict 1 entity, 32 in flight",
+                        "req/s",
+                        rp,
+                        re_,
+                        "ceiling: grpc.aio echo, same client",
+                    ),
+                    ("Predict 1 entity, 32 in flight", "p99 ms", pct(lp32, 99), pct(le32, 99), ""),
+                ]
+                _, lp100 = await load(predict100, 500, 1)
+                _, lr100 = await load(redis100, 500, 1)
+                rows += [
+                    (
+                        "Predict 100 entities, 1 in flight",
+                        "p50 ms",
+                        pct(lp100, 50),
+                        pct(lr100, 50) + pct(le, 50),
+                        "ceiling: echo + bare 100-key redis pipeline",
+                    )
+                ]
+                sess = ort.InferenceSession(trained.onnx, providers=["CPUExecutionProvider"])
+                t = time.perf_counter()
+                for _ in range(2000):
+                    sess.run(None, {"input": x})
+                ort_ms = (time.perf_counter() - t) / 2000 * 1000
+                _, li = await load(infer256, 1000, 1)
+                rows += [
+                    (
+                        "ModelInfer 256 rows (raw FP32)",
+                        "p50 ms",
+                        pct(li, 50),
+                        pct(le, 50) + ort_ms,
+                        f"ceiling: echo + onnxruntime direct ({ort_ms:.3f} ms)",
+                    )
+                ]
+            await r.aclose()
+    finally:
+        echo.terminate()
+        echo.wait()
+        shutil.rmtree(state, ignore_errors=True)
+    print(table("Inference serving (2-core machine, client and servers on one host)", rows))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
