@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from myelin.settings import Settings
+
+pytestmark = pytest.mark.e2e
+
+
+def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
+    env = {**os.environ, **settings.to_env()}
+    for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
+        env.pop(k, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "myelin.cli", "up"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "Press Ctrl-C" in line or not line:
+            break
+    assert any("Press Ctrl-C" in ln for ln in lines), "".join(lines)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    names = sorted(c.name() for c in children)
+    assert (
+        sum("nats-server" in n for n in names) == 1 and sum("redis-server" in n for n in names) == 1
+    )
+    assert len(children) >= 6  # two engines + four services
+    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+    assert settings.ingest_http_port in listening and settings.inference_grpc_port in listening
+    for c in psutil.net_connections("tcp"):
+        if c.status == "LISTEN" and c.laddr.port in (
+            settings.ingest_http_port,
+            settings.inference_grpc_port,
+            settings.nats_port,
+            settings.redis_port,
+        ):
+            assert c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), c  # loopback by default
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, rest
+    assert "nothing left running" in rest
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
