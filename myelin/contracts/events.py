@@ -35,3 +35,13 @@ class PurchaseV1(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     item_id: Key
     amount: Annotated[float, msgspec.Meta(ge=0.0, le=1_000_000.0)]
     currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "EUR"
+
+
+class PurchaseV2(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A user bought an item; v2 adds the buyer's e-mail (PII: tokenized at ingest)."""
+
+    user_id: Key
+    item_id: Key
+    amount: Annotated[float, msgspec.Meta(ge=0.0, le=1_000_000.0)]
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] = "EUR"
+    email: Annotated[str, msgspec.Meta(max_length=320)] = ""
