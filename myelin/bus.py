@@ -81,6 +81,12 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
         await js.object_store(ARTIFACTS_BUCKET)
     except (NotFoundError, BadRequestError):
         await js.create_object_store(bucket=ARTIFACTS_BUCKET)
+    from myelin.contracts.registry import default_registry
+    from myelin.contracts.store import ContractStore
+
+    # The contracts that ship in code are published to the registry (idempotent; a changed
+    # built-in version is refused, as any incompatible or conflicting registration is).
+    await ContractStore(js).publish(default_registry().specs())
 
 
 @dataclass(frozen=True, slots=True)

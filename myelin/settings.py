@@ -82,6 +82,12 @@ class Settings:
     policy_cache_ttl_s: float = 30.0
     ort_intra_threads: int = 1
     ort_inter_threads: int = 1
+    pii_keys: Secret = field(default_factory=lambda: Secret(""))
+    pii_active_kid: str = ""
+    hot_keys: str = ""  # comma-separated partition keys to spread over salt_buckets partitions
+    salt_buckets: int = 4
+    max_future_skew_s: float = 300.0
+    max_event_age_s: float = 30 * 86400.0
     otlp_endpoint: str = ""
     trace_console: bool = False
 
@@ -119,6 +125,12 @@ class Settings:
             policy_cache_ttl_s=_float("POLICY_CACHE_TTL_S", d.policy_cache_ttl_s),
             ort_intra_threads=_int("ORT_INTRA_THREADS", d.ort_intra_threads),
             ort_inter_threads=_int("ORT_INTER_THREADS", d.ort_inter_threads),
+            pii_keys=Secret(_env("PII_KEYS", "")),
+            pii_active_kid=_env("PII_ACTIVE_KID", ""),
+            hot_keys=_env("HOT_KEYS", ""),
+            salt_buckets=_int("SALT_BUCKETS", d.salt_buckets),
+            max_future_skew_s=_float("MAX_FUTURE_SKEW_S", d.max_future_skew_s),
+            max_event_age_s=_float("MAX_EVENT_AGE_S", d.max_event_age_s),
             otlp_endpoint=_env("OTLP_ENDPOINT", ""),
             trace_console=_env("TRACE_CONSOLE", "") in ("1", "true", "yes"),
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EVENTS_STREAM = "MYELIN_EVENTS"
+INGEST_STREAM = "MYELIN_INGEST"  # raw events straight from any NATS client, validated by ingest
 DLQ_STREAM = "MYELIN_DLQ"
 INFERENCES_STREAM = "MYELIN_INFERENCES"
 AUDIT_STREAM = "MYELIN_AUDIT"
@@ -25,9 +26,15 @@ def health_subject(service: str) -> str:
     return f"myelin.rpc.health.{service}"
 
 
-def event_subject(event_type: str, partition: int) -> str:
-    """``myelin.events.<type>.<partition>``: consumers can filter by type or partition."""
-    return f"myelin.events.{event_type}.{partition}"
+def ingest_subject(producer: str) -> str:
+    """Where a producer without the SDK publishes raw JSON events (one or an array)."""
+    return f"myelin.ingest.{producer}"
+
+
+def event_subject(partition: int) -> str:
+    """``myelin.events.<partition>``. A message holds events of one partition, in the order
+    they were sent, so each entity's events keep their order (an entity has one partition)."""
+    return f"myelin.events.{partition}"
 
 
 def dlq_subject(reason: str) -> str:
@@ -52,6 +59,7 @@ class StreamSpec:
 
 def stream_specs(duplicate_window_s: float) -> list[StreamSpec]:
     return [
+        StreamSpec(INGEST_STREAM, ("myelin.ingest.>",), duplicate_window_s, max_age_s=7 * 86400.0),
         StreamSpec(EVENTS_STREAM, ("myelin.events.>",), duplicate_window_s),
         StreamSpec(DLQ_STREAM, ("myelin.dlq.>",), duplicate_window_s),
         StreamSpec(INFERENCES_STREAM, ("myelin.inferences.>",), duplicate_window_s),

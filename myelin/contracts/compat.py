@@ -50,8 +50,14 @@ def _backward(new: ContractSpec, old: ContractSpec) -> list[Incompatibility]:
         o = old.field(f.name)
         if o is None:
             if f.required:
-                out.append(Incompatibility(f.name, "field_added_without_default",
-                                           f"v{old.version} events lack {f.name!r}; give it a default", old.version))
+                out.append(
+                    Incompatibility(
+                        f.name,
+                        "field_added_without_default",
+                        f"v{old.version} events lack {f.name!r}; give it a default",
+                        old.version,
+                    )
+                )
         elif why := _readable(f, o):
             out.append(Incompatibility(f.name, "type_changed", why, old.version))
     return out
@@ -63,9 +69,14 @@ def _forward(new: ContractSpec, old: ContractSpec) -> list[Incompatibility]:
         f = new.field(o.name)
         if f is None:
             if o.required:
-                out.append(Incompatibility(o.name, "field_removed",
-                                           f"v{old.version} readers require {o.name!r}; it had no default",
-                                           old.version))
+                out.append(
+                    Incompatibility(
+                        o.name,
+                        "field_removed",
+                        f"v{old.version} readers require {o.name!r}; it had no default",
+                        old.version,
+                    )
+                )
         elif why := _readable(o, f):
             out.append(Incompatibility(o.name, "type_changed", why, old.version))
     return out
@@ -76,22 +87,37 @@ def check(new: ContractSpec, history: list[ContractSpec]) -> list[Incompatibilit
     earlier = sorted((h for h in history if h.type == new.type), key=lambda h: h.version)
     problems: list[Incompatibility] = []
     if earlier and new.version <= earlier[-1].version:
-        return [Incompatibility("version", "version_not_increasing",
-                                f"latest is v{earlier[-1].version}; register v{earlier[-1].version + 1}",
-                                earlier[-1].version)]
+        return [
+            Incompatibility(
+                "version",
+                "version_not_increasing",
+                f"latest is v{earlier[-1].version}; register v{earlier[-1].version + 1}",
+                earlier[-1].version,
+            )
+        ]
     if not earlier:
         return []
     latest = earlier[-1]
     if new.key_field != latest.key_field:
-        problems.append(Incompatibility(new.key_field, "key_field_changed",
-                                        f"was {latest.key_field!r}: partitioning and entities would change",
-                                        latest.version))
+        problems.append(
+            Incompatibility(
+                new.key_field,
+                "key_field_changed",
+                f"was {latest.key_field!r}: partitioning and entities would change",
+                latest.version,
+            )
+        )
     for o in latest.fields:
         f = new.field(o.name)
         if o.pii and f is not None and not f.pii:
-            problems.append(Incompatibility(o.name, "pii_flag_removed",
-                                            "a field marked PII must stay PII (raw values would be stored)",
-                                            latest.version))
+            problems.append(
+                Incompatibility(
+                    o.name,
+                    "pii_flag_removed",
+                    "a field marked PII must stay PII (raw values would be stored)",
+                    latest.version,
+                )
+            )
     mode = new.compatibility
     if mode == "NONE":
         return problems

@@ -39,13 +39,26 @@ class Contract:
         object.__setattr__(self, "json_decoder", msgspec.json.Decoder(self.payload))
         object.__setattr__(self, "msgpack_decoder", msgspec.msgpack.Decoder(self.payload))
         if self.spec is None:
-            object.__setattr__(self, "spec", spec_from_struct(
-                self.type, self.version, self.payload, self.key_field, self.pii_fields))
+            object.__setattr__(
+                self,
+                "spec",
+                spec_from_struct(
+                    self.type, self.version, self.payload, self.key_field, self.pii_fields
+                ),
+            )
 
     @classmethod
-    def from_spec(cls, spec: ContractSpec, payload: builtins.type[msgspec.Struct] | None = None) -> Contract:
-        return cls(spec.type, spec.version, payload or struct_from_spec(spec), spec.key_field,
-                   spec.pii_fields, spec)
+    def from_spec(
+        cls, spec: ContractSpec, payload: builtins.type[msgspec.Struct] | None = None
+    ) -> Contract:
+        return cls(
+            spec.type,
+            spec.version,
+            payload or struct_from_spec(spec),
+            spec.key_field,
+            spec.pii_fields,
+            spec,
+        )
 
 
 class ContractRegistry:

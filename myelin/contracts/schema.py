@@ -18,7 +18,13 @@ import msgspec
 
 FieldType = Literal["string", "int", "float", "bool"]
 Mode = Literal[
-    "NONE", "BACKWARD", "FORWARD", "FULL", "BACKWARD_TRANSITIVE", "FORWARD_TRANSITIVE", "FULL_TRANSITIVE"
+    "NONE",
+    "BACKWARD",
+    "FORWARD",
+    "FULL",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD_TRANSITIVE",
+    "FULL_TRANSITIVE",
 ]
 DEFAULT_MODE: Mode = "FULL_TRANSITIVE"
 _NAME = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
@@ -69,7 +75,11 @@ def _from_type_info(t: msgspec.inspect.Type) -> tuple[FieldType, bool, dict[str,
             raise SpecError("only `T | None` unions are supported in contracts")
         nullable, t = True, members[0]
     if isinstance(t, msgspec.inspect.StrType):
-        return "string", nullable, {"min_length": t.min_length, "max_length": t.max_length, "pattern": t.pattern}
+        return (
+            "string",
+            nullable,
+            {"min_length": t.min_length, "max_length": t.max_length, "pattern": t.pattern},
+        )
     if isinstance(t, msgspec.inspect.BoolType):
         return "bool", nullable, {}
     if isinstance(t, msgspec.inspect.IntType):
@@ -80,8 +90,13 @@ def _from_type_info(t: msgspec.inspect.Type) -> tuple[FieldType, bool, dict[str,
 
 
 def spec_from_struct(
-    type_: str, version: int, struct: type[msgspec.Struct], key_field: str,
-    pii_fields: tuple[str, ...] = (), compatibility: Mode = DEFAULT_MODE, description: str = "",
+    type_: str,
+    version: int,
+    struct: type[msgspec.Struct],
+    key_field: str,
+    pii_fields: tuple[str, ...] = (),
+    compatibility: Mode = DEFAULT_MODE,
+    description: str = "",
 ) -> ContractSpec:
     info = msgspec.inspect.type_info(struct)
     assert isinstance(info, msgspec.inspect.StructType)
@@ -89,12 +104,25 @@ def spec_from_struct(
     for f in info.fields:
         ftype, nullable, cons = _from_type_info(f.type)
         default = None if f.default is msgspec.NODEFAULT else f.default
-        fields.append(FieldSpec(
-            name=f.name, type=ftype, required=f.required, default=default, nullable=nullable,
-            pii=f.name in pii_fields, **{k: v for k, v in cons.items() if v is not None},
-        ))
-    spec = ContractSpec(type=type_, version=version, key_field=key_field, fields=fields,
-                        compatibility=compatibility, description=description or (struct.__doc__ or "").strip())
+        fields.append(
+            FieldSpec(
+                name=f.name,
+                type=ftype,
+                required=f.required,
+                default=default,
+                nullable=nullable,
+                pii=f.name in pii_fields,
+                **{k: v for k, v in cons.items() if v is not None},
+            )
+        )
+    spec = ContractSpec(
+        type=type_,
+        version=version,
+        key_field=key_field,
+        fields=fields,
+        compatibility=compatibility,
+        description=description or (struct.__doc__ or "").strip(),
+    )
     validate_spec(spec)
     return spec
 
@@ -105,14 +133,20 @@ def validate_spec(spec: ContractSpec) -> None:
         raise SpecError(f"{spec.type} v{spec.version}: duplicate field names")
     key = spec.field(spec.key_field)
     if key is None or key.type != "string" or key.nullable:
-        raise SpecError(f"{spec.type} v{spec.version}: key_field {spec.key_field!r} must be a non-null string field")
+        raise SpecError(
+            f"{spec.type} v{spec.version}: key_field {spec.key_field!r} must be a non-null string field"
+        )
     if key.pii:
-        raise SpecError(f"{spec.type} v{spec.version}: the key field cannot be PII (it is a partition key)")
+        raise SpecError(
+            f"{spec.type} v{spec.version}: the key field cannot be PII (it is a partition key)"
+        )
     for f in spec.fields:
         if f.required and f.default is not None:
             raise SpecError(f"{spec.type}.{f.name}: a required field has no default")
         if f.pii and f.type != "string":
-            raise SpecError(f"{spec.type}.{f.name}: only string fields can be PII (they are tokenized)")
+            raise SpecError(
+                f"{spec.type}.{f.name}: only string fields can be PII (they are tokenized)"
+            )
 
 
 def struct_from_spec(spec: ContractSpec) -> type[msgspec.Struct]:
@@ -120,8 +154,11 @@ def struct_from_spec(spec: ContractSpec) -> type[msgspec.Struct]:
     validate_spec(spec)
     defs: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for f in spec.fields:
-        meta: dict[str, Any] = {k: getattr(f, k) for k in ("min_length", "max_length", "pattern", "ge", "le")
-                                if getattr(f, k) is not None}
+        meta: dict[str, Any] = {
+            k: getattr(f, k)
+            for k in ("min_length", "max_length", "pattern", "ge", "le")
+            if getattr(f, k) is not None
+        }
         if f.type == "int":
             meta = {k: int(v) for k, v in meta.items()}
         base: Any = _PY_TYPES[f.type]

@@ -27,8 +27,10 @@ class ContractRejected(MyelinError):
 
     def __init__(self, spec: ContractSpec, problems: list[Incompatibility]) -> None:
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{spec.type} v{spec.version} is not {spec.compatibility}-compatible:\n{lines}",
-                         problems=[p.__dict__ for p in problems])
+        super().__init__(
+            f"{spec.type} v{spec.version} is not {spec.compatibility}-compatible:\n{lines}",
+            problems=[p.__dict__ for p in problems],
+        )
         self.problems = problems
 
 
@@ -76,8 +78,10 @@ class ContractStore:
         if same is not None:
             if same == spec:
                 return  # idempotent
-            raise ContractConflict(f"{spec.type} v{spec.version} is already registered with a different "
-                                   f"definition; versions are immutable: register v{spec.version + 1}")
+            raise ContractConflict(
+                f"{spec.type} v{spec.version} is already registered with a different "
+                f"definition; versions are immutable: register v{spec.version + 1}"
+            )
         problems = check(spec, history)
         if problems:
             raise ContractRejected(spec, problems)
@@ -85,7 +89,9 @@ class ContractStore:
         try:
             await kv.create(key(spec), _enc.encode(spec))
         except KeyWrongLastSequenceError:
-            raise ContractConflict(f"{spec.type} v{spec.version} was registered concurrently") from None
+            raise ContractConflict(
+                f"{spec.type} v{spec.version} was registered concurrently"
+            ) from None
 
     async def publish(self, specs: list[ContractSpec]) -> None:
         """Register the built-in contracts (idempotent), oldest version first."""

@@ -16,6 +16,11 @@ from typing import Any
 CLICK_WINDOW_S = 60  # an impression is labelled clicked if clicked within this
 
 
+def email_of(user: int) -> str:
+    """The synthetic buyer's e-mail: PII, tokenized by ingest before anything stores it."""
+    return f"shopper.{user:05d}@mail.example"
+
+
 @dataclass(frozen=True)
 class Stream:
     events: list[dict[str, Any]]  # valid events, in event-time order
@@ -41,14 +46,14 @@ def generate(
     events: list[dict[str, Any]] = []
     seq = 0
 
-    def add(t: int, type_: str, data: dict[str, Any]) -> None:
+    def add(t: int, type_: str, data: dict[str, Any], version: int = 1) -> None:
         nonlocal seq
         seq += 1
         events.append(
             {
                 "event_id": f"ev-{seed}-{seq:08d}",
                 "type": type_,
-                "schema_version": 1,
+                "schema_version": version,
                 "event_time": t,
                 "producer_id": "demo-web",
                 "client_version": "demo/1",
@@ -72,7 +77,14 @@ def generate(
                     add(
                         tc + rng.randint(10_000, 120_000),
                         "purchase",
-                        {"user_id": user, "item_id": item, "amount": amount, "currency": "EUR"},
+                        {
+                            "user_id": user,
+                            "item_id": item,
+                            "amount": amount,
+                            "currency": "EUR",
+                            "email": email_of(u),
+                        },
+                        version=2,
                     )
     events = events[:n_events]
     events.sort(key=lambda e: e["event_time"])
@@ -86,7 +98,13 @@ def generate(
             **events[5],
             "event_id": "bad-amount",
             "type": "purchase",
-            "data": {"user_id": "user-00001", "item_id": "item-1", "amount": -5},
+            "schema_version": 2,
+            "data": {
+                "user_id": "user-00001",
+                "item_id": "item-1",
+                "amount": -5,
+                "email": email_of(1),
+            },
         },
         {**events[6], "event_id": "bad-big", "data": {"user_id": "u" * 200, "item_id": "i"}},
         "not an object",

@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from myelin import bus, telemetry
 from myelin.consume import PullLoop, ensure_consumer
-from myelin.contracts import default_registry
+from myelin.contracts.store import ContractStore
 from myelin.settings import Settings
 from myelin.subjects import AUDIT_STREAM, DLQ_STREAM, EVENTS_STREAM, INFERENCES_STREAM
 from myelin.warehouse import open_warehouse
@@ -54,11 +54,13 @@ class FeaturesApp:
         self._nc = await bus.connect(s, self.name)
         js = bus.jetstream(self._nc, s)
         view = USER_ACTIVITY
+        contracts = ContractStore(js)
         self.pipeline = FeaturePipeline(
             WindowEngine(view),
-            default_registry(),
+            await contracts.registry(),
             OnlineStore(self._redis, view, s.online_ttl_s),
             self.sink,
+            reload_registry=contracts.registry,
         )
         position = await self.pipeline.start()
         durable = f"features-{view.name}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +25,17 @@ from services.features.online_store import OnlineStore, OnlineUpdate
 from services.features.warehouse_sink import WarehouseSink, events_table, feature_values_table
 
 log = logging.getLogger(__name__)
-_decode_event = msgspec.msgpack.Decoder(StreamEvent)
+_decode_events = msgspec.msgpack.Decoder(list[StreamEvent])
 _json = msgspec.json.Encoder()
+# Every event gets an ``event_seq`` = stream sequence x SEQ_STRIDE + its index in the message
+# (a message carries up to 100 events): the unit of the per-entity apply-once guard.
+SEQ_STRIDE = 1000
 
 
 @dataclass
 class PipelineStats:
     events: int = 0
+    messages: int = 0
     applied: int = 0
     duplicates: int = 0
     late: int = 0
@@ -71,7 +76,9 @@ class FeaturePipeline:
         online: OnlineStore,
         sink: WarehouseSink,
         cache_items: int = 200_000,
+        reload_registry: Callable[[], Awaitable[ContractRegistry]] | None = None,
     ) -> None:
+        self._reload = reload_registry
         self.engine = engine
         self.view = engine.view
         self.registry = registry
@@ -124,18 +131,36 @@ class FeaturePipeline:
         }
         decoded: list[tuple[int, StreamEvent, Any]] = []
         undecodable = 0
-        for seq, payload in batch:
+        for stream_seq, payload in batch:
             try:
-                ev = _decode_event.decode(payload)
-                contract = self.registry.get(ev.type, ev.schema_version)
-                if contract is None:
-                    raise msgspec.ValidationError(f"no contract for {ev.type} v{ev.schema_version}")
-                data = contract.msgpack_decoder.decode(ev.data)
+                events = _decode_events.decode(payload)
+                if len(events) > SEQ_STRIDE:
+                    raise msgspec.ValidationError(
+                        f"{len(events)} events in one message; at most {SEQ_STRIDE}"
+                    )
             except msgspec.MsgspecError as exc:
                 undecodable += 1
-                log.warning("stream seq %d is not a valid event, skipped: %s", seq, exc)
+                log.warning("stream seq %d is not a list of events, skipped: %s", stream_seq, exc)
                 continue
-            decoded.append((seq, ev, data))
+            for idx, ev in enumerate(events):
+                seq = stream_seq * SEQ_STRIDE + idx
+                try:
+                    contract = self.registry.get(ev.type, ev.schema_version)
+                    if contract is None and self._reload is not None:
+                        self.registry = await self._reload()  # a version registered since start
+                        contract = self.registry.get(ev.type, ev.schema_version)
+                    if contract is None:
+                        raise msgspec.ValidationError(
+                            f"no contract for {ev.type} v{ev.schema_version}"
+                        )
+                    data = contract.msgpack_decoder.decode(ev.data)
+                except msgspec.MsgspecError as exc:
+                    undecodable += 1
+                    log.warning(
+                        "event %d of stream seq %d is not valid, skipped: %s", idx, stream_seq, exc
+                    )
+                    continue
+                decoded.append((seq, ev, data))
 
         # Load the states this batch needs that are not hot.
         needed = list(
@@ -202,7 +227,8 @@ class FeaturePipeline:
         for e, st in work.items():
             self.cache.put(e, st)
         s = self.stats
-        s.events += len(batch)
+        s.events += len(decoded)
+        s.messages += len(batch)
         s.applied += applied
         s.duplicates += dup
         s.late += late

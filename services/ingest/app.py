@@ -1,19 +1,42 @@
-"""ingest composition root: contracts + limits + publisher -> HTTP and NATS endpoints."""
+"""ingest composition root: contracts registry + tokenizer + limits + publisher ->
+HTTP, NATS request-reply and JetStream-inbox endpoints."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from myelin import bus
-from myelin.contracts import default_registry
+from myelin.consume import PullLoop, ensure_consumer
+from myelin.contracts.store import ContractStore
+from myelin.pii import load_tokenizer
 from myelin.settings import Settings
+from myelin.subjects import INGEST_STREAM
 from services.ingest.http_api import build_app
 from services.ingest.ingestor import Ingestor
-from services.ingest.logic import Limits
+from services.ingest.logic import Limits, RecentIds, Validator
 from services.ingest.nats_api import serve_ingest
+from services.ingest.stream_api import inbox_handler
+
+log = logging.getLogger(__name__)
+
+
+def limits_from(s: Settings) -> Limits:
+    return Limits(
+        max_event_bytes=s.max_event_bytes,
+        max_batch_bytes=s.max_batch_bytes,
+        max_batch_events=s.max_batch_events,
+        partitions=s.partitions,
+        max_future_skew_ms=int(s.max_future_skew_s * 1000),
+        max_age_ms=int(s.max_event_age_s * 1000),
+        hot_keys=frozenset(k.strip() for k in s.hot_keys.split(",") if k.strip()),
+        salt_buckets=s.salt_buckets,
+    )
 
 
 class IngestApp:
@@ -25,30 +48,73 @@ class IngestApp:
         self._nc: NATS | None = None
         self._sub: Any = None
         self._runner: web.AppRunner | None = None
+        self._inbox: PullLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         s = self.settings
         self._nc = await bus.connect(s, self.name)
-        limits = Limits(s.max_event_bytes, s.max_batch_bytes, s.max_batch_events, s.partitions)
+        js = bus.jetstream(self._nc, s)
+        store = ContractStore(js)
+        registry = await store.registry()
+        tokenizer = load_tokenizer(s.pii_keys.get(), s.pii_active_kid, s.state_dir)
+        validator = Validator(registry, limits_from(s), tokenizer)
+        log.info("%d contracts loaded; PII key id %s", len(registry), tokenizer.kid)
         self.ingestor = Ingestor(
-            default_registry(),
-            limits,
-            bus.Publisher(bus.jetstream(self._nc, s), s),
+            validator,
+            bus.Publisher(js, s),
             max_inflight_events=max(s.publish_window * 8, s.max_batch_events),
+            recent=RecentIds(max_items=500_000, ttl_ms=int(s.duplicate_window_s * 1000)),
         )
+        self._tasks.append(asyncio.create_task(self._follow_registry(store), name="contracts"))
         self._sub = await serve_ingest(self._nc, self.ingestor)
+        await ensure_consumer(
+            js,
+            INGEST_STREAM,
+            "ingest-inbox",
+            "myelin.ingest.>",
+            max_ack_pending=2000,
+            ack_wait_s=30.0,
+        )
+        self._inbox = PullLoop(
+            js, INGEST_STREAM, "ingest-inbox", inbox_handler(self.ingestor), batch=500
+        )
+        self._tasks.append(asyncio.create_task(self._inbox.run(), name="ingest-inbox"))
         self._runner = web.AppRunner(build_app(self.ingestor), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, s.host, s.ingest_http_port).start()
 
+    async def _follow_registry(self, store: ContractStore, interval_s: float = 2.0) -> None:
+        """New contract versions registered at run time are picked up without a restart."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                registry = await store.registry()
+            except Exception as exc:  # noqa: BLE001 - NATS restarting: keep the current registry
+                log.warning("contracts refresh failed: %r", exc)
+                continue
+            ing = self.ingestor
+            if ing is not None and registry.specs() != ing.validator.registry.specs():
+                ing.validator = Validator(registry, ing.validator.limits, ing.validator.tok)
+                log.info("contracts registry updated: %d contracts", len(registry))
+
     async def stop(self) -> None:
-        # Intake first (HTTP then NATS), then drain the connection so in-flight publishes finish.
+        # Intake first (HTTP, NATS endpoint, inbox), then drain the connection.
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
+        if self._inbox is not None:
+            self._inbox.stop()
+        for t in self._tasks:
+            if t.get_name() != "ingest-inbox":
+                t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
         if self._nc is not None:
             await self._nc.drain()
             self._nc = None

@@ -1,6 +1,8 @@
 """Inbound adapter: the HTTP batch endpoint (aiohttp).
 
-``POST /v1/events`` with a JSON array of events. Answers:
+``POST /v1/events`` with a JSON array of events (``?mode=per_event`` stores one JetStream
+message per event, with the event id as ``Nats-Msg-Id``; the default packs events into
+messages by type and partition). Answers:
 200 all stored (or duplicates) · 207 some rejected · 422 all rejected ·
 400 malformed body · 413 too large · 415 wrong content type ·
 429 overloaded (``Retry-After``; retry the same batch, ids make it idempotent).
@@ -49,7 +51,7 @@ async def post_events(request: web.Request) -> web.Response:
                 },
             )
         try:
-            result = await ingestor.ingest(body)
+            result = await ingestor.ingest(body, per_event=request.query.get("mode") == "per_event")
         except BatchRefused as refused:
             return _reply(
                 refused.status, {"error": refused.reason.value, "message": refused.message}

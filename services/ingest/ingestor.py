@@ -7,7 +7,6 @@ and events the JetStream window could not take are reported ``retry``, never dro
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -17,18 +16,17 @@ import msgspec
 
 from myelin import telemetry
 from myelin.bus import OutMsg, Publisher
-from myelin.contracts import ContractRegistry
 from myelin.errors import Overloaded
 from myelin.records import DeadLetter
 from myelin.subjects import dlq_subject
 from services.ingest.logic import (
     Accepted,
     BatchRefused,
-    Limits,
-    Reason,
+    RecentIds,
     Rejected,
+    Validator,
     parse_batch,
-    validate_batch,
+    plan_messages,
 )
 
 _mp = msgspec.msgpack.Encoder()
@@ -40,7 +38,6 @@ class EventResult(msgspec.Struct, frozen=True, omit_defaults=True):
     status: str  # accepted | duplicate | rejected | retry
     reason: str = ""
     message: str = ""
-    seq: int = 0
 
 
 class BatchResult(msgspec.Struct, frozen=True):
@@ -82,28 +79,40 @@ class InflightLimit:
 class Ingestor:
     def __init__(
         self,
-        registry: ContractRegistry,
-        limits: Limits,
+        validator: Validator,
         publisher: Publisher,
         max_inflight_events: int,
+        recent: RecentIds,
     ) -> None:
-        self.registry = registry
-        self.limits = limits
+        self.validator = validator  # replaced atomically when the contracts registry changes
         self._pub = publisher
         self._inflight = InflightLimit(max_inflight_events)
+        self._recent = recent
         self.counters = Counters()
 
-    async def ingest(self, body: bytes) -> BatchResult:
+    @property
+    def limits(self) -> Any:
+        return self.validator.limits
+
+    async def ingest(self, body: bytes, *, per_event: bool = False) -> BatchResult:
         """Raises :class:`BatchRefused` or :class:`Overloaded` for whole-batch outcomes."""
-        now_ms = int(time.time() * 1000)
         try:
-            items = parse_batch(body, self.limits)
+            items = parse_batch(body, self.validator.limits)
         except BatchRefused as refused:
-            self.counters.refused_batches += 1
-            await self._dead_letter(
-                [Rejected(-1, "", refused.reason, refused.message, body[:65536])], now_ms
-            )
+            await self.reject_batch(body, refused)
             raise
+        return await self.ingest_items(items, body=body, per_event=per_event)
+
+    async def reject_batch(self, body: bytes, refused: BatchRefused) -> None:
+        self.counters.refused_batches += 1
+        await self._dead_letter(
+            [self.validator.reject(-1, body, refused.reason, refused.message)],
+            int(time.time() * 1000),
+        )
+
+    async def ingest_items(
+        self, items: list[msgspec.Raw], *, body: bytes | None = None, per_event: bool = False
+    ) -> BatchResult:
         n = len(items)
         if not self._inflight.try_acquire(n):
             self.counters.overloaded += 1
@@ -111,41 +120,55 @@ class Ingestor:
                 f"{self._inflight.used} events in flight (limit {self._inflight.capacity}); retry later",
                 retry_after=1.0,
             )
+        now_ms = int(time.time() * 1000)
+        results: list[EventResult | None] = [None] * n
+        acc = dup = retry = 0
+        retry_after = 0.0
         try:
             # Every event carries a trace id, even when no tracing backend is configured.
             trace_id = telemetry.trace_id_hex() or secrets.token_hex(16)
-            outcomes = validate_batch(items, self.registry, self.limits, now_ms, trace_id)
-            accepted = [o for o in outcomes if isinstance(o, Accepted)]
+            outcomes = self.validator.batch(items, now_ms, trace_id, body)
+            accepted: list[Accepted] = []
+            for o in outcomes:
+                if isinstance(o, Accepted):
+                    if self._recent.seen(o.event_id, now_ms):
+                        dup += 1
+                        results[o.index] = EventResult(o.index, o.event_id, "duplicate")
+                    else:
+                        accepted.append(o)
             rejected = [o for o in outcomes if isinstance(o, Rejected)]
-            headers = telemetry.inject({})
-            msgs = [OutMsg(a.subject, a.payload, a.event_id, dict(headers)) for a in accepted]
-            pub_results = await self._pub.publish_batch(msgs) if msgs else []
+            planned = plan_messages(accepted, per_event)
+            headers = dict(telemetry.inject({}))
+            pubs = await self._pub.publish_batch(
+                [OutMsg(p.subject, p.payload, p.msg_id, headers) for p in planned]
+            )
             await self._dead_letter(rejected, now_ms)
         finally:
             self._inflight.release(n)
-        results: list[EventResult] = [EventResult(-1, "", "")] * n
-        acc = dup = retry = 0
-        retry_after = 0.0
-        for a, r in zip(accepted, pub_results, strict=True):
-            if r.ok and r.duplicate:
-                dup += 1
-                results[a.index] = EventResult(a.index, a.event_id, "duplicate", seq=r.seq)
-            elif r.ok:
-                acc += 1
-                results[a.index] = EventResult(a.index, a.event_id, "accepted", seq=r.seq)
+        for p, r in zip(planned, pubs, strict=True):
+            if r.ok:
+                status = "duplicate" if r.duplicate else "accepted"
+                self._recent.add(p.event_ids, now_ms)
+                for i, eid in zip(p.indices, p.event_ids, strict=True):
+                    results[i] = EventResult(i, eid, status)
+                if r.duplicate:
+                    dup += len(p.indices)
+                else:
+                    acc += len(p.indices)
             else:
-                retry += 1
                 err = r.error
                 retry_after = max(
                     retry_after, err.retry_after if isinstance(err, Overloaded) else 1.0
                 )
-                results[a.index] = EventResult(
-                    a.index,
-                    a.event_id,
-                    "retry",
-                    Reason.OVERLOADED.value,
-                    err.message if err else "not stored; retry with the same event_id",
-                )
+                for i, eid in zip(p.indices, p.event_ids, strict=True):
+                    results[i] = EventResult(
+                        i,
+                        eid,
+                        "retry",
+                        "overloaded",
+                        err.message if err else "not stored; retry with the same event_id",
+                    )
+                retry += len(p.indices)
         for rj in rejected:
             results[rj.index] = EventResult(
                 rj.index, rj.event_id, "rejected", rj.reason.value, rj.message
@@ -156,7 +179,11 @@ class Ingestor:
         self.counters.accepted += acc
         self.counters.duplicates += dup
         self.counters.rejected += len(rejected)
-        return BatchResult(acc, dup, len(rejected), retry, results, retry_after)
+        final = [
+            r if r is not None else EventResult(i, "", "retry", "overloaded")
+            for i, r in enumerate(results)
+        ]
+        return BatchResult(acc, dup, len(rejected), retry, final, retry_after)
 
     async def _dead_letter(self, rejected: list[Rejected], now_ms: int) -> None:
         if not rejected:
@@ -172,7 +199,7 @@ class Ingestor:
                 payload=r.raw.decode("utf-8", errors="replace"),
             )
             # Same event + same reason -> same id: a retried bad batch is dead-lettered once.
-            key = r.event_id or hashlib.sha256(r.raw).hexdigest()[:32]
+            key = r.event_id or _digest(r.raw)
             msgs.append(
                 OutMsg(dlq_subject(r.reason.value), _mp.encode(record), f"dlq:{r.reason}:{key}")
             )
@@ -187,4 +214,13 @@ class Ingestor:
             "refused_batches": c.refused_batches,
             "overloaded": c.overloaded,
             "rejected_by_reason": dict(c.by_reason),
+            "in_flight": self._inflight.used,
+            "recent_ids": len(self._recent),
+            "contracts": len(self.validator.registry),
         }
+
+
+def _digest(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()[:32]

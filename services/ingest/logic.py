@@ -1,21 +1,30 @@
-"""Pure validation of a batch of events: no I/O.
+"""Pure ingest logic: validation, PII tokenization, partitioning and message planning.
 
-A batch is a JSON array of envelopes (:class:`~myelin.contracts.IncomingEvent`). The
-batch as a whole can be refused (malformed JSON, too large, too many events); otherwise
-each event is accepted or rejected on its own, with a machine-readable reason.
+A batch is a JSON array of envelopes (:class:`~myelin.contracts.IncomingEvent`). The batch
+as a whole can be refused (malformed JSON, too large, too many events); otherwise each
+event is accepted or rejected on its own, with a machine-readable reason. Accepted events
+are grouped into JetStream messages by partition, in batch order; a rejected event's payload
+is sanitized (PII tokenized, or redacted when its contract is unknown) before it goes
+anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import msgspec
 
 from myelin.contracts import ContractRegistry, IncomingEvent, StreamEvent
+from myelin.pii import Tokenizer
 from myelin.subjects import event_subject
+
+MAX_EVENTS_PER_MESSAGE = 100
 
 
 class Reason(StrEnum):
@@ -41,6 +50,8 @@ class Limits:
     partitions: int
     max_future_skew_ms: int = 5 * 60 * 1000
     max_age_ms: int = 30 * 24 * 3600 * 1000
+    hot_keys: frozenset[str] = field(default_factory=frozenset)
+    salt_buckets: int = 4
 
 
 class BatchRefused(Exception):
@@ -57,9 +68,7 @@ class BatchRefused(Exception):
 class Accepted:
     index: int
     event_id: str
-    subject: str
-    payload: bytes  # msgpack StreamEvent
-    trace_id: str
+    event: StreamEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +77,27 @@ class Rejected:
     event_id: str
     reason: Reason
     message: str
-    raw: bytes
+    raw: bytes  # already sanitized: no raw PII
     producer_id: str = ""
 
 
 Outcome = Accepted | Rejected
 
+
+@dataclass(frozen=True, slots=True)
+class PlannedMessage:
+    subject: str
+    payload: bytes  # msgpack list[StreamEvent]
+    msg_id: str
+    indices: tuple[int, ...]  # positions in the batch
+    event_ids: tuple[str, ...]
+
+
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+_envelopes = msgspec.json.Decoder(list[IncomingEvent])
 _envelope = msgspec.json.Decoder(IncomingEvent)
 _mp = msgspec.msgpack.Encoder()
+_json = msgspec.json.Encoder()
 _PATH = re.compile(r"at `\$(.*)`")
 _EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([^"\\]{1,128})"')
 
@@ -84,6 +105,15 @@ _EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([^"\\]{1,128})"')
 def partition_of(key: str, partitions: int) -> int:
     """Stable across processes and versions (crc32, not Python's salted hash)."""
     return zlib.crc32(key.encode()) % partitions
+
+
+def partition_for(key: str, event_id: str, limits: Limits) -> int:
+    """A hot key is spread over ``salt_buckets`` partitions by event id: its events lose
+    their relative order across those partitions (each stays ordered within one)."""
+    if key in limits.hot_keys:
+        salt = zlib.crc32(event_id.encode()) % limits.salt_buckets
+        return zlib.crc32(f"{key}#{salt}".encode()) % limits.partitions
+    return zlib.crc32(key.encode()) % limits.partitions
 
 
 def parse_batch(body: bytes, limits: Limits) -> list[msgspec.Raw]:
@@ -120,122 +150,252 @@ def _field_error(exc: msgspec.ValidationError, prefix: str) -> str:
     return _PATH.sub(lambda m: f"at `$.{prefix}{m.group(1)}`".replace("$..", "$."), text)
 
 
-def validate_event(
-    index: int,
-    raw: bytes,
-    registry: ContractRegistry,
-    limits: Limits,
-    now_ms: int,
-    default_trace_id: str,
-) -> Outcome:
-    if len(raw) > limits.max_event_bytes:
+def _tokenize_leaves(value: Any, tok: Tokenizer) -> Any:
+    if isinstance(value, str):
+        return tok.token(value)
+    if isinstance(value, dict):
+        return {k: _tokenize_leaves(v, tok) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tokenize_leaves(v, tok) for v in value]
+    return value
+
+
+def sanitize(raw: bytes, registry: ContractRegistry, tok: Tokenizer) -> bytes:
+    """A rejected event as it may be stored: PII fields tokenized when the contract is
+    known; every string in ``data`` tokenized when it is not; unparseable input redacted."""
+    try:
+        doc = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return _json.encode(
+            {"redacted": True, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        )
+    if not isinstance(doc, dict):
+        return _json.encode(_tokenize_leaves(doc, tok))
+    data = doc.get("data")
+    contract = None
+    if isinstance(doc.get("type"), str) and isinstance(doc.get("schema_version"), int):
+        contract = registry.get(doc["type"], doc["schema_version"])
+    if contract is not None and isinstance(data, dict):
+        for f in contract.pii_fields:
+            if f in data:
+                v = data[f]
+                data[f] = tok.token(v) if isinstance(v, str) else "[redacted]"
+    else:
+        doc["data"] = _tokenize_leaves(data, tok)
+    for k in list(doc):  # unknown envelope fields may hold anything
+        if k not in IncomingEvent.__struct_fields__:
+            doc[k] = _tokenize_leaves(doc[k], tok)
+    return _json.encode(doc)
+
+
+class Validator:
+    """Validates events against a registry; tokenizes PII; stamps metadata."""
+
+    def __init__(self, registry: ContractRegistry, limits: Limits, tokenizer: Tokenizer) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.tok = tokenizer
+
+    def reject(
+        self,
+        index: int,
+        raw: bytes,
+        reason: Reason,
+        message: str,
+        event_id: str = "",
+        producer: str = "",
+    ) -> Rejected:
         return Rejected(
             index,
-            _guess_id(raw),
-            Reason.EVENT_TOO_LARGE,
-            f"event is {len(raw)} bytes; the limit is {limits.max_event_bytes}",
-            raw[:1024],
+            event_id or _guess_id(raw),
+            reason,
+            message,
+            sanitize(raw[: self.limits.max_event_bytes], self.registry, self.tok),
+            producer,
         )
-    try:
-        env = _envelope.decode(raw)
-    except msgspec.ValidationError as exc:
-        return Rejected(index, _guess_id(raw), Reason.INVALID_ENVELOPE, _field_error(exc, ""), raw)
-    contract = registry.get(env.type, env.schema_version)
-    if contract is None:
-        known = registry.versions(env.type)
-        if not known:
-            return Rejected(
+
+    def event(
+        self, index: int, raw: bytes, env: IncomingEvent | None, now_ms: int, trace_id: str
+    ) -> Outcome:
+        limits = self.limits
+        if len(raw) > limits.max_event_bytes:
+            return self.reject(
                 index,
-                env.event_id,
-                Reason.UNKNOWN_TYPE,
-                f"unknown event type {env.type!r}; known types: {', '.join(registry.types())}",
                 raw,
+                Reason.EVENT_TOO_LARGE,
+                f"event is {len(raw)} bytes; the limit is {limits.max_event_bytes}",
+            )
+        if env is None:
+            try:
+                env = _envelope.decode(raw)
+            except msgspec.ValidationError as exc:
+                return self.reject(index, raw, Reason.INVALID_ENVELOPE, _field_error(exc, ""))
+        contract = self.registry.get(env.type, env.schema_version)
+        if contract is None:
+            known = self.registry.versions(env.type)
+            if not known:
+                return self.reject(
+                    index,
+                    raw,
+                    Reason.UNKNOWN_TYPE,
+                    f"unknown event type {env.type!r}; known types: "
+                    f"{', '.join(self.registry.types())}",
+                    env.event_id,
+                    env.producer_id,
+                )
+            return self.reject(
+                index,
+                raw,
+                Reason.UNKNOWN_VERSION,
+                f"{env.type} has no schema version {env.schema_version}; known: {known}",
+                env.event_id,
                 env.producer_id,
             )
-        return Rejected(
-            index,
-            env.event_id,
-            Reason.UNKNOWN_VERSION,
-            f"{env.type} has no schema version {env.schema_version}; known: {known}",
-            raw,
-            env.producer_id,
+        if env.event_time > now_ms + limits.max_future_skew_ms:
+            return self.reject(
+                index,
+                raw,
+                Reason.CLOCK_SKEW,
+                f"event_time is {(env.event_time - now_ms) / 1000:.0f}s in the future; "
+                f"at most {limits.max_future_skew_ms / 1000:.0f}s is accepted",
+                env.event_id,
+                env.producer_id,
+            )
+        if env.event_time < now_ms - limits.max_age_ms:
+            return self.reject(
+                index,
+                raw,
+                Reason.CLOCK_SKEW,
+                f"event_time is {(now_ms - env.event_time) / 86_400_000:.1f} days old; "
+                f"at most {limits.max_age_ms / 86_400_000:.0f} days is accepted",
+                env.event_id,
+                env.producer_id,
+            )
+        try:
+            payload = contract.json_decoder.decode(env.data)
+        except msgspec.ValidationError as exc:
+            return self.reject(
+                index,
+                raw,
+                Reason.INVALID_PAYLOAD,
+                _field_error(exc, "data"),
+                env.event_id,
+                env.producer_id,
+            )
+        if contract.pii_fields:
+            payload = msgspec.structs.replace(
+                payload, **{f: self.tok.token(getattr(payload, f)) for f in contract.pii_fields}
+            )
+        key = getattr(payload, contract.key_field)
+        stored = StreamEvent(
+            event_id=env.event_id,
+            type=env.type,
+            schema_version=env.schema_version,
+            event_time=env.event_time,
+            ingest_time=now_ms,
+            producer_id=env.producer_id,
+            client_version=env.client_version,
+            trace_id=env.trace_id or trace_id,
+            entity_id=key,
+            partition=partition_for(key, env.event_id, limits),
+            data=msgspec.Raw(_mp.encode(payload)),
         )
-    if env.event_time > now_ms + limits.max_future_skew_ms:
-        return Rejected(
-            index,
-            env.event_id,
-            Reason.CLOCK_SKEW,
-            f"event_time is {(env.event_time - now_ms) / 1000:.0f}s in the future; "
-            f"at most {limits.max_future_skew_ms / 1000:.0f}s is accepted",
-            raw,
-            env.producer_id,
-        )
-    if env.event_time < now_ms - limits.max_age_ms:
-        return Rejected(
-            index,
-            env.event_id,
-            Reason.CLOCK_SKEW,
-            f"event_time is {(now_ms - env.event_time) / 86_400_000:.1f} days old; "
-            f"at most {limits.max_age_ms / 86_400_000:.0f} days is accepted",
-            raw,
-            env.producer_id,
-        )
-    try:
-        payload = contract.json_decoder.decode(env.data)
-    except msgspec.ValidationError as exc:
-        return Rejected(
-            index,
-            env.event_id,
-            Reason.INVALID_PAYLOAD,
-            _field_error(exc, "data"),
-            raw,
-            env.producer_id,
-        )
-    except msgspec.DecodeError as exc:  # pragma: no cover - the outer decode already parsed it
-        return Rejected(index, env.event_id, Reason.INVALID_PAYLOAD, str(exc), raw, env.producer_id)
-    key = getattr(payload, contract.key_field)
-    partition = partition_of(key, limits.partitions)
-    trace_id = env.trace_id or default_trace_id
-    stored = StreamEvent(
-        event_id=env.event_id,
-        type=env.type,
-        schema_version=env.schema_version,
-        event_time=env.event_time,
-        ingest_time=now_ms,
-        producer_id=env.producer_id,
-        client_version=env.client_version,
-        trace_id=trace_id,
-        entity_id=key,
-        partition=partition,
-        data=msgspec.Raw(_mp.encode(payload)),
-    )
-    return Accepted(
-        index, env.event_id, event_subject(env.type, partition), _mp.encode(stored), trace_id
-    )
+        return Accepted(index, env.event_id, stored)
+
+    def batch(
+        self, items: list[msgspec.Raw], now_ms: int, trace_id: str = "", body: bytes | None = None
+    ) -> list[Outcome]:
+        """Each event validated on its own; a repeated ``event_id`` in a batch is rejected.
+
+        Fast path: when the whole body decodes as envelopes in one call, per-event envelope
+        decoding is skipped."""
+        envs: list[IncomingEvent | None] = [None] * len(items)
+        if body is not None and all(len(r) <= self.limits.max_event_bytes for r in items):
+            try:
+                envs = list(_envelopes.decode(body))
+            except msgspec.ValidationError:
+                envs = [None] * len(items)
+        out: list[Outcome] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(items):
+            outcome = self.event(i, bytes(raw), envs[i], now_ms, trace_id)
+            if isinstance(outcome, Accepted):
+                if outcome.event_id in seen:
+                    outcome = self.reject(
+                        i,
+                        bytes(raw),
+                        Reason.DUPLICATE_IN_BATCH,
+                        f"event_id {outcome.event_id!r} appears more than once in this batch",
+                        outcome.event_id,
+                        outcome.event.producer_id,
+                    )
+                else:
+                    seen.add(outcome.event_id)
+            out.append(outcome)
+        return out
 
 
-def validate_batch(
-    items: list[msgspec.Raw],
-    registry: ContractRegistry,
-    limits: Limits,
-    now_ms: int,
-    default_trace_id: str = "",
-) -> list[Outcome]:
-    """Each event validated on its own; a repeated ``event_id`` within a batch is rejected."""
-    out: list[Outcome] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(items):
-        outcome = validate_event(i, bytes(raw), registry, limits, now_ms, default_trace_id)
-        if isinstance(outcome, Accepted):
-            if outcome.event_id in seen:
-                outcome = Rejected(
-                    i,
-                    outcome.event_id,
-                    Reason.DUPLICATE_IN_BATCH,
-                    f"event_id {outcome.event_id!r} appears more than once in this batch",
-                    bytes(raw),
+def plan_messages(
+    accepted: list[Accepted], per_event: bool, max_per_message: int = MAX_EVENTS_PER_MESSAGE
+) -> list[PlannedMessage]:
+    """Group events into JetStream messages by partition, keeping batch order (so each
+    entity's events keep their relative order).
+
+    Per-event mode: one message per event, ``Nats-Msg-Id`` = event id. Batched mode: up to
+    ``max_per_message`` events per message, id = hash of their ids, so a retried batch
+    produces the same messages and the stream drops them as duplicates."""
+    if per_event:
+        return [
+            PlannedMessage(
+                event_subject(a.event.partition),
+                _mp.encode([a.event]),
+                a.event_id,
+                (a.index,),
+                (a.event_id,),
+            )
+            for a in accepted
+        ]
+    groups: OrderedDict[int, list[Accepted]] = OrderedDict()
+    for a in accepted:
+        groups.setdefault(a.event.partition, []).append(a)
+    out = []
+    for part, evs in groups.items():
+        for i in range(0, len(evs), max_per_message):
+            chunk = evs[i : i + max_per_message]
+            ids = tuple(a.event_id for a in chunk)
+            digest = hashlib.sha256("\0".join(ids).encode()).hexdigest()[:40]
+            out.append(
+                PlannedMessage(
+                    event_subject(part),
+                    _mp.encode([a.event for a in chunk]),
+                    f"b:{digest}",
+                    tuple(a.index for a in chunk),
+                    ids,
                 )
-            else:
-                seen.add(outcome.event_id)
-        out.append(outcome)
+            )
     return out
+
+
+class RecentIds:
+    """Event ids stored recently (bounded, with expiry): a batch that repeats events from an
+    earlier, different batch is answered ``duplicate`` without storing them again."""
+
+    def __init__(self, max_items: int, ttl_ms: int) -> None:
+        self.max_items = max_items
+        self.ttl_ms = ttl_ms
+        self._items: OrderedDict[str, int] = OrderedDict()
+
+    def seen(self, event_id: str, now_ms: int) -> bool:
+        t = self._items.get(event_id)
+        return t is not None and now_ms - t <= self.ttl_ms
+
+    def add(self, ids: tuple[str, ...], now_ms: int) -> None:
+        items = self._items
+        for i in ids:
+            items[i] = now_ms
+            items.move_to_end(i)
+        while len(items) > self.max_items:
+            items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -22,10 +22,12 @@ class BatchRefusedError(MyelinError):
 
 
 async def serve_ingest(nc: NATS, ingestor: Ingestor) -> Any:
-    async def handle(data: bytes, _headers: dict[str, str]) -> BatchResult:
+    async def handle(data: bytes, headers: dict[str, str]) -> BatchResult:
         with telemetry.tracer("myelin.ingest").start_as_current_span("ingest batch"):
             try:
-                return await ingestor.ingest(data)
+                return await ingestor.ingest(
+                    data, per_event=headers.get("Myelin-Mode") == "per_event"
+                )
             except BatchRefused as refused:
                 err = BatchRefusedError(refused.message)
                 err.code = refused.reason.value

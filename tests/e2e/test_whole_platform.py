@@ -28,9 +28,9 @@ def _children() -> set[int]:
 async def test_demo_end_to_end(settings: Settings) -> None:
     out = io.StringIO()
     before = _children()
-    report: DemoReport = await run_demo(settings, 3000, out)
+    report: DemoReport = await run_demo(settings, 8000, out)
     assert _children() == before, "the demo left processes behind"
-    assert report.accepted == 3000
+    assert report.accepted == 8000
     assert report.duplicates >= 2000  # the re-sent first batch
     assert report.rejected == 8 and report.dlq_rows == 8
     assert set(report.rejected_by_reason) == {
@@ -40,9 +40,9 @@ async def test_demo_end_to_end(settings: Settings) -> None:
         "clock_skew",
         "invalid_envelope",
     }
-    assert report.events_in_clickhouse == 3000
+    assert report.events_in_clickhouse == 8000
     # batches sent concurrently can arrive hours apart in a small run: late events are counted
-    assert report.feature_rows + report.late == 3000
+    assert report.feature_rows + report.late == 8000
     assert report.training_rows > 1000
     assert report.metrics["auc"] > 0.55
     assert report.onnx_vs_sklearn_max_diff < 1e-5
@@ -56,6 +56,52 @@ async def test_demo_end_to_end(settings: Settings) -> None:
     assert report.trace_chain and len(report.trace_chain["trace_id"]) == 32
     assert report.analyst_rows and sum(int(r["impressions"]) for r in report.analyst_rows) > 0
     assert "features catch up" in out.getvalue()  # progress was shown
+    _assert_no_raw_pii(settings, out.getvalue())
+
+
+CHDB_SCAN = """
+import sys, chdb.session as cs
+s = cs.Session(sys.argv[1])
+q = lambda sql: int(s.query(sql, "CSV").bytes().strip() or 0)
+leaks = q("SELECT (SELECT count() FROM myelin.events WHERE position(data, '@mail.example') > 0)"
+          " + (SELECT count() FROM myelin.dead_letters WHERE position(payload, '@mail.example') > 0)"
+          " + (SELECT count() FROM myelin.audit WHERE position(input, '@mail.example') > 0)"
+          " + (SELECT count() FROM myelin.inferences WHERE position(entity_id, '@mail.example') > 0)")
+tokens = q("SELECT count() FROM myelin.events WHERE type = 'purchase' AND schema_version = 2"
+           " AND startsWith(JSONExtractString(data, 'email'), 'pii:')")
+dlq = q("SELECT count() FROM myelin.dead_letters WHERE event_id = 'bad-amount' AND position(payload, 'pii:') > 0")
+print(leaks, tokens, dlq)
+"""
+
+
+def _assert_no_raw_pii(settings: Settings, output: str) -> None:
+    """No e-mail from the demo in any stream file, the Redis AOF, a log or ClickHouse."""
+    import subprocess
+    import sys
+
+    from myelin.demo.generator import email_of
+
+    assert "@mail.example" in email_of(1)  # what the producer sent, and what must not leak
+    needle, control = b"@mail.example", b"demo-web"
+    files = [p for p in settings.state_dir.rglob("*") if p.is_file() and "chdb" not in p.parts]
+    stream_files = [p for p in files if "jetstream" in p.parts]
+    assert stream_files and any(
+        control in p.read_bytes() for p in stream_files
+    )  # the grep can find things
+    leaked = [str(p) for p in files if needle in p.read_bytes()]
+    assert not leaked, f"raw PII found in {leaked}"
+    assert "@mail.example" not in output
+    scan = subprocess.run(
+        [sys.executable, "-c", CHDB_SCAN, str(settings.warehouse_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    leaks, tokens, dlq = (int(x) for x in scan.stdout.split())
+    assert leaks == 0
+    assert tokens > 0  # the e-mails are there, as tokens
+    assert dlq == 1  # the rejected purchase was dead-lettered with its e-mail tokenized
 
 
 async def test_stock_triton_client(settings: Settings, tmp_path: Path) -> None:
@@ -112,7 +158,7 @@ async def test_ingest_to_online_across_a_features_crash(settings: Settings) -> N
     import aiohttp
     import msgspec
 
-    from myelin.subjects import RPC_WAREHOUSE_QUERY, health_subject
+    from myelin.subjects import EVENTS_STREAM, RPC_WAREHOUSE_QUERY, health_subject
 
     s = replace(settings, features_batch=200)
     async with Stack(s, log=lambda _m: None) as stack:
@@ -133,18 +179,21 @@ async def test_ingest_to_online_across_a_features_crash(settings: Settings) -> N
                 async with http.post(url, json=events[i : i + 500]) as r:
                     assert r.status == 200
             stack.procs["features"].kill()  # mid-stream, no goodbye
-            for i in range(3000, 6000, 500):
-                async with http.post(url, json=events[i : i + 500]) as r:
+            for i in range(3000, 6000, 500):  # the other storage format: one message per event
+                async with http.post(url + "?mode=per_event", json=events[i : i + 500]) as r:
                     assert r.status == 200
         await stack.restart_service("features")
         nc = await bus.connect(s, "test")
         try:
+            last = (await bus.jetstream(nc, s).stream_info(EVENTS_STREAM)).state.last_seq
+            assert last > 3000  # per-event messages after batched ones
             for _ in range(200):
                 h = msgspec.json.decode(await bus.request(nc, health_subject("features"), {}))
-                if h["position"] >= 6000:
+                if h["position"] >= last:
                     break
                 await asyncio.sleep(0.1)
-            assert h["position"] == 6000
+            assert h["position"] == last
+            assert h["events"] <= 6000  # a restarted process counts only what it applied
             rows = msgspec.json.decode(
                 await bus.request(
                     nc,

@@ -24,7 +24,7 @@ async def test_provision_is_idempotent_and_publish_dedupes(nc: NATS, settings: S
     info = await js.stream_info(EVENTS_STREAM)
     assert info.config.duplicate_window == settings.duplicate_window_s
     pub = bus.Publisher(js, settings)
-    msgs = [bus.OutMsg("myelin.events.click.0", b"x", f"id-{i}") for i in range(10)]
+    msgs = [bus.OutMsg("myelin.events.0", b"x", f"id-{i}") for i in range(10)]
     first = await pub.publish_batch(msgs)
     again = await pub.publish_batch(msgs)
     assert all(r.ok and not r.duplicate for r in first)

@@ -24,19 +24,21 @@ _mp = msgspec.msgpack.Encoder()
 def event(seq: int, typ: str, user: str, t: int, **data: Any) -> tuple[int, bytes]:
     payload = {"user_id": user, "item_id": "i", **data}
     return seq, _mp.encode(
-        StreamEvent(
-            event_id=f"e{seq}",
-            type=typ,
-            schema_version=1,
-            event_time=t,
-            ingest_time=t,
-            producer_id="p",
-            client_version="",
-            trace_id=f"{seq:032x}",
-            entity_id=user,
-            partition=0,
-            data=msgspec.Raw(_mp.encode(payload)),
-        )
+        [
+            StreamEvent(
+                event_id=f"e{seq}",
+                type=typ,
+                schema_version=1,
+                event_time=t,
+                ingest_time=t,
+                producer_id="p",
+                client_version="",
+                trace_id=f"{seq:032x}",
+                entity_id=user,
+                partition=0,
+                data=msgspec.Raw(_mp.encode(payload)),
+            )
+        ]
     )
 
 
@@ -80,7 +82,7 @@ async def test_batches_apply_once_and_land_in_both_stores(
         va["impressions_1h"] == 3 and va["clicks_1h"] == 1 and va["ctr_1h"] == pytest.approx(1 / 3)
     )
     assert va["impressions_10m"] == 1 and va["clicks_10m"] == 0
-    assert a.seq == 5 and a.as_of_ms == t0 + 20 * MIN and a.trace_id == f"{5:032x}"
+    assert a.seq == 5000 and a.as_of_ms == t0 + 20 * MIN and a.trace_id == f"{5:032x}"
     assert a.status == Status.FRESH
     vb = dict(zip(USER_ACTIVITY.feature_names, b.values, strict=True))
     assert vb["spend_1h"] == 12.5 and b.status == Status.STALE  # 30 min old > 15 min freshness SLO
@@ -94,7 +96,12 @@ async def test_batches_apply_once_and_land_in_both_stores(
         "SELECT stream_seq, values['impressions_1h'] AS imp FROM myelin.feature_values FINAL "
         "WHERE entity_id = 'a' ORDER BY stream_seq"
     ).to_pylist()
-    assert [(r["stream_seq"], r["imp"]) for r in fv] == [(1, 1.0), (2, 2.0), (3, 2.0), (5, 3.0)]
+    assert [(r["stream_seq"], r["imp"]) for r in fv] == [
+        (1000, 1.0),
+        (2000, 2.0),
+        (3000, 2.0),
+        (5000, 3.0),
+    ]
 
 
 async def test_expired_values_are_not_served(

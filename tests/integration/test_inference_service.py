@@ -70,7 +70,7 @@ async def stack(
             partition=0,
             data=msgspec.Raw(_mp.encode({"user_id": f"u{i % 5}", "item_id": "x"})),
         )
-        batch.append((i + 1, _mp.encode(ev)))
+        batch.append((i + 1, _mp.encode([ev])))
     await p.process(batch)
     inf = InferenceApp(s)
     await inf.start()

@@ -71,8 +71,9 @@ async def test_batch_is_stored_and_a_retry_is_a_no_op(
     status, body, _ = await post(ingest, batch)
     assert status == 200 and body["duplicates"] == 50 and body["accepted"] == 0
     stored = [
-        msgspec.msgpack.decode(d, type=StreamEvent)
+        e
         for d in await stream_events(nc, settings, EVENTS_STREAM, "myelin.events.>")
+        for e in msgspec.msgpack.decode(d, type=list[StreamEvent])
     ]
     assert sorted(e.event_id for e in stored) == sorted(e["event_id"] for e in batch)
     assert all(e.trace_id and e.ingest_time and e.producer_id == "p1" for e in stored)
@@ -92,7 +93,8 @@ async def test_mixed_batch_reports_each_event_and_dead_letters_rejects(
     ]
     assert sorted(d.reason for d in dead) == ["invalid_payload", "unknown_type"]
     assert all(d.producer_id == "p1" and d.payload for d in dead)
-    assert len(await stream_events(nc, settings, EVENTS_STREAM, "myelin.events.>")) == 1
+    [msg] = await stream_events(nc, settings, EVENTS_STREAM, "myelin.events.>")
+    assert len(msgspec.msgpack.decode(msg, type=list[StreamEvent])) == 1
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,38 @@
+"""Inbound adapter: raw events published straight to ``myelin.ingest.<producer>`` by any
+NATS client (a JSON event or a JSON array per message). They get the same validation,
+tokenization and dead-lettering as the HTTP and request-reply paths; the producer's
+JetStream ack means the event is safely in the inbox stream."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from nats.aio.msg import Msg
+
+from myelin.errors import Overloaded
+from services.ingest.ingestor import Ingestor
+from services.ingest.logic import BatchRefused, parse_batch
+
+
+def inbox_handler(ingestor: Ingestor) -> Callable[[list[Msg]], Awaitable[None]]:
+    async def handle(msgs: list[Msg]) -> None:
+        items: list[msgspec.Raw] = []
+        for m in msgs:
+            body = m.data.strip()
+            if body[:1] == b"{":
+                body = b"[" + body + b"]"
+            try:
+                items += parse_batch(body, ingestor.validator.limits)
+            except BatchRefused as refused:
+                # dead-lettered, with its reason; the inbox message is done
+                await ingestor.reject_batch(body, refused)
+        if not items:
+            return
+        result = await ingestor.ingest_items(items, per_event=True)
+        if result.retry:  # JetStream pushed back: the PullLoop retries this batch, in order
+            raise Overloaded(
+                f"{result.retry} events not stored yet", retry_after=result.retry_after_s
+            )
+
+    return handle
