@@ -119,11 +119,10 @@ class Publisher:
         A message whose window slot cannot be had within the timeout gets an
         :class:`Overloaded` result: the caller must push back, nothing is dropped silently.
         """
-        futures: list[asyncio.Future[api.PubAck] | None] = []
+        futures: dict[asyncio.Future[api.PubAck], int] = {}
         results: list[PubResult | None] = [None] * len(msgs)
         for i, m in enumerate(msgs):
-            headers = {MSG_ID: m.msg_id, **(m.headers or {})}
-            fut: asyncio.Future[api.PubAck] | None
+            headers = {MSG_ID: m.msg_id, **m.headers} if m.headers else {MSG_ID: m.msg_id}
             try:
                 fut = await self._js.publish_async(
                     m.subject, m.payload, wait_stall=self._timeout, headers=headers
@@ -132,18 +131,26 @@ class Publisher:
                 results[i] = PubResult(
                     ok=False, error=Overloaded("JetStream publish window is full", retry_after=1.0)
                 )
-                futures.append(None)
                 continue
-            futures.append(fut)
-        for i, pending in enumerate(futures):
-            if pending is None:
-                continue
-            try:
-                ack = await asyncio.wait_for(pending, self._timeout)
-                results[i] = PubResult(ok=True, duplicate=bool(ack.duplicate), seq=ack.seq or 0)
-            except Exception as exc:  # noqa: BLE001 - any failure is retried below with the same id
-                log.debug("async publish failed, retrying: %r", exc)
-                results[i] = await self._publish_with_retry(msgs[i])
+            futures[fut] = i
+        retry: list[int] = []
+        if futures:
+            # One wait for the whole window (not one timer per message).
+            done, pending = await asyncio.wait(futures, timeout=self._timeout)
+            for fut in pending:
+                fut.cancel()  # frees its window slot; the message is retried below, same id
+                retry.append(futures[fut])
+            for fut in done:
+                i = futures[fut]
+                exc = fut.exception()
+                if exc is None:
+                    ack = fut.result()
+                    results[i] = PubResult(ok=True, duplicate=bool(ack.duplicate), seq=ack.seq or 0)
+                else:
+                    log.debug("async publish failed, retrying: %r", exc)
+                    retry.append(i)
+        for i in sorted(retry):
+            results[i] = await self._publish_with_retry(msgs[i])
         return [r if r is not None else PubResult(ok=False) for r in results]
 
     async def publish(self, msg: OutMsg) -> PubResult:

@@ -35,16 +35,24 @@ _mp = msgspec.msgpack.Encoder()
 class EventResult(msgspec.Struct, frozen=True, omit_defaults=True):
     index: int
     event_id: str
-    status: str  # accepted | duplicate | rejected | retry
+    status: str  # duplicate | rejected | retry
     reason: str = ""
     message: str = ""
 
 
+STATUS_CODES = {"accepted": "a", "duplicate": "d", "rejected": "r", "retry": "t"}
+
+
 class BatchResult(msgspec.Struct, frozen=True):
+    """Per-event outcome: ``statuses`` has one letter per event, in batch order
+    (a = accepted, d = duplicate, r = rejected, t = retry); ``results`` details every event
+    that was not accepted (reason and message)."""
+
     accepted: int
     duplicates: int
     rejected: int
     retry: int
+    statuses: str
     results: list[EventResult]
     retry_after_s: float = 0.0
 
@@ -121,22 +129,27 @@ class Ingestor:
                 retry_after=1.0,
             )
         now_ms = int(time.time() * 1000)
-        results: list[EventResult | None] = [None] * n
-        acc = dup = retry = 0
+        statuses = bytearray(b"t" * n)  # anything not settled below is "retry"
+        details: list[EventResult] = []
+        acc = dup = 0
         retry_after = 0.0
         try:
             # Every event carries a trace id, even when no tracing backend is configured.
             trace_id = telemetry.trace_id_hex() or secrets.token_hex(16)
             outcomes = self.validator.batch(items, now_ms, trace_id, body)
             accepted: list[Accepted] = []
+            rejected: list[Rejected] = []
+            seen = self._recent.seen
             for o in outcomes:
                 if isinstance(o, Accepted):
-                    if self._recent.seen(o.event_id, now_ms):
+                    if seen(o.event_id, now_ms):
                         dup += 1
-                        results[o.index] = EventResult(o.index, o.event_id, "duplicate")
+                        statuses[o.index] = 100  # "d"
+                        details.append(EventResult(o.index, o.event_id, "duplicate"))
                     else:
                         accepted.append(o)
-            rejected = [o for o in outcomes if isinstance(o, Rejected)]
+                else:
+                    rejected.append(o)
             planned = plan_messages(accepted, per_event)
             headers = dict(telemetry.inject({}))
             pubs = await self._pub.publish_batch(
@@ -147,43 +160,40 @@ class Ingestor:
             self._inflight.release(n)
         for p, r in zip(planned, pubs, strict=True):
             if r.ok:
-                status = "duplicate" if r.duplicate else "accepted"
                 self._recent.add(p.event_ids, now_ms)
-                for i, eid in zip(p.indices, p.event_ids, strict=True):
-                    results[i] = EventResult(i, eid, status)
                 if r.duplicate:
                     dup += len(p.indices)
+                    for i, eid in zip(p.indices, p.event_ids, strict=True):
+                        statuses[i] = 100  # "d"
+                        details.append(EventResult(i, eid, "duplicate"))
                 else:
                     acc += len(p.indices)
+                    for i in p.indices:
+                        statuses[i] = 97  # "a"
             else:
                 err = r.error
                 retry_after = max(
                     retry_after, err.retry_after if isinstance(err, Overloaded) else 1.0
                 )
-                for i, eid in zip(p.indices, p.event_ids, strict=True):
-                    results[i] = EventResult(
-                        i,
-                        eid,
-                        "retry",
-                        "overloaded",
-                        err.message if err else "not stored; retry with the same event_id",
-                    )
-                retry += len(p.indices)
+                msg = err.message if err else "not stored; retry with the same event_id"
+                details += [
+                    EventResult(i, eid, "retry", "overloaded", msg)
+                    for i, eid in zip(p.indices, p.event_ids, strict=True)
+                ]
         for rj in rejected:
-            results[rj.index] = EventResult(
-                rj.index, rj.event_id, "rejected", rj.reason.value, rj.message
+            statuses[rj.index] = 114  # "r"
+            details.append(
+                EventResult(rj.index, rj.event_id, "rejected", rj.reason.value, rj.message)
             )
             self.counters.by_reason[rj.reason.value] = (
                 self.counters.by_reason.get(rj.reason.value, 0) + 1
             )
+        retry = n - acc - dup - len(rejected)
         self.counters.accepted += acc
         self.counters.duplicates += dup
         self.counters.rejected += len(rejected)
-        final = [
-            r if r is not None else EventResult(i, "", "retry", "overloaded")
-            for i, r in enumerate(results)
-        ]
-        return BatchResult(acc, dup, len(rejected), retry, final, retry_after)
+        details.sort(key=lambda d: d.index)
+        return BatchResult(acc, dup, len(rejected), retry, statuses.decode(), details, retry_after)
 
     async def _dead_letter(self, rejected: list[Rejected], now_ms: int) -> None:
         if not rejected:

@@ -85,8 +85,11 @@ async def test_mixed_batch_reports_each_event_and_dead_letters_rejects(
     batch = [click(1), click(2, data={"user_id": 7, "item_id": "x"}), click(3, type="nope")]
     status, body, _ = await post(ingest, batch)
     assert status == 207
-    assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "rejected"]
-    assert [r.get("reason") for r in body["results"]] == [None, "invalid_payload", "unknown_type"]
+    assert body["statuses"] == "arr"
+    assert [(r["index"], r["reason"]) for r in body["results"]] == [
+        (1, "invalid_payload"),
+        (2, "unknown_type"),
+    ]
     dead = [
         msgspec.msgpack.decode(d, type=DeadLetter)
         for d in await stream_events(nc, settings, DLQ_STREAM, "myelin.dlq.>")
