@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     q = sub.add_parser("sql", help="read-only SQL on the warehouse")
     q.add_argument("query")
     q.add_argument("--max-rows", type=int, default=10_000)
+    from myelin.contracts import cli as contracts_cli
+
+    contracts_cli.add_parser(sub)
     m = sub.add_parser("models", help="model registry")
     m.add_argument("action", choices=["list"])
     m.add_argument("name")
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             code = asyncio.run(_demo(settings, args.events))
         elif args.cmd == "status":
             code = asyncio.run(_status(settings))
+        elif args.cmd == "contracts":
+            code = asyncio.run(contracts_cli.run(args, settings))
         elif args.cmd == "sql":
             code = asyncio.run(_sql(settings, args.query, args.max_rows))
         else:
