@@ -196,10 +196,18 @@ _json = msgspec.json.Encoder()
 Handler = Callable[[bytes, dict[str, str]], Awaitable[Any]]
 
 
-async def serve(nc: NATS, subject: str, handler: Handler, *, queue: str = "") -> Any:
-    """Answer requests on ``subject`` with ``handler``; errors become typed replies."""
+async def serve(
+    nc: NATS, subject: str, handler: Handler, *, queue: str = "", concurrency: int = 1
+) -> Any:
+    """Answer requests on ``subject`` with ``handler``; errors become typed replies.
 
-    async def on_msg(msg: Msg) -> None:
+    Up to ``concurrency`` requests are handled at once; past that a request is answered
+    at once with a typed ``overloaded`` error (``retry_after``), so back-pressure reaches the
+    caller instead of piling up in client memory (the subscription's buffer is bounded too).
+    """
+    inflight: set[asyncio.Task[None]] = set()
+
+    async def handle(msg: Msg) -> None:
         headers = dict(msg.headers or {})
         with telemetry.tracer("myelin.bus").start_as_current_span(
             subject, context=telemetry.extract(headers)
@@ -215,7 +223,32 @@ async def serve(nc: NATS, subject: str, handler: Handler, *, queue: str = "") ->
         if msg.reply:
             await msg.respond(_json.encode(body))
 
-    sub = await nc.subscribe(subject, queue=queue, cb=on_msg)
+    async def on_msg(msg: Msg) -> None:
+        if concurrency <= 1:
+            await handle(msg)
+            return
+        if len(inflight) >= concurrency:
+            busy = Overloaded(f"{subject}: {concurrency} requests in progress", retry_after=0.25)
+            if msg.reply:
+                await msg.respond(
+                    _json.encode(
+                        Reply(
+                            ok=False, error=ErrorBody(busy.code, busy.message, dict(busy.details))
+                        )
+                    )
+                )
+            return
+        task = asyncio.create_task(handle(msg))
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+
+    sub = await nc.subscribe(
+        subject,
+        queue=queue,
+        cb=on_msg,
+        pending_msgs_limit=10_000,
+        pending_bytes_limit=256 * 1024 * 1024,
+    )
     await nc.flush()  # the server knows the subscription before we report ready
     return sub
 

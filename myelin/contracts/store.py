@@ -10,7 +10,12 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 
 from myelin.contracts.compat import Incompatibility, check
 from myelin.contracts.registry import ContractRegistry
@@ -57,13 +62,17 @@ class ContractStore:
 
     async def specs(self) -> list[ContractSpec]:
         kv = await self._bucket()
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
+        # The KV stream's subject index lists every key in one request; kv.keys() uses a
+        # watcher that can come back empty under load, which would look like "no contracts".
+        prefix = f"$KV.{CONTRACTS_BUCKET}."
+        info = await self._js.stream_info(f"KV_{CONTRACTS_BUCKET}", subjects_filter=f"{prefix}>")
+        keys = sorted(subj[len(prefix) :] for subj in (info.state.subjects or {}))
         out = []
-        for k in sorted(keys):
-            entry = await kv.get(k)
+        for k in keys:
+            try:
+                entry = await kv.get(k)
+            except KeyNotFoundError:
+                continue  # deleted
             out.append(_dec.decode(entry.value))
         return sorted(out, key=lambda s: (s.type, s.version))
 

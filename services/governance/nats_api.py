@@ -24,4 +24,4 @@ async def serve_decisions(nc: NATS, decider: Decider) -> Any:
             raise Poison(f"bad decision request: {exc}") from None
         return await decider.decide(req)
 
-    return await bus.serve(nc, RPC_GOVERNANCE_DECIDE, handle, queue="governance")
+    return await bus.serve(nc, RPC_GOVERNANCE_DECIDE, handle, queue="governance", concurrency=64)

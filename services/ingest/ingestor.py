@@ -126,7 +126,7 @@ class Ingestor:
             self.counters.overloaded += 1
             raise Overloaded(
                 f"{self._inflight.used} events in flight (limit {self._inflight.capacity}); retry later",
-                retry_after=1.0,
+                retry_after=0.25,
             )
         now_ms = int(time.time() * 1000)
         statuses = bytearray(b"t" * n)  # anything not settled below is "retry"

@@ -33,4 +33,4 @@ async def serve_ingest(nc: NATS, ingestor: Ingestor) -> Any:
                 err.code = refused.reason.value
                 raise err from None
 
-    return await bus.serve(nc, RPC_INGEST_PUBLISH, handle, queue="ingest")
+    return await bus.serve(nc, RPC_INGEST_PUBLISH, handle, queue="ingest", concurrency=16)
