@@ -138,7 +138,7 @@ class FeaturePipeline:
                     raise msgspec.ValidationError(
                         f"{len(events)} events in one message; at most {SEQ_STRIDE}"
                     )
-            except msgspec.MsgspecError as exc:
+            except (msgspec.MsgspecError, RecursionError) as exc:
                 undecodable += 1
                 log.warning("stream seq %d is not a list of events, skipped: %s", stream_seq, exc)
                 continue
@@ -154,7 +154,7 @@ class FeaturePipeline:
                             f"no contract for {ev.type} v{ev.schema_version}"
                         )
                     data = contract.msgpack_decoder.decode(ev.data)
-                except msgspec.MsgspecError as exc:
+                except (msgspec.MsgspecError, RecursionError) as exc:
                     undecodable += 1
                     log.warning(
                         "event %d of stream seq %d is not valid, skipped: %s", idx, stream_seq, exc

@@ -132,6 +132,10 @@ def parse_batch(body: bytes, limits: Limits) -> list[msgspec.Raw]:
         ) from None
     except msgspec.DecodeError as exc:
         raise BatchRefused(Reason.MALFORMED_JSON, f"malformed JSON: {exc}", 400) from None
+    except RecursionError:
+        raise BatchRefused(
+            Reason.MALFORMED_JSON, "malformed JSON: nested too deeply", 400
+        ) from None
     if len(items) > limits.max_batch_events:
         raise BatchRefused(
             Reason.TOO_MANY_EVENTS,
@@ -166,7 +170,7 @@ def sanitize(raw: bytes, registry: ContractRegistry, tok: Tokenizer) -> bytes:
     known; every string in ``data`` tokenized when it is not; unparseable input redacted."""
     try:
         doc = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return _json.encode(
             {"redacted": True, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
         )
@@ -237,6 +241,8 @@ class Validator:
                 env = _envelope.decode(raw)
             except msgspec.ValidationError as exc:
                 return self.reject(index, raw, Reason.INVALID_ENVELOPE, _field_error(exc, ""))
+            except RecursionError:
+                return self.reject(index, raw, Reason.INVALID_ENVELOPE, "JSON nested too deeply")
         contract = self.registry.get(env.type, env.schema_version)
         if contract is None:
             known = self.registry.versions(env.type)
@@ -289,6 +295,15 @@ class Validator:
                 env.event_id,
                 env.producer_id,
             )
+        except RecursionError:
+            return self.reject(
+                index,
+                raw,
+                Reason.INVALID_PAYLOAD,
+                "data nested too deeply",
+                env.event_id,
+                env.producer_id,
+            )
         if contract.pii_fields:
             payload = msgspec.structs.replace(
                 payload, **{f: self.tok.token(getattr(payload, f)) for f in contract.pii_fields}
@@ -320,7 +335,7 @@ class Validator:
         if body is not None and all(len(r) <= self.limits.max_event_bytes for r in items):
             try:
                 envs = list(_envelopes.decode(body))
-            except msgspec.ValidationError:
+            except (msgspec.ValidationError, RecursionError):
                 envs = [None] * len(items)
         out: list[Outcome] = []
         seen: set[str] = set()

@@ -263,3 +263,21 @@ def test_batched_messages_group_by_type_and_partition_deterministically() -> Non
         stored = msgspec.msgpack.decode(m.payload, type=list[StreamEvent])
         assert {f"myelin.events.{e.partition}" for e in stored} == {m.subject}
         assert [e.event_id for e in stored] == list(m.event_ids)
+
+
+@pytest.mark.parametrize("depth", [100, 10_000])
+def test_deeply_nested_payloads_are_refused_cleanly(depth: int) -> None:
+    nested = "[" * depth + "]" * depth
+    body = f'[{{"event_id": "n", "type": "click", "schema_version": 1, "event_time": {NOW}, "data": {nested}}}]'
+    try:
+        outcomes = run_body(body.encode())
+    except BatchRefused as refused:
+        assert refused.reason == Reason.MALFORMED_JSON  # noqa: PT017 - either outcome is fine
+        assert "nested" in refused.message  # noqa: PT017
+        return
+    [out] = outcomes
+    assert isinstance(out, Rejected) and out.reason == Reason.INVALID_PAYLOAD
+
+
+def run_body(body: bytes) -> list[Accepted | Rejected]:
+    return VALIDATOR.batch(parse_batch(body, LIMITS), NOW, "", body)
