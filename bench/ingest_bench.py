@@ -140,9 +140,10 @@ async def bare_publish(
     return len(payloads) * events_per_msg / (time.perf_counter() - t)
 
 
-async def main(n: int, n_single: int) -> None:
+async def main(n: int, n_single: int, workers: int) -> None:
     state = Path(tempfile.mkdtemp(prefix="myelin-bench-"))
     base = replace(Settings.from_env(), state_dir=state, policy_dir=ROOT / "policies")
+    base = replace(base, ingest_workers=workers)
     s = with_ports(
         base,
         nats_port=free_port(),
@@ -223,7 +224,7 @@ async def main(n: int, n_single: int) -> None:
     ]
     print(
         table(
-            f"Ingest throughput ({n:,} events per batched run, {n_single:,} per-event; "
+            f"Ingest throughput, {workers} ingest worker(s) ({n:,} events per batched run, {n_single:,} per-event; "
             f"{total:,} messages stored)",
             rows,
         )
@@ -234,5 +235,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=400_000)
     ap.add_argument("--single", type=int, default=60_000)
+    ap.add_argument(
+        "--workers", type=int, default=2, help="ingest processes (MYELIN_INGEST_WORKERS)"
+    )
     a = ap.parse_args()
-    asyncio.run(main(a.events, a.single))
+    asyncio.run(main(a.events, a.single, a.workers))

@@ -38,6 +38,12 @@ def configure_logging(service: str) -> None:
     )
 
 
+def instance_name(app: ServiceApp) -> str:
+    """``ingest``, or ``ingest-2`` for the second worker of a scaled-out service."""
+    instance = os.environ.get("MYELIN_INSTANCE", "")
+    return f"{app.name}-{instance}" if instance and instance != "1" else app.name
+
+
 async def serve_health(nc: NATS, app: ServiceApp) -> Any:
     started = time.time()
 
@@ -50,7 +56,7 @@ async def serve_health(nc: NATS, app: ServiceApp) -> Any:
             **app.status(),
         }
 
-    return await bus.serve(nc, health_subject(app.name), health)
+    return await bus.serve(nc, health_subject(instance_name(app)), health)
 
 
 async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:

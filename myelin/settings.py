@@ -65,6 +65,7 @@ class Settings:
     clickhouse_url: Secret = field(default_factory=lambda: Secret(""))
     opa_url: str = ""
     ingest_http_port: int = 8080
+    ingest_workers: int = 1  # ingest processes sharing the HTTP port (SO_REUSEPORT) and NATS queue
     inference_grpc_port: int = 8001
     partitions: int = 8
     max_event_bytes: int = 64 * 1024
@@ -108,6 +109,7 @@ class Settings:
             clickhouse_url=Secret(_env("CLICKHOUSE_URL", "")),
             opa_url=_env("OPA_URL", ""),
             ingest_http_port=_int("INGEST_HTTP_PORT", d.ingest_http_port),
+            ingest_workers=_int("INGEST_WORKERS", d.ingest_workers),
             inference_grpc_port=_int("INFERENCE_GRPC_PORT", d.inference_grpc_port),
             partitions=_int("PARTITIONS", d.partitions),
             max_event_bytes=_int("MAX_EVENT_BYTES", d.max_event_bytes),

@@ -8,8 +8,9 @@ immutable; a new version means a new registry object (ingest swaps it atomically
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -83,6 +84,11 @@ class ContractRegistry:
 
     def get(self, type_: str, version: int) -> Contract | None:
         return self._by_key.get((type_, version))
+
+    @property
+    def lookup(self) -> Mapping[tuple[str, int], Contract]:
+        """Read-only ``(type, version) -> contract`` mapping, for hot loops."""
+        return MappingProxyType(self._by_key)
 
     def versions(self, type_: str) -> list[int]:
         return sorted(v for (t, v) in self._by_key if t == type_)

@@ -64,14 +64,20 @@ class Stack:
         finally:
             await nc.drain()
         env = s.to_env()
-        for name in self.services:
-            proc = ManagedProcess(
-                name, [sys.executable, "-m", f"services.{name}"], self.logs_dir / f"{name}.log", env
-            )
-            self.procs[name] = proc
-            proc.start()
-            await self.wait_ready(name)
-            self._log(f"{name:<13} ready (pid {proc.pid}, log {proc.log_path})")
+        for service in self.services:
+            workers = s.ingest_workers if service == "ingest" else 1
+            for k in range(1, workers + 1):
+                name = service if k == 1 else f"{service}-{k}"
+                proc = ManagedProcess(
+                    name,
+                    [sys.executable, "-m", f"services.{service}"],
+                    self.logs_dir / f"{name}.log",
+                    {**env, "MYELIN_INSTANCE": str(k)},
+                )
+                self.procs[name] = proc
+                proc.start()
+                await self.wait_ready(name)
+                self._log(f"{name:<13} ready (pid {proc.pid}, log {proc.log_path})")
 
     async def wait_ready(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
         proc = self.procs[name]

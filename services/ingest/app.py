@@ -82,7 +82,8 @@ class IngestApp:
         self._tasks.append(asyncio.create_task(self._inbox.run(), name="ingest-inbox"))
         self._runner = web.AppRunner(build_app(self.ingestor), access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, s.host, s.ingest_http_port).start()
+        # reuse_port: several ingest workers can share the port; the kernel spreads connections.
+        await web.TCPSite(self._runner, s.host, s.ingest_http_port, reuse_port=True).start()
 
     async def _follow_registry(self, store: ContractStore, interval_s: float = 2.0) -> None:
         """New contract versions registered at run time are picked up without a restart."""

@@ -339,8 +339,60 @@ class Validator:
                 envs = [None] * len(items)
         out: list[Outcome] = []
         seen: set[str] = set()
+        # The common case (valid event, known contract, plausible time) runs inline with
+        # local names; anything unusual takes the full path in ``event`` for its verdict.
+        lim = self.limits
+        max_bytes, parts, hot = lim.max_event_bytes, lim.partitions, lim.hot_keys
+        newest, oldest = now_ms + lim.max_future_skew_ms, now_ms - lim.max_age_ms
+        contracts = self.registry.lookup
+        token, crc, mp_encode, raw_t, stream_event = (
+            self.tok.token,
+            zlib.crc32,
+            _mp.encode,
+            msgspec.Raw,
+            StreamEvent,
+        )
         for i, raw in enumerate(items):
-            outcome = self.event(i, raw, envs[i], now_ms, trace_id)
+            env = envs[i]
+            outcome: Outcome | None = None
+            if env is not None and len(raw) <= max_bytes and oldest <= env.event_time <= newest:
+                contract = contracts.get((env.type, env.schema_version))
+                if contract is not None:
+                    try:
+                        payload = contract.json_decoder.decode(env.data)
+                    except (msgspec.ValidationError, RecursionError):
+                        payload = None
+                    if payload is not None:
+                        if contract.pii_fields:
+                            payload = msgspec.structs.replace(
+                                payload,
+                                **{f: token(getattr(payload, f)) for f in contract.pii_fields},
+                            )
+                        key = getattr(payload, contract.key_field)
+                        part = (
+                            crc(key.encode()) % parts
+                            if key not in hot
+                            else partition_for(key, env.event_id, lim)
+                        )
+                        outcome = Accepted(
+                            i,
+                            env.event_id,
+                            stream_event(
+                                event_id=env.event_id,
+                                type=env.type,
+                                schema_version=env.schema_version,
+                                event_time=env.event_time,
+                                ingest_time=now_ms,
+                                producer_id=env.producer_id,
+                                client_version=env.client_version,
+                                trace_id=env.trace_id or trace_id,
+                                entity_id=key,
+                                partition=part,
+                                data=raw_t(mp_encode(payload)),
+                            ),
+                        )
+            if outcome is None:
+                outcome = self.event(i, raw, env, now_ms, trace_id)
             if isinstance(outcome, Accepted):
                 if outcome.event_id in seen:
                     outcome = self.reject(
