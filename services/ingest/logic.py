@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from myelin.contracts import ContractRegistry, IncomingEvent, StreamEvent
+from myelin.contracts import Contract, ContractRegistry, IncomingEvent, StreamEvent
 from myelin.pii import Tokenizer
 from myelin.subjects import event_subject
 
@@ -304,11 +304,30 @@ class Validator:
                 env.event_id,
                 env.producer_id,
             )
+        return self.accept(index, env, contract, payload, now_ms, trace_id)
+
+    def accept(
+        self,
+        index: int,
+        env: IncomingEvent,
+        contract: Contract,
+        payload: Any,
+        now_ms: int,
+        trace_id: str,
+    ) -> Accepted:
+        """Tokenize PII, pick the partition and stamp the stored form of a valid event."""
         if contract.pii_fields:
+            token = self.tok.token
             payload = msgspec.structs.replace(
-                payload, **{f: self.tok.token(getattr(payload, f)) for f in contract.pii_fields}
+                payload, **{f: token(getattr(payload, f)) for f in contract.pii_fields}
             )
         key = getattr(payload, contract.key_field)
+        lim = self.limits
+        part = (
+            zlib.crc32(key.encode()) % lim.partitions
+            if key not in lim.hot_keys
+            else partition_for(key, env.event_id, lim)
+        )
         stored = StreamEvent(
             event_id=env.event_id,
             type=env.type,
@@ -319,7 +338,7 @@ class Validator:
             client_version=env.client_version,
             trace_id=env.trace_id or trace_id,
             entity_id=key,
-            partition=partition_for(key, env.event_id, limits),
+            partition=part,
             data=msgspec.Raw(_mp.encode(payload)),
         )
         return Accepted(index, env.event_id, stored)
@@ -342,16 +361,9 @@ class Validator:
         # The common case (valid event, known contract, plausible time) runs inline with
         # local names; anything unusual takes the full path in ``event`` for its verdict.
         lim = self.limits
-        max_bytes, parts, hot = lim.max_event_bytes, lim.partitions, lim.hot_keys
+        max_bytes = lim.max_event_bytes
         newest, oldest = now_ms + lim.max_future_skew_ms, now_ms - lim.max_age_ms
         contracts = self.registry.lookup
-        token, crc, mp_encode, raw_t, stream_event = (
-            self.tok.token,
-            zlib.crc32,
-            _mp.encode,
-            msgspec.Raw,
-            StreamEvent,
-        )
         for i, raw in enumerate(items):
             env = envs[i]
             outcome: Outcome | None = None
@@ -363,34 +375,7 @@ class Validator:
                     except (msgspec.ValidationError, RecursionError):
                         payload = None
                     if payload is not None:
-                        if contract.pii_fields:
-                            payload = msgspec.structs.replace(
-                                payload,
-                                **{f: token(getattr(payload, f)) for f in contract.pii_fields},
-                            )
-                        key = getattr(payload, contract.key_field)
-                        part = (
-                            crc(key.encode()) % parts
-                            if key not in hot
-                            else partition_for(key, env.event_id, lim)
-                        )
-                        outcome = Accepted(
-                            i,
-                            env.event_id,
-                            stream_event(
-                                event_id=env.event_id,
-                                type=env.type,
-                                schema_version=env.schema_version,
-                                event_time=env.event_time,
-                                ingest_time=now_ms,
-                                producer_id=env.producer_id,
-                                client_version=env.client_version,
-                                trace_id=env.trace_id or trace_id,
-                                entity_id=key,
-                                partition=part,
-                                data=raw_t(mp_encode(payload)),
-                            ),
-                        )
+                        outcome = self.accept(i, env, contract, payload, now_ms, trace_id)
             if outcome is None:
                 outcome = self.event(i, raw, env, now_ms, trace_id)
             if isinstance(outcome, Accepted):
