@@ -173,11 +173,11 @@ async def main() -> None:
                         "ceiling: grpc.aio echo",
                     ),
                     (
-                        "online read inside Predict (1 entity)",
+                        "Predict work beyond gRPC (1 entity)",
                         "p50 ms",
                         pct(lp, 50) - pct(le, 50),
                         pct(lr, 50),
-                        "Predict minus echo, vs bare redis-py HMGET",
+                        "Predict minus echo (read, score, record) vs bare redis-py HMGET",
                     ),
                 ]
                 # throughput at 32 in flight

@@ -141,3 +141,21 @@ async def test_nats_endpoint_has_the_same_contract(ingest: str, nc: NATS) -> Non
     with pytest.raises(RemoteError) as err:
         await bus.request(nc, RPC_INGEST_PUBLISH, b"not json")
     assert err.value.code == "malformed_json"
+
+
+async def test_w3c_traceparent_becomes_the_events_trace_id(
+    ingest: str, nc: NATS, settings: Settings
+) -> None:
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    status, _, _ = await post(
+        ingest,
+        [click(1), click(2, trace_id="own")],
+        headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+    )
+    assert status == 200
+    stored = {
+        e.event_id: e.trace_id
+        for d in await stream_events(nc, settings, EVENTS_STREAM, "myelin.events.>")
+        for e in msgspec.msgpack.decode(d, type=list[StreamEvent])
+    }
+    assert stored == {"c1": trace, "c2": "own"}  # a producer's own trace id wins
