@@ -75,7 +75,7 @@ class Settings:
     publish_timeout_s: float = 5.0
     publish_retries: int = 5
     duplicate_window_s: float = 20 * 60.0
-    features_batch: int = 2000
+    features_batch: int = 200  # messages per fetch (a message holds up to 100 events)
     features_ack_wait_s: float = 10.0
     online_ttl_s: int = 7 * 24 * 3600
     model_alias: str = "champion"

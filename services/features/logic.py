@@ -92,6 +92,8 @@ class WindowEngine:
             for f in sorted(view.features, key=lambda f: f.kind == "ratio")
         ]
         self._names = view.feature_names
+        self._spans = sorted({p[3] for p in self._plan if p[1] != "ratio"})
+        self._span_index = {nb: i for i, nb in enumerate(self._spans)}
 
     def apply(
         self, st: EntityState, seq: int, event_type: str, event_time: int, payload: Any
@@ -120,14 +122,23 @@ class WindowEngine:
         return Outcome.APPLIED
 
     def vector(self, st: EntityState) -> dict[str, float]:
-        """Feature values as of the entity's watermark."""
+        """Feature values as of the entity's watermark: one pass over the buckets sums every
+        counter for every window length, then each feature reads its sum."""
         current = st.watermark // self.bucket_ms
+        spans = self._spans
+        sums = [[0.0] * len(self.counters.keys) for _ in spans]
+        for b, row in st.buckets.items():
+            age = current - b
+            for w, nb in enumerate(spans):
+                if age < nb:
+                    acc = sums[w]
+                    for c, x in enumerate(row):
+                        acc[c] += x
         values: dict[str, float] = {}
         for name, kind, idx, nb, num, den in self._plan:
             if kind == "ratio":
                 d = values[den]
                 values[name] = values[num] / d if d else 0.0
             else:
-                lo = current - nb
-                values[name] = sum(row[idx] for b, row in st.buckets.items() if b > lo)
+                values[name] = sums[self._span_index[nb]][idx]
         return {n: values[n] for n in self._names}

@@ -9,33 +9,35 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from myelin import online
 from services.features.logic import EntityState
 from services.features.views import FeatureView
 
+_mp = msgspec.msgpack.Encoder()
+
 APPLY_LUA = """
+-- ARGV[1] = last stream sequence of the batch, ARGV[2] = ttl seconds,
+-- ARGV[3] = msgpack [[entity_seq, {field, value, ...}], ...] aligned with KEYS[2..];
+-- ARGV[3 + i] = state blob of entity i (binary: Redis' cmsgpack has no bin type).
+-- The field lists travel as one argument: packing 100k+ arguments is costly client-side.
 local pos = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ttl = tonumber(ARGV[2])
-local a = 4
+local updates = cmsgpack.unpack(ARGV[3])
 local applied = 0
-for i = 1, tonumber(ARGV[3]) do
+for i, u in ipairs(updates) do
   local sk = KEYS[2 * i]
   local ok = KEYS[2 * i + 1]
-  local seq = tonumber(ARGV[a])
-  local nf = tonumber(ARGV[a + 2])
   local cur = tonumber(redis.call('HGET', sk, 'seq') or '0')
-  if seq > cur then
-    redis.call('HSET', sk, 'seq', ARGV[a], 'blob', ARGV[a + 1])
+  if u[1] > cur then
+    redis.call('HSET', sk, 'seq', u[1], 'blob', ARGV[3 + i])
     redis.call('EXPIRE', sk, ttl)
-    local args = {}
-    for j = 1, nf * 2 do args[j] = ARGV[a + 2 + j] end
-    redis.call('HSET', ok, unpack(args))
+    redis.call('HSET', ok, unpack(u[2]))
     redis.call('EXPIRE', ok, ttl)
     applied = applied + 1
   end
-  a = a + 3 + nf * 2
 end
 if tonumber(ARGV[1]) > pos then redis.call('SET', KEYS[1], ARGV[1]) end
 return applied
@@ -91,14 +93,27 @@ class OnlineStore:
     async def apply(self, updates: list[OnlineUpdate], last_seq: int) -> int:
         name, vhash = self.view.name, self.view.content_hash
         keys: list[str] = [online.position_key(name)]
-        args: list[Any] = [last_seq, self.ttl_s, len(updates)]
+        packed: list[Any] = []
+        blobs: list[bytes] = []
         for u in updates:
             keys.append(online.state_key(name, u.entity))
             keys.append(online.online_key(name, u.entity))
             fields: list[Any] = []
             for k, val in u.values.items():
                 fields += [k, repr(val)]
-            fields += ["_as_of", u.as_of, "_seq", u.seq, "_trace", u.trace_id, "_view", vhash]
-            args += [u.seq, u.state.encode(), len(fields) // 2, *fields]
-        applied: int = await self._apply(keys=keys, args=args)
+            fields += [
+                "_as_of",
+                str(u.as_of),
+                "_seq",
+                str(u.seq),
+                "_trace",
+                u.trace_id,
+                "_view",
+                vhash,
+            ]
+            packed.append([u.seq, fields])
+            blobs.append(u.state.encode())
+        applied: int = await self._apply(
+            keys=keys, args=[last_seq, self.ttl_s, _mp.encode(packed), *blobs]
+        )
         return applied
