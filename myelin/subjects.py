@@ -10,6 +10,7 @@ from dataclasses import dataclass
 EVENTS_STREAM = "MYELIN_EVENTS"
 INGEST_STREAM = "MYELIN_INGEST"  # raw events straight from any NATS client, validated by ingest
 DLQ_STREAM = "MYELIN_DLQ"
+LATE_STREAM = "MYELIN_LATE"  # events too late for a view's windows (still in ClickHouse history)
 INFERENCES_STREAM = "MYELIN_INFERENCES"
 AUDIT_STREAM = "MYELIN_AUDIT"
 
@@ -20,6 +21,7 @@ RPC_INGEST_PUBLISH = "myelin.rpc.ingest.publish"
 RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
 RPC_WAREHOUSE_QUERY = "myelin.rpc.warehouse.query"
 RPC_FEATURES_STATUS = "myelin.rpc.features.status"
+RPC_FEATURES_REPLAY = "myelin.rpc.features.replay"
 
 
 def health_subject(service: str) -> str:
@@ -39,6 +41,10 @@ def event_subject(partition: int) -> str:
 
 def dlq_subject(reason: str) -> str:
     return f"myelin.dlq.{reason}"
+
+
+def late_subject(view: str) -> str:
+    return f"myelin.late.{view}"
 
 
 def inference_subject(model: str) -> str:
@@ -62,6 +68,7 @@ def stream_specs(duplicate_window_s: float) -> list[StreamSpec]:
         StreamSpec(INGEST_STREAM, ("myelin.ingest.>",), duplicate_window_s, max_age_s=7 * 86400.0),
         StreamSpec(EVENTS_STREAM, ("myelin.events.>",), duplicate_window_s),
         StreamSpec(DLQ_STREAM, ("myelin.dlq.>",), duplicate_window_s),
+        StreamSpec(LATE_STREAM, ("myelin.late.>",), duplicate_window_s),
         StreamSpec(INFERENCES_STREAM, ("myelin.inferences.>",), duplicate_window_s),
         StreamSpec(AUDIT_STREAM, ("myelin.audit.>",), duplicate_window_s),
     ]

@@ -23,6 +23,7 @@ from myelin.settings import Settings
 from myelin.subjects import AUDIT_STREAM, DLQ_STREAM, EVENTS_STREAM, INFERENCES_STREAM
 from myelin.warehouse import open_warehouse
 from services.features.drains import audit_drain, dlq_drain, inference_drain
+from services.features.late_sink import late_publisher
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
@@ -61,6 +62,7 @@ class FeaturesApp:
             OnlineStore(self._redis, view, s.online_ttl_s),
             self.sink,
             reload_registry=contracts.registry,
+            late_sink=late_publisher(bus.Publisher(js, s)),
         )
         position = await self.pipeline.start()
         durable = f"features-{view.name}"

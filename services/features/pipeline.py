@@ -77,8 +77,10 @@ class FeaturePipeline:
         sink: WarehouseSink,
         cache_items: int = 200_000,
         reload_registry: Callable[[], Awaitable[ContractRegistry]] | None = None,
+        late_sink: Callable[[str, list[tuple[int, StreamEvent]]], Awaitable[None]] | None = None,
     ) -> None:
         self._reload = reload_registry
+        self._late_sink = late_sink
         self.engine = engine
         self.view = engine.view
         self.registry = registry
@@ -172,6 +174,7 @@ class FeaturePipeline:
         )
         loaded = await self.online.load_states(needed)
         work: dict[str, EntityState] = {}
+        late_events: list[tuple[int, StreamEvent]] = []
         touched: dict[str, tuple[dict[str, float], str]] = {}
         applied = dup = late = 0
         for seq, ev, data in decoded:
@@ -197,6 +200,7 @@ class FeaturePipeline:
                 elif outcome == Outcome.LATE:
                     late += 1
                     is_late = 1
+                    late_events.append((seq, ev))
                     touched[ev.entity_id] = (self.engine.vector(st), ev.trace_id)
                 else:
                     dup += 1
@@ -221,6 +225,8 @@ class FeaturePipeline:
             await self.sink.insert(
                 "feature_values", feature_values_table(self.view.name, self.view.content_hash, fv)
             )
+        if late_events and self._late_sink is not None:
+            await self._late_sink(self.view.name, late_events)  # stored before the batch commits
         last_seq = batch[-1][0]
         updates = [OnlineUpdate(e, work[e], vals, trace) for e, (vals, trace) in touched.items()]
         await self.online.apply(updates, last_seq)

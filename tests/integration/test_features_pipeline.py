@@ -6,10 +6,15 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
 
+from myelin import bus
 from myelin.contracts import StreamEvent, default_registry
 from myelin.online import OnlineReader, Status
+from myelin.settings import Settings
+from myelin.subjects import LATE_STREAM
 from myelin.warehouse import Warehouse
+from services.features.late_sink import late_publisher
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
@@ -116,15 +121,26 @@ async def test_expired_values_are_not_served(
     assert all(x != x for x in v.values)  # NaN: TTL is enforced on read
 
 
-async def test_late_events_are_counted_and_kept_in_history(
-    redis_client: aioredis.Redis, warehouse: Warehouse
+async def test_late_events_are_counted_kept_in_history_and_sent_to_the_late_stream(
+    redis_client: aioredis.Redis, warehouse: Warehouse, nc: NATS, settings: Settings
 ) -> None:
     now = int(time.time() * 1000)
     p = pipeline(redis_client, warehouse)
+    p._late_sink = late_publisher(bus.Publisher(bus.jetstream(nc, settings), settings))
+    batch = [event(1, "click", "a", now), event(2, "click", "a", now - 3 * 3600_000)]
     await p.start()
-    await p.process([event(1, "click", "a", now), event(2, "click", "a", now - 3 * 3600_000)])
+    await p.process(batch)
     assert p.stats.late == 1
     late = warehouse.query_arrow(
         "SELECT event_id FROM myelin.events FINAL WHERE late = 1"
     ).to_pylist()
     assert late == [{"event_id": "e2"}]
+    p.stats.position = 0
+    p.cache.clear()
+    await p.process(batch)  # a replay publishes the LATE message once (same id)
+    js = bus.jetstream(nc, settings)
+    assert (await js.stream_info(LATE_STREAM)).state.messages == 1
+    sub = await js.pull_subscribe("myelin.late.>", stream=LATE_STREAM)
+    [msg] = await sub.fetch(1, timeout=2)
+    assert msg.subject == "myelin.late.user_activity"
+    assert [e.event_id for e in msgspec.msgpack.decode(msg.data, type=list[StreamEvent])] == ["e2"]
