@@ -1,39 +1,119 @@
-"""Pure windowing logic: per-entity bucketed state, event-time sliding windows.
+"""Pure windowing logic: per-entity bucketed state and event-time windows.
 
-State per entity: ``watermark`` (newest event time seen, ms), ``seq`` (stream sequence
-of the last event applied) and time buckets of counters. An event is applied at most
-once (its sequence must be newer than ``seq``); one older than the longest window
-behind the watermark is *late*: not applied to the online state, counted, and still
-stored in the raw history by the caller.
+State per entity: ``watermark`` (newest event time seen, ms), ``seq`` (event sequence of
+the last event applied) and time buckets. A bucket holds one accumulator *slot* per
+distinct ``(source, field, family)`` the view needs:
+
+- ``n``    [count]                      -> count
+- ``s``    [count, sum, sum of squares] -> sum, mean, stddev
+- ``mm``   [min, max]                   -> min, max
+- ``last`` [event time, value]          -> last
+- ``kmv``  the 64 smallest 32-bit hashes -> distinct (exact below 64 values)
+
+An event is applied at most once (its sequence must be newer than ``seq``); one older
+than the longest window behind the watermark is *late*: not applied, counted, and kept
+in the raw history by the caller.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
+from bisect import insort
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from services.features.views import FeatureView
+from services.features.views import Feature, FeatureView
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
+KMV_K = 64
+FAMILY = {
+    "count": "n",
+    "sum": "s",
+    "mean": "s",
+    "stddev": "s",
+    "min": "mm",
+    "max": "mm",
+    "last": "last",
+    "distinct": "kmv",
+}
 
 
-class Counters:
-    """The distinct (source, field) counters a view needs, and how features read them."""
+def _init(family: str) -> list[Any]:
+    if family == "n":
+        return [0]
+    if family == "s":
+        return [0, 0.0, 0.0]
+    if family == "mm":
+        return [math.inf, -math.inf]
+    if family == "last":
+        return [-1, math.nan]
+    return []  # kmv
 
-    def __init__(self, view: FeatureView) -> None:
-        keys: list[tuple[str, str]] = []
-        for f in view.features:
-            if f.kind in ("count", "sum"):
-                k = (f.source, f.field if f.kind == "sum" else "")
-                if k not in keys:
-                    keys.append(k)
-        self.keys = keys
-        self.by_source: dict[str, list[tuple[int, str]]] = {}
-        for i, (src, fld) in enumerate(keys):
-            self.by_source.setdefault(src, []).append((i, fld))
+
+def _add(family: str, slot: list[Any], value: Any, t: int) -> None:
+    if family == "n":
+        slot[0] += 1
+    elif family == "s":
+        x = float(value)
+        slot[0] += 1
+        slot[1] += x
+        slot[2] += x * x
+    elif family == "mm":
+        x = float(value)
+        slot[0] = min(slot[0], x)
+        slot[1] = max(slot[1], x)
+    elif family == "last":
+        if t >= slot[0]:
+            slot[0], slot[1] = t, float(value)
+    else:
+        h = zlib.crc32(str(value).encode())
+        if h not in slot and (len(slot) < KMV_K or h < slot[-1]):
+            insort(slot, h)
+            del slot[KMV_K:]
+
+
+def _merge(family: str, slots: list[list[Any]]) -> list[Any]:
+    out = _init(family)
+    for s in slots:
+        if family in ("n", "s"):
+            for i, x in enumerate(s):
+                out[i] += x
+        elif family == "mm":
+            out[0], out[1] = min(out[0], s[0]), max(out[1], s[1])
+        elif family == "last":
+            if s[0] >= out[0]:
+                out[0], out[1] = s[0], s[1]
+        else:
+            out = sorted(set(out) | set(s))[:KMV_K]
+    return out
+
+
+def _value(kind: str, m: list[Any]) -> float:
+    if kind == "count":
+        return float(m[0])
+    if kind == "sum":
+        return float(m[1])
+    if kind == "mean":
+        return float(m[1] / m[0]) if m[0] else math.nan
+    if kind == "stddev":
+        if not m[0]:
+            return math.nan
+        mean = m[1] / m[0]
+        return math.sqrt(max(m[2] / m[0] - mean * mean, 0.0))
+    if kind == "min":
+        return float(m[0]) if m[0] != math.inf else math.nan
+    if kind == "max":
+        return float(m[1]) if m[1] != -math.inf else math.nan
+    if kind == "last":
+        return float(m[1])
+    # distinct: exact below K, else the KMV estimate (K - 1) / (k-th smallest hash, scaled)
+    if len(m) < KMV_K:
+        return float(len(m))
+    return float((KMV_K - 1) / ((m[-1] + 1) / 2**32))
 
 
 @dataclass
@@ -41,7 +121,7 @@ class EntityState:
     seq: int = 0
     watermark: int = 0
     late: int = 0
-    buckets: dict[int, list[float]] = field(default_factory=dict)
+    buckets: dict[int, list[list[Any]]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         return _enc.encode(
@@ -49,18 +129,21 @@ class EntityState:
                 self.seq,
                 self.watermark,
                 self.late,
-                [[b, *v] for b, v in sorted(self.buckets.items())],
+                [[b, *slots] for b, slots in sorted(self.buckets.items())],
             ]
         )
 
     @classmethod
     def decode(cls, blob: bytes) -> EntityState:
         seq, wm, late, rows = _dec.decode(blob)
-        return cls(seq, wm, late, {int(r[0]): [float(x) for x in r[1:]] for r in rows})
+        return cls(seq, wm, late, {int(r[0]): [list(s) for s in r[1:]] for r in rows})
 
     def copy(self) -> EntityState:
         return EntityState(
-            self.seq, self.watermark, self.late, {b: list(v) for b, v in self.buckets.items()}
+            self.seq,
+            self.watermark,
+            self.late,
+            {b: [list(s) for s in slots] for b, slots in self.buckets.items()},
         )
 
 
@@ -75,25 +158,22 @@ class WindowEngine:
 
     def __init__(self, view: FeatureView) -> None:
         self.view = view
-        self.counters = Counters(view)
         self.bucket_ms = view.bucket_s * 1000
         self.horizon_buckets = view.max_window_s // view.bucket_s
-        self._plan = [
-            (
-                f.name,
-                f.kind,
-                self.counters.keys.index((f.source, f.field if f.kind == "sum" else ""))
-                if f.kind != "ratio"
-                else -1,
-                f.window_s // view.bucket_s if f.kind != "ratio" else 0,
-                f.numerator,
-                f.denominator,
-            )
-            for f in sorted(view.features, key=lambda f: f.kind == "ratio")
-        ]
+        slots: list[tuple[str, str, str]] = []
+        for f in view.features:
+            if f.kind != "ratio":
+                key = (f.source, f.field if f.kind != "count" else "", FAMILY[f.kind])
+                if key not in slots:
+                    slots.append(key)
+        self.slots = slots
+        self._fresh = [_init(fam) for _, _, fam in slots]
+        self.by_source: dict[str, list[tuple[int, str, str]]] = {}
+        for i, (src, fld, fam) in enumerate(slots):
+            self.by_source.setdefault(src, []).append((i, fld, fam))
         self._names = view.feature_names
-        self._spans = sorted({p[3] for p in self._plan if p[1] != "ratio"})
-        self._span_index = {nb: i for i, nb in enumerate(self._spans)}
+        self._plain = [f for f in view.features if f.kind != "ratio"]
+        self._ratios = [f for f in view.features if f.kind == "ratio"]
 
     def apply(
         self, st: EntityState, seq: int, event_type: str, event_time: int, payload: Any
@@ -102,18 +182,19 @@ class WindowEngine:
         if seq <= st.seq:
             return Outcome.DUPLICATE
         st.seq = seq
-        targets = self.counters.by_source.get(event_type)
         bucket = event_time // self.bucket_ms
         current = max(st.watermark, event_time) // self.bucket_ms
         if bucket <= current - self.horizon_buckets:
             st.late += 1
             return Outcome.LATE
+        # Every event of the view's sources marks its bucket as activity (session windows).
+        row = st.buckets.get(bucket)
+        if row is None:
+            row = st.buckets[bucket] = [list(s) for s in self._fresh]
+        targets = self.by_source.get(event_type)
         if targets:
-            row = st.buckets.get(bucket)
-            if row is None:
-                row = st.buckets[bucket] = [0.0] * len(self.counters.keys)
-            for idx, fld in targets:
-                row[idx] += float(getattr(payload, fld)) if fld else 1.0
+            for idx, fld, fam in targets:
+                _add(fam, row[idx], getattr(payload, fld) if fld else None, event_time)
         if event_time > st.watermark:
             st.watermark = event_time
             floor = current - self.horizon_buckets
@@ -121,24 +202,44 @@ class WindowEngine:
                 del st.buckets[b]
         return Outcome.APPLIED
 
+    def _window(self, f: Feature, st: EntityState, current: int) -> list[int]:
+        nb = f.window_s // self.view.bucket_s
+        if f.window == "tumbling":
+            start = (current // nb) * nb
+            return [b for b in st.buckets if start <= b <= current]
+        if f.window == "session":
+            gap = f.gap_s // self.view.bucket_s
+            chosen: list[int] = []
+            prev = current
+            for b in sorted(st.buckets, reverse=True):
+                if b > current:
+                    continue
+                if prev - b > gap or current - b >= nb:
+                    break
+                chosen.append(b)
+                prev = b
+            return chosen
+        return [b for b in st.buckets if current - b < nb]
+
     def vector(self, st: EntityState) -> dict[str, float]:
-        """Feature values as of the entity's watermark: one pass over the buckets sums every
-        counter for every window length, then each feature reads its sum."""
+        """Feature values as of the entity's watermark."""
         current = st.watermark // self.bucket_ms
-        spans = self._spans
-        sums = [[0.0] * len(self.counters.keys) for _ in spans]
-        for b, row in st.buckets.items():
-            age = current - b
-            for w, nb in enumerate(spans):
-                if age < nb:
-                    acc = sums[w]
-                    for c, x in enumerate(row):
-                        acc[c] += x
+        windows: dict[tuple[str, int, int], list[int]] = {}
+        merged: dict[tuple[tuple[str, int, int], int], list[Any]] = {}
         values: dict[str, float] = {}
-        for name, kind, idx, nb, num, den in self._plan:
-            if kind == "ratio":
-                d = values[den]
-                values[name] = values[num] / d if d else 0.0
-            else:
-                values[name] = sums[self._span_index[nb]][idx]
+        for f in self._plain:
+            wkey = (f.window, f.window_s, f.gap_s)
+            if wkey not in windows:
+                windows[wkey] = self._window(f, st, current)
+            slot = self.slots.index(
+                (f.source, f.field if f.kind != "count" else "", FAMILY[f.kind])
+            )
+            mkey = (wkey, slot)
+            if mkey not in merged:
+                fam = self.slots[slot][2]
+                merged[mkey] = _merge(fam, [st.buckets[b][slot] for b in windows[wkey]])
+            values[f.name] = _value(f.kind, merged[mkey])
+        for f in self._ratios:
+            d = values[f.denominator]
+            values[f.name] = values[f.numerator] / d if d else 0.0
         return {n: values[n] for n in self._names}

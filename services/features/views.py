@@ -10,14 +10,24 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-AggKind = Literal["count", "sum", "ratio"]
+AggKind = Literal["count", "sum", "mean", "min", "max", "last", "stddev", "distinct", "ratio"]
+WindowKind = Literal["sliding", "tumbling", "session"]
+NEEDS_FIELD = ("sum", "mean", "min", "max", "last", "stddev", "distinct")
 
 
 @dataclass(frozen=True)
 class Feature:
-    """``count``/``sum`` of ``source`` events (``field`` for sum) over a sliding window of
-    ``window_s`` seconds; ``ratio`` divides two other features of the view (0 when the
-    denominator is 0)."""
+    """An aggregation of ``source`` events (of their ``field`` where the kind needs one).
+
+    Windows, in event time, with the view's bucket as resolution:
+    - ``sliding``: the last ``window_s`` seconds, hopping by one bucket;
+    - ``tumbling``: the current aligned block of ``window_s`` seconds;
+    - ``session``: the entity's current run of activity, where gaps are at most ``gap_s``,
+      capped at ``window_s``.
+    ``distinct`` is approximate beyond 64 distinct values (KMV sketch, ~12% error); below
+    that it is exact. ``ratio`` divides two other features of the view (0 when the
+    denominator is 0). Aggregations with no event in their window read NaN (count and sum
+    read 0)."""
 
     name: str
     kind: AggKind
@@ -26,6 +36,8 @@ class Feature:
     field: str = ""
     numerator: str = ""
     denominator: str = ""
+    window: WindowKind = "sliding"
+    gap_s: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,18 +55,19 @@ class FeatureView:
         if len(set(names)) != len(names):
             raise ValueError(f"view {self.name}: duplicate feature names")
         for f in self.features:
+            where = f"view {self.name}: {f.name}"
             if f.kind == "ratio":
                 if f.numerator not in names or f.denominator not in names:
-                    raise ValueError(f"view {self.name}: ratio {f.name} names unknown features")
-            else:
-                if f.source not in self.sources:
-                    raise ValueError(f"view {self.name}: {f.name} reads {f.source!r}, not a source")
-                if f.window_s <= 0 or f.window_s % self.bucket_s:
-                    raise ValueError(
-                        f"view {self.name}: {f.name} window must be a multiple of bucket_s"
-                    )
-                if f.kind == "sum" and not f.field:
-                    raise ValueError(f"view {self.name}: sum {f.name} needs a field")
+                    raise ValueError(f"{where}: ratio names unknown features")
+                continue
+            if f.source not in self.sources:
+                raise ValueError(f"{where}: reads {f.source!r}, not a source")
+            if f.window_s <= 0 or f.window_s % self.bucket_s:
+                raise ValueError(f"{where}: window must be a multiple of bucket_s")
+            if f.kind in NEEDS_FIELD and not f.field:
+                raise ValueError(f"{where}: a {f.kind} needs a field")
+            if f.window == "session" and (f.gap_s <= 0 or f.gap_s % self.bucket_s):
+                raise ValueError(f"{where}: a session window needs gap_s, a multiple of bucket_s")
 
     @property
     def content_hash(self) -> str:
@@ -83,6 +96,11 @@ USER_ACTIVITY = FeatureView(
         Feature("ctr_1h", "ratio", numerator="clicks_1h", denominator="impressions_1h"),
         Feature("purchases_1h", "count", 3600, "purchase"),
         Feature("spend_1h", "sum", 3600, "purchase", field="amount"),
+        Feature("avg_spend_1h", "mean", 3600, "purchase", field="amount"),
+        Feature("max_spend_1h", "max", 3600, "purchase", field="amount"),
+        Feature("distinct_items_1h", "distinct", 3600, "impression", field="item_id"),
+        Feature("impressions_this_hour", "count", 3600, "impression", window="tumbling"),
+        Feature("clicks_session", "count", 3600, "click", window="session", gap_s=600),
     ),
 )
 

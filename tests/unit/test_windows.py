@@ -98,6 +98,7 @@ def test_view_hash_changes_with_definition() -> None:
         (Feature("a", "count", 60, "nope"),),
         (Feature("a", "count", 90, "click"),),
         (Feature("a", "sum", 60, "purchase"),),
+        (Feature("a", "count", 600, "click", window="session"),),
         (Feature("r", "ratio", numerator="x", denominator="y"),),
         (Feature("a", "count", 60, "click"), Feature("a", "count", 120, "click")),
     ],
@@ -105,3 +106,66 @@ def test_view_hash_changes_with_definition() -> None:
 def test_invalid_views_are_refused(features: tuple[Feature, ...]) -> None:
     with pytest.raises(ValueError, match="view v"):
         FeatureView("v", "user_id", ("click", "purchase"), features)
+
+
+def view_of(*features: Feature) -> WindowEngine:
+    return WindowEngine(FeatureView("v", "user_id", ("impression", "click", "purchase"), features))
+
+
+def test_mean_min_max_last_stddev_by_hand() -> None:
+    eng = view_of(
+        Feature("mean", "mean", 3600, "purchase", field="amount"),
+        Feature("min", "min", 3600, "purchase", field="amount"),
+        Feature("max", "max", 3600, "purchase", field="amount"),
+        Feature("last", "last", 3600, "purchase", field="amount"),
+        Feature("sd", "stddev", 3600, "purchase", field="amount"),
+        Feature("n", "count", 3600, "purchase"),
+    )
+    st = EntityState()
+    for seq, (dt, amount) in enumerate([(0, 2.0), (5 * MIN, 4.0), (3 * MIN, 9.0)], start=1):
+        eng.apply(st, seq, "purchase", T0 + dt, buy(amount))  # the last by event time is 4.0
+    v = eng.vector(st)
+    assert v["n"] == 3 and v["mean"] == pytest.approx(5.0)
+    assert (v["min"], v["max"], v["last"]) == (2.0, 9.0, 4.0)
+    assert v["sd"] == pytest.approx(((9 + 1 + 16) / 3) ** 0.5)  # population stddev of 2, 4, 9
+    empty = eng.vector(EntityState())
+    assert empty["n"] == 0 and all(
+        empty[k] != empty[k] for k in ("mean", "min", "max", "last", "sd")
+    )
+
+
+def test_distinct_is_exact_when_small_and_close_when_large() -> None:
+    eng = view_of(Feature("d", "distinct", 3600, "impression", field="item_id"))
+    st = EntityState()
+    for i in range(40):
+        eng.apply(
+            st, i + 1, "impression", T0 + i * 1000, ImpressionV1(user_id="u", item_id=f"i{i % 20}")
+        )
+    assert eng.vector(st)["d"] == 20
+    for i in range(5000):
+        eng.apply(
+            st, 100 + i, "impression", T0 + 50_000 + i, ImpressionV1(user_id="u", item_id=f"x{i}")
+        )
+    assert eng.vector(st)["d"] == pytest.approx(5020, rel=0.35)  # KMV with k=64
+
+
+def test_tumbling_window_resets_at_the_block_boundary() -> None:
+    eng = view_of(Feature("hour", "count", 3600, "click", window="tumbling"))
+    st = EntityState()
+    hour = T0 - T0 % 3_600_000
+    eng.apply(st, 1, "click", hour + 50 * MIN, CLK)
+    eng.apply(st, 2, "click", hour + 59 * MIN, CLK)
+    assert eng.vector(st)["hour"] == 2
+    eng.apply(st, 3, "click", hour + 61 * MIN, CLK)  # a new clock hour
+    assert eng.vector(st)["hour"] == 1
+
+
+def test_session_window_ends_at_a_gap() -> None:
+    eng = view_of(Feature("s", "count", 3600, "click", window="session", gap_s=600))
+    st = EntityState()
+    for seq, minute in enumerate([0, 5, 9, 30, 35], start=1):  # gap 9 -> 30 exceeds 10 minutes
+        eng.apply(st, seq, "click", T0 + minute * MIN, CLK)
+    assert eng.vector(st)["s"] == 2
+    eng.apply(st, 9, "impression", T0 + 44 * MIN, IMP)  # activity keeps the session open
+    eng.apply(st, 10, "click", T0 + 52 * MIN, CLK)
+    assert eng.vector(st)["s"] == 3
