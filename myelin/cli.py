@@ -103,6 +103,45 @@ async def _sql(settings: Settings, query: str, max_rows: int) -> int:
     return 0
 
 
+async def _replay(settings: Settings, requester: str, from_seq: int, to_seq: int) -> int:
+    """Ask the features service to replay EVENTS into the offline store; show progress."""
+    from myelin.demo.progress import Progress
+    from myelin.subjects import RPC_FEATURES_REPLAY, health_subject
+
+    nc = await bus.connect(settings, "cli", reconnect=False)
+    try:
+        started = msgspec.json.decode(
+            await bus.request(
+                nc,
+                RPC_FEATURES_REPLAY,
+                {"requester": requester, "from_seq": from_seq, "to_seq": to_seq},
+            )
+        )
+        print(
+            f"replay ({started['mode']}) of stream sequences {started['from_seq']}..{started['to_seq']} "
+            f"allowed (decision {started['decision_id']})",
+            file=sys.stderr,
+        )
+        prog = Progress("replay", started["messages_total"], "messages")
+        done = 0
+        while True:
+            await asyncio.sleep(0.2)
+            st = msgspec.json.decode(await bus.request(nc, health_subject("features"), {}))[
+                "replay"
+            ]
+            prog.update(st["messages_done"] - done)
+            done = st["messages_done"]
+            if st["state"] in ("done", "failed"):
+                prog.close()
+                print(
+                    f"replay {st['state']}: {st['events']:,} events"
+                    + (f"; {st['error']}" if st["error"] else "")
+                )
+                return 0 if st["state"] == "done" else 1
+    finally:
+        await nc.close()
+
+
 async def _models(settings: Settings, name: str) -> int:
     from myelin.models import ModelRegistry
 
@@ -137,6 +176,19 @@ def main(argv: list[str] | None = None) -> None:
     from myelin.contracts import cli as contracts_cli
 
     contracts_cli.add_parser(sub)
+    f = sub.add_parser("features", help="feature pipeline operations")
+    fs = f.add_subparsers(dest="features_cmd", required=True)
+    rp = fs.add_parser(
+        "replay", help="replay EVENTS into the offline store (asks governance first)"
+    )
+    rp.add_argument("--requester", required=True, help="who asks (recorded in the audit trail)")
+    rp.add_argument(
+        "--from-seq",
+        type=int,
+        default=1,
+        help="1 rebuilds feature values too; later: raw history only",
+    )
+    rp.add_argument("--to-seq", type=int, default=0, help="default: the stream's last sequence")
     m = sub.add_parser("models", help="model registry")
     m.add_argument("action", choices=["list"])
     m.add_argument("name")
@@ -149,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             code = asyncio.run(_demo(settings, args.events))
         elif args.cmd == "status":
             code = asyncio.run(_status(settings))
+        elif args.cmd == "features":
+            code = asyncio.run(_replay(settings, args.requester, args.from_seq, args.to_seq))
         elif args.cmd == "contracts":
             code = asyncio.run(contracts_cli.run(args, settings))
         elif args.cmd == "sql":

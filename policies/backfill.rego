@@ -8,7 +8,7 @@ default allow := false
 allow if count(reasons) == 0
 
 reasons contains "backfill needs a requester" if {
-	not input.requester
+	object.get(input, "requester", "") == ""
 }
 
 reasons contains "backfill ranges are limited to 90 days" if {

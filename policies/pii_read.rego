@@ -8,7 +8,7 @@ default allow := false
 allow if count(reasons) == 0
 
 reasons contains "reading personal data needs a stated purpose" if {
-	not input.purpose
+	object.get(input, "purpose", "") == ""
 }
 
 reasons contains concat("", ["role ", role, " may not read personal data"]) if {

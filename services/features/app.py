@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -19,19 +20,43 @@ from nats.aio.msg import Msg
 from myelin import bus, telemetry
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts.store import ContractStore
+from myelin.decisions import GovernanceClient
+from myelin.errors import Poison
 from myelin.settings import Settings
-from myelin.subjects import AUDIT_STREAM, DLQ_STREAM, EVENTS_STREAM, INFERENCES_STREAM
+from myelin.subjects import (
+    AUDIT_STREAM,
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    INFERENCES_STREAM,
+    RPC_FEATURES_REPLAY,
+)
 from myelin.warehouse import open_warehouse
 from services.features.drains import audit_drain, dlq_drain, inference_drain
 from services.features.late_sink import late_publisher
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
+from services.features.replay import Replayer, ReplayRequest
 from services.features.sql_api import serve_sql
 from services.features.views import USER_ACTIVITY
 from services.features.warehouse_sink import WarehouseSink
 
 log = logging.getLogger(__name__)
+
+
+async def serve_replay(nc: NATS, replayer: Replayer) -> Any:
+    """Inbound adapter: start a replay (``myelin features replay``); progress is in the status."""
+    decode = msgspec.json.Decoder(ReplayRequest)
+
+    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+        try:
+            req = decode.decode(data)
+        except msgspec.MsgspecError as exc:
+            raise Poison(f"bad replay request: {exc}") from None
+        await replayer.start(req)
+        return replayer.snapshot()
+
+    return await bus.serve(nc, RPC_FEATURES_REPLAY, handle)
 
 
 class FeaturesApp:
@@ -46,6 +71,7 @@ class FeaturesApp:
         self.loops: list[PullLoop] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
+        self.replayer: Replayer | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -91,6 +117,15 @@ class FeaturesApp:
             self.loops.append(PullLoop(js, stream, name, handler, batch=1000))
         self._tasks = [asyncio.create_task(loop.run(), name=loop.durable) for loop in self.loops]
         self._subs.append(await serve_sql(self._nc, self.sink))
+        self.replayer = Replayer(
+            js,
+            self.sink,
+            WindowEngine(view),
+            self.pipeline.registry,
+            GovernanceClient(self._nc),
+            batch=s.features_batch,
+        )
+        self._subs.append(await serve_replay(self._nc, self.replayer))
 
     async def _on_events(self, msgs: list[Msg]) -> None:
         assert self.pipeline is not None
@@ -107,6 +142,8 @@ class FeaturesApp:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
+        if self.replayer is not None:
+            await self.replayer.stop()
         for loop in self.loops:
             loop.stop()
         if self._tasks:
@@ -138,5 +175,6 @@ class FeaturesApp:
             "feature_rows": st.feature_rows if st else 0,
             "idle": all(loop.idle for loop in self.loops),
             "drained": {loop.durable: loop.messages for loop in self.loops},
+            "replay": self.replayer.snapshot() if self.replayer else {},
             "ts_ms": int(time.time() * 1000),
         }

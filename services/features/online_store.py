@@ -7,7 +7,7 @@ the view's position moves forward. A redelivered or replayed batch changes nothi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
@@ -117,3 +117,39 @@ class OnlineStore:
             keys=keys, args=[last_seq, self.ttl_s, _mp.encode(packed), *blobs]
         )
         return applied
+
+
+class StateStore(Protocol):
+    """Where the pipeline keeps entity states and its position."""
+
+    async def register_view(self) -> None: ...
+
+    async def position(self) -> int: ...
+
+    async def load_states(self, entities: list[str]) -> dict[str, EntityState]: ...
+
+    async def apply(self, updates: list[OnlineUpdate], last_seq: int) -> int: ...
+
+
+class MemoryStateStore:
+    """States kept in this process only: used to recompute the offline store by replay
+    (the online store, already at the stream head, is left alone)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, EntityState] = {}
+        self._position = 0
+
+    async def register_view(self) -> None:
+        return None
+
+    async def position(self) -> int:
+        return self._position
+
+    async def load_states(self, entities: list[str]) -> dict[str, EntityState]:
+        return {e: self._states[e].copy() for e in entities if e in self._states}
+
+    async def apply(self, updates: list[OnlineUpdate], last_seq: int) -> int:
+        for u in updates:
+            self._states[u.entity] = u.state
+        self._position = max(self._position, last_seq)
+        return len(updates)

@@ -21,7 +21,7 @@ import msgspec
 
 from myelin.contracts import ContractRegistry, StreamEvent
 from services.features.logic import EntityState, Outcome, WindowEngine
-from services.features.online_store import OnlineStore, OnlineUpdate
+from services.features.online_store import OnlineUpdate, StateStore
 from services.features.warehouse_sink import WarehouseSink, events_table, feature_values_table
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,14 @@ class FeaturePipeline:
         self,
         engine: WindowEngine,
         registry: ContractRegistry,
-        online: OnlineStore,
+        online: StateStore,
         sink: WarehouseSink,
         cache_items: int = 200_000,
         reload_registry: Callable[[], Awaitable[ContractRegistry]] | None = None,
         late_sink: Callable[[str, list[tuple[int, StreamEvent]]], Awaitable[None]] | None = None,
+        write_features: bool = True,
     ) -> None:
+        self.write_features = write_features  # False: raw history only (a partial replay)
         self._reload = reload_registry
         self._late_sink = late_sink
         self.engine = engine
@@ -221,7 +223,7 @@ class FeaturePipeline:
                 raw[k].append(v)
 
         await self.sink.insert("events", events_table(raw))
-        if fv["entity_id"]:
+        if fv["entity_id"] and self.write_features:
             await self.sink.insert(
                 "feature_values", feature_values_table(self.view.name, self.view.content_hash, fv)
             )

@@ -11,10 +11,10 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
 from myelin import bus
+from myelin.decisions import GovernanceClient
 from myelin.models import ModelRegistry
 from myelin.online import OnlineReader
 from myelin.settings import Settings
-from services.inference.governance_client import GovernanceClient
 from services.inference.grpc_api import build_server
 from services.inference.model_host import ModelHost
 from services.inference.predictor import Predictor

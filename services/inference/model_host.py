@@ -16,10 +16,10 @@ from typing import Any
 
 import msgspec
 
+from myelin.decisions import GovernanceClient, Verdict
 from myelin.errors import MyelinError, Retryable
 from myelin.models import ModelNotFound, ModelRegistry, ModelVersion
 from myelin.settings import Settings
-from services.inference.governance_client import GovernanceClient, Verdict
 from services.inference.runtime import OrtModel, load_onnx
 
 log = logging.getLogger(__name__)

@@ -83,6 +83,8 @@ async def test_request_without_responder_is_retryable(nc: NATS) -> None:
             "at least 0.6",
         ),
         ("myelin.backfill", {"requester": "ops", "range_days": 3}, True, None),
+        ("myelin.backfill", {"requester": "", "range_days": 3}, False, "needs a requester"),
+        ("myelin.pii_read", {"role": "privacy_officer", "purpose": ""}, False, "stated purpose"),
         ("myelin.pii_read", {"role": "analyst", "purpose": "x"}, False, "role analyst"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Outbound adapter: asks governance for decisions over NATS request-reply."""
+"""A client for governance decisions over NATS request-reply (shared: inference asks before
+serving, features before a replay, the CLI before promoting)."""
 
 from __future__ import annotations
 

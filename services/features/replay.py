@@ -1,0 +1,177 @@
+"""Replay the EVENTS stream into the offline store (ClickHouse), asking governance first.
+
+- From sequence 1 (a *rebuild*): raw events and feature values are recomputed with the
+  same pipeline code as the live path, on states kept in memory, so every row is
+  identical to the live one and collapses with it (ReplacingMergeTree): replaying twice,
+  or over rows that survived, changes nothing. Use it after losing the warehouse.
+- From a later sequence: raw history only (window states before that point are not
+  known, and approximate feature rows would replace exact ones).
+The online store (already at the stream head) is never touched. One replay at a time;
+progress is in the features status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+from nats.js import JetStreamContext, api
+
+from myelin.contracts import ContractRegistry, StreamEvent
+from myelin.decisions import GovernanceClient
+from myelin.errors import MyelinError
+from myelin.subjects import EVENTS_STREAM
+from services.features.logic import WindowEngine
+from services.features.online_store import MemoryStateStore
+from services.features.pipeline import FeaturePipeline
+from services.features.warehouse_sink import WarehouseSink
+
+log = logging.getLogger(__name__)
+_events = msgspec.msgpack.Decoder(list[StreamEvent])
+
+
+class ReplayError(MyelinError):
+    code = "replay_error"
+
+
+class ReplayDenied(MyelinError):
+    code = "replay_denied"
+
+
+class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    requester: str = ""
+    from_seq: int = 1
+    to_seq: int = 0  # 0: the stream's last sequence now
+
+
+class ReplayStatus(msgspec.Struct):
+    state: str = "idle"  # idle | running | done | failed
+    mode: str = ""  # rebuild | raw
+    from_seq: int = 0
+    to_seq: int = 0
+    messages_done: int = 0
+    messages_total: int = 0
+    events: int = 0
+    decision_id: str = ""
+    error: str = ""
+    started_ms: int = 0
+    finished_ms: int = 0
+
+
+class Replayer:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        sink: WarehouseSink,
+        engine: WindowEngine,
+        registry: ContractRegistry,
+        governance: GovernanceClient,
+        batch: int = 200,
+    ) -> None:
+        self._js = js
+        self._sink = sink
+        self._engine = engine
+        self._registry = registry
+        self._gov = governance
+        self._batch = batch
+        self.status = ReplayStatus()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _event_times(self, seq: int) -> list[int]:
+        msg = await self._js.get_msg(EVENTS_STREAM, seq=seq)
+        return [e.event_time for e in _events.decode(msg.data or b"")]
+
+    async def start(self, req: ReplayRequest) -> ReplayStatus:
+        if self._task is not None and not self._task.done():
+            raise ReplayError("a replay is already running; wait for it (see `myelin status`)")
+        info = await self._js.stream_info(EVENTS_STREAM)
+        first, last = max(req.from_seq, info.state.first_seq), req.to_seq or info.state.last_seq
+        if last < first or last > info.state.last_seq:
+            raise ReplayError(
+                f"no messages in [{req.from_seq}, {req.to_seq or 'last'}]; the stream holds "
+                f"{info.state.first_seq}..{info.state.last_seq}"
+            )
+        times = await self._event_times(first) + await self._event_times(last)
+        days = (max(times) - min(times)) / 86_400_000 if times else 0.0
+        mode = "rebuild" if first <= max(1, info.state.first_seq) else "raw"
+        verdict = await self._gov.decide(
+            "backfill",
+            f"{self._engine.view.name}:{first}-{last}",
+            {
+                "requester": req.requester,
+                "view": self._engine.view.name,
+                "from_seq": first,
+                "to_seq": last,
+                "mode": mode,
+                "range_days": round(days, 3),
+            },
+        )
+        if not verdict.allow:
+            raise ReplayDenied(
+                "replay denied by policy: " + "; ".join(verdict.reasons),
+                decision_id=verdict.decision_id,
+            )
+        self.status = ReplayStatus(
+            state="running",
+            mode=mode,
+            from_seq=first,
+            to_seq=last,
+            messages_total=last - first + 1,
+            decision_id=verdict.decision_id,
+            started_ms=int(time.time() * 1000),
+        )
+        self._task = asyncio.create_task(self._run(first, last, mode), name="replay")
+        return self.status
+
+    async def _run(self, first: int, last: int, mode: str) -> None:
+        st = self.status
+        pipeline = FeaturePipeline(
+            self._engine,
+            self._registry,
+            MemoryStateStore(),
+            self._sink,
+            write_features=mode == "rebuild",
+        )
+        cfg = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=first,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=60.0,
+            filter_subject="myelin.events.>",
+        )
+        psub = await self._js.pull_subscribe("myelin.events.>", stream=EVENTS_STREAM, config=cfg)
+        try:
+            while st.messages_done < st.messages_total:
+                msgs = await psub.fetch(self._batch, timeout=5)
+                batch = [(m.metadata.sequence.stream, m.data) for m in msgs]
+                batch = [(s, d) for s, d in batch if s <= last]
+                if batch:
+                    await pipeline.process(batch)
+                st.messages_done = (
+                    min(st.messages_total, max(s for s, _ in batch) - first + 1)
+                    if batch
+                    else st.messages_total
+                )
+                st.events = pipeline.stats.events
+            st.state = "done"
+        except Exception as exc:
+            log.exception("replay failed")
+            st.state, st.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            st.finished_ms = int(time.time() * 1000)
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def snapshot(self) -> dict[str, Any]:
+        result: dict[str, Any] = msgspec.to_builtins(self.status)
+        return result

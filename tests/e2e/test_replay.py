@@ -1,0 +1,114 @@
+"""Lose the embedded warehouse, rebuild it by replay: identical rows, governance asked."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from myelin import bus
+from myelin.errors import RemoteError
+from myelin.settings import Settings
+from myelin.stack.supervisor import Stack
+from myelin.subjects import EVENTS_STREAM, RPC_FEATURES_REPLAY, RPC_WAREHOUSE_QUERY, health_subject
+
+pytestmark = pytest.mark.e2e
+
+FINGERPRINT = (
+    "SELECT (SELECT count() FROM myelin.events FINAL) AS events, "
+    "(SELECT count() FROM myelin.feature_values FINAL) AS fv, "
+    "(SELECT sum(cityHash64(entity_id, as_of, stream_seq, toString(values))) FROM myelin.feature_values FINAL) AS h"
+)
+
+
+async def health(nc: Any) -> dict[str, Any]:
+    result: dict[str, Any] = msgspec.json.decode(
+        await bus.request(nc, health_subject("features"), {})
+    )
+    return result
+
+
+async def fingerprint(nc: Any) -> dict[str, Any]:
+    rows = msgspec.json.decode(await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": FINGERPRINT}))[
+        "data"
+    ]
+    return dict(rows[0])
+
+
+async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
+    now = int(time.time() * 1000)
+    events = [
+        {
+            "event_id": f"r{i}",
+            "type": ("click", "impression", "purchase")[i % 3],
+            "schema_version": 1,
+            "event_time": now - 1_200_000 + i * 200,
+            "data": {
+                "user_id": f"u{i % 41}",
+                "item_id": f"i{i % 7}",
+                **({"amount": 3.5} if i % 3 == 2 else {}),
+            },
+        }
+        for i in range(4000)
+    ]
+    async with Stack(settings, log=lambda _m: None) as stack:
+        async with aiohttp.ClientSession() as http:
+            for i in range(0, 4000, 1000):
+                async with http.post(
+                    f"http://127.0.0.1:{settings.ingest_http_port}/v1/events",
+                    json=events[i : i + 1000],
+                ) as r:
+                    assert r.status == 200
+        nc = await bus.connect(settings, "test")
+        try:
+            last = (await bus.jetstream(nc, settings).stream_info(EVENTS_STREAM)).state.last_seq
+            for _ in range(300):
+                if (await health(nc))["position"] >= last:
+                    break
+                await asyncio.sleep(0.1)
+            before = await fingerprint(nc)
+            assert before["events"] == 4000 and before["fv"] == 4000
+        finally:
+            await nc.close()
+
+        await stack.procs["features"].stop()
+        shutil.rmtree(settings.warehouse_dir)  # the warehouse is lost; Redis and the stream are not
+        await stack.restart_service("features")
+        nc = await bus.connect(settings, "test")
+        try:
+            assert (await fingerprint(nc))["events"] == 0
+            with pytest.raises(RemoteError) as denied:
+                await bus.request(nc, RPC_FEATURES_REPLAY, {"requester": ""})
+            assert denied.value.code == "replay_denied" and "requester" in denied.value.message
+            for attempt in range(2):  # the second replay changes nothing
+                started = msgspec.json.decode(
+                    await bus.request(nc, RPC_FEATURES_REPLAY, {"requester": "ops"})
+                )
+                assert started["mode"] == "rebuild" and started["to_seq"] == last
+                for _ in range(600):
+                    st = (await health(nc))["replay"]
+                    if st["state"] in ("done", "failed"):
+                        break
+                    await asyncio.sleep(0.1)
+                assert st["state"] == "done", st
+                assert st["events"] == 4000
+                assert await fingerprint(nc) == before, f"replay {attempt}"
+            audit = msgspec.json.decode(
+                await bus.request(
+                    nc,
+                    RPC_WAREHOUSE_QUERY,
+                    {
+                        "sql": "SELECT allow, count() AS n FROM myelin.audit FINAL WHERE action = 'backfill' "
+                        "GROUP BY allow ORDER BY allow"
+                    },
+                )
+            )["data"]
+            # the denial and both replays are audited (drained from the AUDIT stream)
+            assert {r["allow"]: r["n"] for r in audit}.get(1, 0) >= 1
+        finally:
+            await nc.close()
