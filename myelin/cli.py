@@ -142,6 +142,27 @@ async def _replay(settings: Settings, requester: str, from_seq: int, to_seq: int
         await nc.close()
 
 
+async def _check(settings: Settings, sample: int) -> int:
+    from myelin.subjects import RPC_FEATURES_CHECK
+
+    nc = await bus.connect(settings, "cli", reconnect=False)
+    try:
+        res = msgspec.json.decode(
+            await bus.request(nc, RPC_FEATURES_CHECK, {"sample": sample}, timeout=120)
+        )
+    finally:
+        await nc.close()
+    print(
+        f"checked {res['checked']} entities: {res['matched']} match, "
+        f"{len(res['mismatches'])} feature mismatches, {res['missing_online']} missing online"
+    )
+    for m in res["mismatches"][:50]:
+        print(
+            f"  {m['entity_id']} {m['feature']}: online {m['online']} offline {m['offline']} (seq {m['seq']})"
+        )
+    return 0 if not res["mismatches"] else 1
+
+
 async def _models(settings: Settings, name: str) -> int:
     from myelin.models import ModelRegistry
 
@@ -189,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         help="1 rebuilds feature values too; later: raw history only",
     )
     rp.add_argument("--to-seq", type=int, default=0, help="default: the stream's last sequence")
+    ck = fs.add_parser(
+        "check", help="online/offline consistency check on sampled entities (exit 1 on mismatch)"
+    )
+    ck.add_argument("--sample", type=int, default=100)
     m = sub.add_parser("models", help="model registry")
     m.add_argument("action", choices=["list"])
     m.add_argument("name")
@@ -201,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             code = asyncio.run(_demo(settings, args.events))
         elif args.cmd == "status":
             code = asyncio.run(_status(settings))
+        elif args.cmd == "features" and args.features_cmd == "check":
+            code = asyncio.run(_check(settings, args.sample))
         elif args.cmd == "features":
             code = asyncio.run(_replay(settings, args.requester, args.from_seq, args.to_seq))
         elif args.cmd == "contracts":

@@ -22,6 +22,7 @@ RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
 RPC_WAREHOUSE_QUERY = "myelin.rpc.warehouse.query"
 RPC_FEATURES_STATUS = "myelin.rpc.features.status"
 RPC_FEATURES_REPLAY = "myelin.rpc.features.replay"
+RPC_FEATURES_CHECK = "myelin.rpc.features.check"
 
 
 def health_subject(service: str) -> str:

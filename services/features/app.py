@@ -22,15 +22,18 @@ from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts.store import ContractStore
 from myelin.decisions import GovernanceClient
 from myelin.errors import Poison
+from myelin.online import OnlineReader
 from myelin.settings import Settings
 from myelin.subjects import (
     AUDIT_STREAM,
     DLQ_STREAM,
     EVENTS_STREAM,
     INFERENCES_STREAM,
+    RPC_FEATURES_CHECK,
     RPC_FEATURES_REPLAY,
 )
 from myelin.warehouse import open_warehouse
+from services.features.consistency import CheckRequest, check
 from services.features.drains import audit_drain, dlq_drain, inference_drain
 from services.features.late_sink import late_publisher
 from services.features.logic import WindowEngine
@@ -57,6 +60,27 @@ async def serve_replay(nc: NATS, replayer: Replayer) -> Any:
         return replayer.snapshot()
 
     return await bus.serve(nc, RPC_FEATURES_REPLAY, handle)
+
+
+async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
+    """Inbound adapter: the online/offline consistency check (``myelin features check``)."""
+    decode = msgspec.json.Decoder(CheckRequest)
+
+    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+        try:
+            req = decode.decode(data or b"{}")
+        except msgspec.MsgspecError as exc:
+            raise Poison(f"bad check request: {exc}") from None
+        assert app.pipeline is not None and app.sink is not None and app._redis is not None
+        return await check(
+            req,
+            WindowEngine(app.pipeline.view),
+            app.pipeline.registry,
+            OnlineReader(app._redis),
+            app.sink,
+        )
+
+    return await bus.serve(nc, RPC_FEATURES_CHECK, handle)
 
 
 class FeaturesApp:
@@ -126,6 +150,7 @@ class FeaturesApp:
             batch=s.features_batch,
         )
         self._subs.append(await serve_replay(self._nc, self.replayer))
+        self._subs.append(await serve_check(self._nc, self))
 
     async def _on_events(self, msgs: list[Msg]) -> None:
         assert self.pipeline is not None

@@ -15,7 +15,13 @@ from myelin import bus
 from myelin.errors import RemoteError
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
-from myelin.subjects import EVENTS_STREAM, RPC_FEATURES_REPLAY, RPC_WAREHOUSE_QUERY, health_subject
+from myelin.subjects import (
+    EVENTS_STREAM,
+    RPC_FEATURES_CHECK,
+    RPC_FEATURES_REPLAY,
+    RPC_WAREHOUSE_QUERY,
+    health_subject,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -110,5 +116,23 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
             )["data"]
             # the denial and both replays are audited (drained from the AUDIT stream)
             assert {r["allow"]: r["n"] for r in audit}.get(1, 0) >= 1
+
+            ok = msgspec.json.decode(
+                await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 50}, timeout=60)
+            )
+            assert ok["checked"] == 41 and ok["mismatches"] == [] and ok["matched"] == 41
+            import redis
+
+            rc = redis.Redis.from_url(settings.redis_url)
+            rc.hset(
+                "myelin:v1:online:user_activity:u7", "clicks_1h", "999.0"
+            )  # a drifted online value
+            rc.close()
+            bad = msgspec.json.decode(
+                await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 50}, timeout=60)
+            )
+            assert [(m["entity_id"], m["feature"], m["online"]) for m in bad["mismatches"]] == [
+                ("u7", "clicks_1h", 999.0)
+            ]
         finally:
             await nc.close()
