@@ -9,6 +9,7 @@ Written only by the features service; read by inference (and anyone) through
   ``_trace`` (its trace id) and ``_view`` (view content hash)
 - ``myelin:v1:state:{view}:{entity}``  hash: ``seq`` and ``blob`` (window state, msgpack)
 - ``myelin:v1:position:{view}``        string: last stream sequence fully applied
+- ``myelin:v1:watermarks:{view}``      hash: partition -> event-time watermark (ms)
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def state_key(view: str, entity: str) -> str:
 
 def position_key(view: str) -> str:
     return f"{PREFIX}:position:{view}"
+
+
+def watermarks_key(view: str) -> str:
+    """hash: partition -> newest event time (ms) seen in it by the view's pipeline."""
+    return f"{PREFIX}:watermarks:{view}"
 
 
 _READ_LUA = """

@@ -202,6 +202,14 @@ class WindowEngine:
                 del st.buckets[b]
         return Outcome.APPLIED
 
+    def mark_late(self, st: EntityState, seq: int) -> int:
+        """Late by its partition's watermark: not applied, but seen (a redelivery is a duplicate)."""
+        if seq <= st.seq:
+            return Outcome.DUPLICATE
+        st.seq = seq
+        st.late += 1
+        return Outcome.LATE
+
     def _window(self, f: Feature, st: EntityState, current: int) -> list[int]:
         nb = f.window_s // self.view.bucket_s
         if f.window == "tumbling":

@@ -20,16 +20,19 @@ _mp = msgspec.msgpack.Encoder()
 
 APPLY_LUA = """
 -- ARGV[1] = last stream sequence of the batch, ARGV[2] = ttl seconds,
--- ARGV[3] = msgpack [[entity_seq, {field, value, ...}], ...] aligned with KEYS[2..];
+-- KEYS[1] = position, KEYS[2] = partition watermarks, then (state, online) per entity.
+-- ARGV[3] = msgpack [[[entity_seq, {field, value, ...}], ...], [partition, watermark, ...]];
 -- ARGV[3 + i] = state blob of entity i (binary: Redis' cmsgpack has no bin type).
 -- The field lists travel as one argument: packing 100k+ arguments is costly client-side.
 local pos = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ttl = tonumber(ARGV[2])
-local updates = cmsgpack.unpack(ARGV[3])
+local doc = cmsgpack.unpack(ARGV[3])
+local updates = doc[1]
+if #doc[2] > 0 then redis.call('HSET', KEYS[2], unpack(doc[2])) end
 local applied = 0
 for i, u in ipairs(updates) do
-  local sk = KEYS[2 * i]
-  local ok = KEYS[2 * i + 1]
+  local sk = KEYS[1 + 2 * i]
+  local ok = KEYS[2 + 2 * i]
   local cur = tonumber(redis.call('HGET', sk, 'seq') or '0')
   if u[1] > cur then
     redis.call('HSET', sk, 'seq', u[1], 'blob', ARGV[3 + i])
@@ -90,9 +93,15 @@ class OnlineStore:
         blobs = await pipe.execute()
         return {e: EntityState.decode(b) for e, b in zip(entities, blobs, strict=True) if b}
 
-    async def apply(self, updates: list[OnlineUpdate], last_seq: int) -> int:
+    async def watermarks(self) -> dict[int, int]:
+        raw = await self._r.hgetall(online.watermarks_key(self.view.name))
+        return {int(k): int(v) for k, v in raw.items()}
+
+    async def apply(
+        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int]
+    ) -> int:
         name, vhash = self.view.name, self.view.content_hash
-        keys: list[str] = [online.position_key(name)]
+        keys: list[str] = [online.position_key(name), online.watermarks_key(name)]
         packed: list[Any] = []
         blobs: list[bytes] = []
         for u in updates:
@@ -114,7 +123,13 @@ class OnlineStore:
             packed.append([u.seq, fields])
             blobs.append(u.state.encode())
         applied: int = await self._apply(
-            keys=keys, args=[last_seq, self.ttl_s, _mp.encode(packed), *blobs]
+            keys=keys,
+            args=[
+                last_seq,
+                self.ttl_s,
+                _mp.encode([packed, [x for kv in watermarks.items() for x in kv]]),
+                *blobs,
+            ],
         )
         return applied
 
@@ -128,7 +143,11 @@ class StateStore(Protocol):
 
     async def load_states(self, entities: list[str]) -> dict[str, EntityState]: ...
 
-    async def apply(self, updates: list[OnlineUpdate], last_seq: int) -> int: ...
+    async def watermarks(self) -> dict[int, int]: ...
+
+    async def apply(
+        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int]
+    ) -> int: ...
 
 
 class MemoryStateStore:
@@ -138,6 +157,7 @@ class MemoryStateStore:
     def __init__(self) -> None:
         self._states: dict[str, EntityState] = {}
         self._position = 0
+        self._watermarks: dict[int, int] = {}
 
     async def register_view(self) -> None:
         return None
@@ -148,7 +168,13 @@ class MemoryStateStore:
     async def load_states(self, entities: list[str]) -> dict[str, EntityState]:
         return {e: self._states[e].copy() for e in entities if e in self._states}
 
-    async def apply(self, updates: list[OnlineUpdate], last_seq: int) -> int:
+    async def watermarks(self) -> dict[int, int]:
+        return dict(self._watermarks)
+
+    async def apply(
+        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int]
+    ) -> int:
+        self._watermarks.update(watermarks)
         for u in updates:
             self._states[u.entity] = u.state
         self._position = max(self._position, last_seq)

@@ -90,10 +90,13 @@ class FeaturePipeline:
         self.sink = sink
         self.cache = StateCache(cache_items)
         self.stats = PipelineStats()
+        self.watermarks: dict[int, int] = {}  # partition -> newest event time seen
+        self._lateness_ms = self.view.allowed_lateness_s * 1000
 
     async def start(self) -> int:
         await self.online.register_view()
         self.stats.position = await self.online.position()
+        self.watermarks = await self.online.watermarks()
         return self.stats.position
 
     async def process(self, batch: list[tuple[int, bytes]]) -> None:
@@ -179,6 +182,7 @@ class FeaturePipeline:
         late_events: list[tuple[int, StreamEvent]] = []
         touched: dict[str, tuple[dict[str, float], str]] = {}
         applied = dup = late = 0
+        wms = dict(self.watermarks)
         for seq, ev, data in decoded:
             is_late = 0
             if ev.type in sources:
@@ -189,7 +193,13 @@ class FeaturePipeline:
                         hot.copy() if hot is not None else loaded.get(ev.entity_id) or EntityState()
                     )
                     work[ev.entity_id] = st
-                outcome = self.engine.apply(st, seq, ev.type, ev.event_time, data)
+                p_wm = wms.get(ev.partition, 0)
+                if ev.event_time < p_wm - self._lateness_ms:
+                    outcome = self.engine.mark_late(st, seq)
+                else:
+                    outcome = self.engine.apply(st, seq, ev.type, ev.event_time, data)
+                    if ev.event_time > p_wm:
+                        wms[ev.partition] = ev.event_time
                 if outcome == Outcome.APPLIED:
                     applied += 1
                     values = self.engine.vector(st)
@@ -231,7 +241,10 @@ class FeaturePipeline:
             await self._late_sink(self.view.name, late_events)  # stored before the batch commits
         last_seq = batch[-1][0]
         updates = [OnlineUpdate(e, work[e], vals, trace) for e, (vals, trace) in touched.items()]
-        await self.online.apply(updates, last_seq)
+        await self.online.apply(
+            updates, last_seq, {p: w for p, w in wms.items() if w != self.watermarks.get(p)}
+        )
+        self.watermarks = wms
         for e, st in work.items():
             self.cache.put(e, st)
         s = self.stats

@@ -49,6 +49,9 @@ class FeatureView:
     bucket_s: int = 60  # sliding windows hop by one bucket
     ttl_s: int = 24 * 3600
     freshness_s: int = 15 * 60
+    # An event more than this behind its partition's watermark (the newest event time seen
+    # in that partition) is late, even if its entity has seen nothing newer.
+    allowed_lateness_s: int = 3600
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]
