@@ -33,6 +33,7 @@ from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
 from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
+from myelin.online import OnlineReader
 from myelin.settings import Settings
 from myelin.stack.process import free_port, wait_port
 from myelin.stack.supervisor import Stack, with_ports
@@ -93,19 +94,20 @@ async def main() -> None:
             await nc.close()
             users = [f"user-{i}" for i in range(1000)]
             r = aioredis.Redis.from_url(s.redis_url)
+            width = len((await OnlineReader(r).meta("user_activity")).features)
             pipe = r.pipeline(transaction=False)
-            for u in users:  # online vectors as the features service writes them
+            for u in users:  # online vectors as the features service writes them (layout v2)
                 pipe.hset(
-                    online.online_key("user_activity", u),
+                    online.entity_key("user_activity", u),
                     mapping={
-                        **{f: "1.0" for f in FEATURES},
-                        "_as_of": str(int(time.time() * 1000)),
-                        "_seq": "1",
-                        "_trace": "",
+                        "vec": online.encode_vector([1.0] * width),
+                        "as_of": str(int(time.time() * 1000)),
+                        "seq": "1",
+                        "trace": "",
                     },
                 )
             await pipe.execute()
-            fields = [*FEATURES, "_as_of", "_seq", "_trace"]
+            fields = ["vec", "as_of", "seq", "trace"]
 
             async with (
                 grpc.aio.insecure_channel(f"127.0.0.1:{s.inference_grpc_port}") as ch,
@@ -132,14 +134,14 @@ async def main() -> None:
 
                 async def redis1(i: int) -> object:
                     p = r.pipeline(transaction=False)
-                    p.hmget(online.online_key("user_activity", users[i % 1000]), fields)
+                    p.hmget(online.entity_key("user_activity", users[i % 1000]), fields)
                     return await p.execute()
 
                 async def redis100(i: int) -> object:
                     p = r.pipeline(transaction=False)
                     for j in range(100):
                         p.hmget(
-                            online.online_key("user_activity", users[(i * 100 + j) % 1000]), fields
+                            online.entity_key("user_activity", users[(i * 100 + j) % 1000]), fields
                         )
                     return await p.execute()
 

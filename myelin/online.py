@@ -1,15 +1,17 @@
 """The online feature store contract: Redis key layout (versioned) and the batched reader.
 
 Written only by the features service; read by inference (and anyone) through
-:class:`OnlineReader`. Layout ``v1``:
+:class:`OnlineReader`. Layout ``v2``:
 
-- ``myelin:v1:view:{view}``            hash: ``hash``, ``features`` (comma list), ``ttl_s``, ``freshness_s``
-- ``myelin:v1:online:{view}:{entity}`` hash: one field per feature (float text), plus
-  ``_as_of`` (event-time ms of the newest event applied), ``_seq`` (its stream sequence),
-  ``_trace`` (its trace id) and ``_view`` (view content hash)
-- ``myelin:v1:state:{view}:{entity}``  hash: ``seq`` and ``blob`` (window state, msgpack)
-- ``myelin:v1:position:{view}``        string: last stream sequence fully applied
-- ``myelin:v1:watermarks:{view}``      hash: partition -> event-time watermark (ms)
+- ``myelin:v2:view:{view}``            hash: ``hash``, ``features`` (comma list, the vector's
+  order), ``ttl_s``, ``freshness_s``
+- ``myelin:v2:entity:{view}:{entity}`` hash: ``vec`` (msgpack array of float64, one per
+  feature), ``as_of`` (event-time ms of the newest event applied), ``seq`` (its event
+  sequence), ``trace`` (its trace id), ``state`` (window state, msgpack)
+- ``myelin:v2:position:{view}``        string: last stream sequence fully applied
+- ``myelin:v2:watermarks:{view}``      hash: partition -> event-time watermark (ms)
+
+(v1 kept one hash field per feature; a vector as one field costs Redis far less to write.)
 """
 
 from __future__ import annotations
@@ -20,22 +22,21 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
-LAYOUT = "v1"
+LAYOUT = "v2"
 PREFIX = f"myelin:{LAYOUT}"
+_vec_enc = msgspec.msgpack.Encoder()
+_vec_dec = msgspec.msgpack.Decoder(list[float])
 
 
 def view_key(view: str) -> str:
     return f"{PREFIX}:view:{view}"
 
 
-def online_key(view: str, entity: str) -> str:
-    return f"{PREFIX}:online:{view}:{entity}"
-
-
-def state_key(view: str, entity: str) -> str:
-    return f"{PREFIX}:state:{view}:{entity}"
+def entity_key(view: str, entity: str) -> str:
+    return f"{PREFIX}:entity:{view}:{entity}"
 
 
 def position_key(view: str) -> str:
@@ -43,14 +44,21 @@ def position_key(view: str) -> str:
 
 
 def watermarks_key(view: str) -> str:
-    """hash: partition -> newest event time (ms) seen in it by the view's pipeline."""
     return f"{PREFIX}:watermarks:{view}"
+
+
+def encode_vector(values: list[float]) -> bytes:
+    return _vec_enc.encode([float(v) for v in values])
+
+
+def decode_vector(blob: bytes) -> list[float]:
+    return _vec_dec.decode(blob)
 
 
 _READ_LUA = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[i] = redis.call('HMGET', key, unpack(ARGV))
+  out[i] = redis.call('HMGET', key, 'vec', 'as_of', 'seq', 'trace')
 end
 return out
 """
@@ -103,7 +111,7 @@ class UnknownView(LookupError):
 
 
 class OnlineReader:
-    """Batched reads of online vectors: one Redis round trip for any number of entities."""
+    """Batched reads of online vectors: one Redis call for any number of entities."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._r = client
@@ -137,21 +145,32 @@ class OnlineReader:
         now_ms: int | None = None,
     ) -> list[EntityVector]:
         meta = await self.meta(view)
-        names = list(features or meta.features)
-        fields = [*names, "_as_of", "_seq", "_trace"]
-        rows = await self._mget(keys=[online_key(view, e) for e in entities], args=fields)
+        if features:
+            try:
+                pick: list[int] | None = [meta.features.index(f) for f in features]
+            except ValueError:
+                meta = await self.meta(view, refresh=True)
+                missing = [f for f in features if f not in meta.features]
+                if missing:
+                    raise UnknownView(f"view {view!r} has no feature(s) {missing}") from None
+                pick = [meta.features.index(f) for f in features]
+        else:
+            pick = None
+        width = len(pick) if pick is not None else len(meta.features)
+        rows = await self._mget(keys=[entity_key(view, e) for e in entities])
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         out: list[EntityVector] = []
-        n = len(names)
-        for e, row in zip(entities, rows, strict=True):
-            present = row[n] is not None
-            as_of = int(row[n]) if present else 0
+        nan_row = tuple(math.nan for _ in range(width))
+        for e, (vec, as_of_raw, seq_raw, trace) in zip(entities, rows, strict=True):
+            present = as_of_raw is not None and vec is not None
+            as_of = int(as_of_raw) if present else 0
             age = max(0, now - as_of) if present else -1
             status = classify(age, meta, present)
             if status in (Status.MISSING, Status.EXPIRED):
-                values = tuple(math.nan for _ in names)
+                values = nan_row
             else:
-                values = tuple(float(v) if v is not None else math.nan for v in row[:n])
+                full = decode_vector(vec)
+                values = tuple(full[i] for i in pick) if pick is not None else tuple(full)
             out.append(
                 EntityVector(
                     entity_id=e,
@@ -159,8 +178,8 @@ class OnlineReader:
                     as_of_ms=as_of,
                     age_ms=age,
                     status=status,
-                    seq=int(row[n + 1]) if row[n + 1] is not None else 0,
-                    trace_id=row[n + 2].decode() if row[n + 2] is not None else "",
+                    seq=int(seq_raw) if seq_raw is not None else 0,
+                    trace_id=_text(trace) if trace is not None else "",
                 )
             )
         return out

@@ -172,7 +172,15 @@ class WindowEngine:
         for i, (src, fld, fam) in enumerate(slots):
             self.by_source.setdefault(src, []).append((i, fld, fam))
         self._names = view.feature_names
-        self._plain = [f for f in view.features if f.kind != "ratio"]
+        self._plain = [
+            (
+                f,
+                (f.window, f.window_s, f.gap_s),
+                slots.index((f.source, f.field if f.kind != "count" else "", FAMILY[f.kind])),
+            )
+            for f in view.features
+            if f.kind != "ratio"
+        ]
         self._ratios = [f for f in view.features if f.kind == "ratio"]
 
     def apply(
@@ -232,21 +240,27 @@ class WindowEngine:
     def vector(self, st: EntityState) -> dict[str, float]:
         """Feature values as of the entity's watermark."""
         current = st.watermark // self.bucket_ms
+        buckets = st.buckets
         windows: dict[tuple[str, int, int], list[int]] = {}
         merged: dict[tuple[tuple[str, int, int], int], list[Any]] = {}
         values: dict[str, float] = {}
-        for f in self._plain:
-            wkey = (f.window, f.window_s, f.gap_s)
-            if wkey not in windows:
-                windows[wkey] = self._window(f, st, current)
-            slot = self.slots.index(
-                (f.source, f.field if f.kind != "count" else "", FAMILY[f.kind])
-            )
+        for f, wkey, slot in self._plain:
+            bs = windows.get(wkey)
+            if bs is None:
+                bs = windows[wkey] = self._window(f, st, current)
             mkey = (wkey, slot)
-            if mkey not in merged:
+            m = merged.get(mkey)
+            if m is None:
                 fam = self.slots[slot][2]
-                merged[mkey] = _merge(fam, [st.buckets[b][slot] for b in windows[wkey]])
-            values[f.name] = _value(f.kind, merged[mkey])
+                if fam == "n":
+                    m = [sum(buckets[b][slot][0] for b in bs)]
+                elif fam == "s":
+                    rows = [buckets[b][slot] for b in bs]
+                    m = [sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows)]
+                else:
+                    m = _merge(fam, [buckets[b][slot] for b in bs])
+                merged[mkey] = m
+            values[f.name] = _value(f.kind, m)
         for f in self._ratios:
             d = values[f.denominator]
             values[f.name] = values[f.numerator] / d if d else 0.0

@@ -19,11 +19,11 @@ from services.features.views import FeatureView
 _mp = msgspec.msgpack.Encoder()
 
 APPLY_LUA = """
+-- KEYS[1] = position, KEYS[2] = partition watermarks, KEYS[2 + i] = entity i's hash.
 -- ARGV[1] = last stream sequence of the batch, ARGV[2] = ttl seconds,
--- KEYS[1] = position, KEYS[2] = partition watermarks, then (state, online) per entity.
--- ARGV[3] = msgpack [[[entity_seq, {field, value, ...}], ...], [partition, watermark, ...]];
--- ARGV[3 + i] = state blob of entity i (binary: Redis' cmsgpack has no bin type).
--- The field lists travel as one argument: packing 100k+ arguments is costly client-side.
+-- ARGV[3] = msgpack [[[event_seq, as_of, trace], ...], [partition, watermark, ...]],
+-- ARGV[2 + 2i] = entity i's vector, ARGV[3 + 2i] = its window state (binary blobs:
+-- Redis' cmsgpack has no bin type). An entity is written only if its sequence is newer.
 local pos = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ttl = tonumber(ARGV[2])
 local doc = cmsgpack.unpack(ARGV[3])
@@ -31,14 +31,12 @@ local updates = doc[1]
 if #doc[2] > 0 then redis.call('HSET', KEYS[2], unpack(doc[2])) end
 local applied = 0
 for i, u in ipairs(updates) do
-  local sk = KEYS[1 + 2 * i]
-  local ok = KEYS[2 + 2 * i]
-  local cur = tonumber(redis.call('HGET', sk, 'seq') or '0')
+  local k = KEYS[2 + i]
+  local cur = tonumber(redis.call('HGET', k, 'seq') or '0')
   if u[1] > cur then
-    redis.call('HSET', sk, 'seq', u[1], 'blob', ARGV[3 + i])
-    redis.call('EXPIRE', sk, ttl)
-    redis.call('HSET', ok, unpack(u[2]))
-    redis.call('EXPIRE', ok, ttl)
+    redis.call('HSET', k, 'seq', u[1], 'as_of', u[2], 'trace', u[3], 'vec', ARGV[2 + 2 * i],
+               'state', ARGV[3 + 2 * i])
+    redis.call('EXPIRE', k, ttl)
     applied = applied + 1
   end
 end
@@ -89,7 +87,7 @@ class OnlineStore:
             return {}
         pipe = self._r.pipeline(transaction=False)
         for e in entities:
-            pipe.hget(online.state_key(self.view.name, e), "blob")
+            pipe.hget(online.entity_key(self.view.name, e), "state")
         blobs = await pipe.execute()
         return {e: EntityState.decode(b) for e, b in zip(entities, blobs, strict=True) if b}
 
@@ -100,36 +98,18 @@ class OnlineStore:
     async def apply(
         self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int]
     ) -> int:
-        name, vhash = self.view.name, self.view.content_hash
+        name = self.view.name
         keys: list[str] = [online.position_key(name), online.watermarks_key(name)]
-        packed: list[Any] = []
+        meta: list[Any] = []
         blobs: list[bytes] = []
         for u in updates:
-            keys.append(online.state_key(name, u.entity))
-            keys.append(online.online_key(name, u.entity))
-            fields: list[Any] = []
-            for k, val in u.values.items():
-                fields += [k, repr(val)]
-            fields += [
-                "_as_of",
-                str(u.as_of),
-                "_seq",
-                str(u.seq),
-                "_trace",
-                u.trace_id,
-                "_view",
-                vhash,
-            ]
-            packed.append([u.seq, fields])
+            keys.append(online.entity_key(name, u.entity))
+            meta.append([u.seq, u.as_of, u.trace_id])
+            blobs.append(online.encode_vector(list(u.values.values())))
             blobs.append(u.state.encode())
+        wm = [x for kv in watermarks.items() for x in kv]
         applied: int = await self._apply(
-            keys=keys,
-            args=[
-                last_seq,
-                self.ttl_s,
-                _mp.encode([packed, [x for kv in watermarks.items() for x in kv]]),
-                *blobs,
-            ],
+            keys=keys, args=[last_seq, self.ttl_s, _mp.encode([meta, wm]), *blobs]
         )
         return applied
 

@@ -11,7 +11,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from myelin import bus
+from myelin import bus, online
 from myelin.errors import RemoteError
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
@@ -124,9 +124,12 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
             import redis
 
             rc = redis.Redis.from_url(settings.redis_url)
-            rc.hset(
-                "myelin:v1:online:user_activity:u7", "clicks_1h", "999.0"
-            )  # a drifted online value
+            key = online.entity_key("user_activity", "u7")
+            names = rc.hget(online.view_key("user_activity"), "features")
+            assert isinstance(names, bytes)
+            vec = online.decode_vector(rc.hget(key, "vec"))  # type: ignore[arg-type]
+            vec[names.decode().split(",").index("clicks_1h")] = 999.0  # a drifted online value
+            rc.hset(key, "vec", online.encode_vector(vec))
             rc.close()
             bad = msgspec.json.decode(
                 await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 50}, timeout=60)
