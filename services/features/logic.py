@@ -77,19 +77,18 @@ def _add(family: str, slot: list[Any], value: Any, t: int) -> None:
 
 
 def _merge(family: str, slots: list[list[Any]]) -> list[Any]:
-    out = _init(family)
-    for s in slots:
-        if family in ("n", "s"):
-            for i, x in enumerate(s):
-                out[i] += x
-        elif family == "mm":
-            out[0], out[1] = min(out[0], s[0]), max(out[1], s[1])
-        elif family == "last":
-            if s[0] >= out[0]:
-                out[0], out[1] = s[0], s[1]
-        else:
-            out = sorted(set(out) | set(s))[:KMV_K]
-    return out
+    if not slots:
+        return _init(family)
+    if family == "n":
+        return [sum(s[0] for s in slots)]
+    if family == "s":
+        return [sum(s[0] for s in slots), sum(s[1] for s in slots), sum(s[2] for s in slots)]
+    if family == "mm":
+        return [min(s[0] for s in slots), max(s[1] for s in slots)]
+    if family == "last":
+        newest: list[Any] = max(slots, key=lambda s: s[0])
+        return list(newest)
+    return sorted(set().union(*slots))[:KMV_K]  # kmv: one union, one sort
 
 
 def _value(kind: str, m: list[Any]) -> float:
@@ -252,13 +251,7 @@ class WindowEngine:
             m = merged.get(mkey)
             if m is None:
                 fam = self.slots[slot][2]
-                if fam == "n":
-                    m = [sum(buckets[b][slot][0] for b in bs)]
-                elif fam == "s":
-                    rows = [buckets[b][slot] for b in bs]
-                    m = [sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows)]
-                else:
-                    m = _merge(fam, [buckets[b][slot] for b in bs])
+                m = _merge(fam, [buckets[b][slot] for b in bs])
                 merged[mkey] = m
             values[f.name] = _value(f.kind, m)
         for f in self._ratios:
