@@ -188,10 +188,10 @@ class FeaturePipeline:
             if ev.type in sources:
                 st = work.get(ev.entity_id)
                 if st is None:
+                    # Mutated in place: if the batch fails, process() drops the whole cache and
+                    # states are reloaded from Redis, which only ever holds committed batches.
                     hot = self.cache.get(ev.entity_id)
-                    st = (
-                        hot.copy() if hot is not None else loaded.get(ev.entity_id) or EntityState()
-                    )
+                    st = hot if hot is not None else loaded.get(ev.entity_id) or EntityState()
                     work[ev.entity_id] = st
                 p_wm = wms.get(ev.partition, 0)
                 if ev.event_time < p_wm - self._lateness_ms:
