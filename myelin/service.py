@@ -68,6 +68,7 @@ async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log = logging.getLogger(app.name)
     await app.start()
+    telemetry.setup_metrics(instance_name(app).replace("-", "_"), settings, app.status)
     health_nc = await bus.connect(settings, f"{app.name}-health")
     sub = await serve_health(health_nc, app)
     log.info("%s ready", app.name)

@@ -91,6 +91,9 @@ class Settings:
     max_event_age_s: float = 30 * 86400.0
     otlp_endpoint: str = ""
     trace_console: bool = False
+    metrics_port: int = (
+        0  # Prometheus /metrics on this port (0: off); `myelin up` gives one per process
+    )
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -135,6 +138,7 @@ class Settings:
             max_event_age_s=_float("MAX_EVENT_AGE_S", d.max_event_age_s),
             otlp_endpoint=_env("OTLP_ENDPOINT", ""),
             trace_console=_env("TRACE_CONSOLE", "") in ("1", "true", "yes"),
+            metrics_port=_int("METRICS_PORT", d.metrics_port),
         )
 
     @property

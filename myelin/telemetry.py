@@ -3,13 +3,20 @@
 Trace context travels as W3C ``traceparent`` in NATS headers and gRPC metadata. Spans
 are exported over OTLP/HTTP when ``MYELIN_OTLP_ENDPOINT`` is set, printed when
 ``MYELIN_TRACE_CONSOLE=1``, and otherwise only propagated.
+
+Metrics: each service's status counters are observed (read when scraped, nothing on the
+hot path) and served for Prometheus at ``http://127.0.0.1:$MYELIN_METRICS_PORT/metrics``
+when that port is set, as ``myelin_<service>_<name>`` (counters end in ``_total``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import Any
 
-from opentelemetry import context, trace
+from opentelemetry import context, metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -78,3 +85,75 @@ def context_from_trace_id(trace_id: str) -> context.Context:
         trace_id=tid, span_id=span_id, is_remote=True, trace_flags=trace.TraceFlags(1)
     )
     return trace.set_span_in_context(trace.NonRecordingSpan(parent))
+
+
+# Status fields that only ever grow: exported as counters; every other number is a gauge.
+MONOTONIC = frozenset(
+    {
+        "accepted",
+        "duplicates",
+        "rejected",
+        "refused_batches",
+        "overloaded",
+        "events",
+        "messages",
+        "applied",
+        "late",
+        "undecodable",
+        "feature_rows",
+        "requests",
+        "predictions",
+        "recorded",
+        "decisions",
+        "denials",
+        "swaps",
+    }
+)
+
+
+def setup_metrics(
+    service: str, settings: Settings, status: Callable[[], Mapping[str, Any]]
+) -> MeterProvider:
+    """Serve ``status()``'s numbers as Prometheus metrics when ``MYELIN_METRICS_PORT`` is set."""
+    readers = []
+    if settings.metrics_port:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.host)
+        readers.append(PrometheusMetricReader())
+    provider = MeterProvider(
+        metric_readers=readers, resource=Resource.create({"service.name": f"myelin-{service}"})
+    )
+    metrics.set_meter_provider(provider)
+    observe_status(provider, service, status)
+    return provider
+
+
+def _numbers(status: Mapping[str, Any]) -> Iterable[tuple[str, float, dict[str, str]]]:
+    for key, value in status.items():
+        if isinstance(value, bool | int | float):
+            yield key, float(value), {}
+        elif isinstance(value, dict):  # e.g. rejected_by_reason: one series per key
+            for sub, v in value.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    yield key, float(v), {"key": str(sub)}
+
+
+def observe_status(
+    provider: MeterProvider, service: str, status: Callable[[], Mapping[str, Any]]
+) -> None:
+    """One observable instrument per numeric status field, read at collection time."""
+    meter = provider.get_meter(f"myelin.{service}")
+    for key, _, _ in list(_numbers(status())):
+        if key.endswith("_ms") or key == "pid":
+            continue
+
+        def callback(_options: CallbackOptions, key: str = key) -> Iterable[Observation]:
+            return [Observation(v, attrs) for k, v, attrs in _numbers(status()) if k == key]
+
+        name = f"myelin_{service}_{key}"
+        if key in MONOTONIC or key.endswith("_by_reason"):
+            meter.create_observable_counter(name, callbacks=[callback])
+        else:
+            meter.create_observable_gauge(name, callbacks=[callback])

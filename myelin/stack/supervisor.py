@@ -39,6 +39,7 @@ class Stack:
         self.nats: NatsServer | None = None
         self.redis: RedisServer | None = None
         self.procs: dict[str, ManagedProcess] = {}
+        self.metrics: dict[str, int] = {}  # process name -> Prometheus port
         self._closed = False
 
     @property
@@ -64,6 +65,7 @@ class Stack:
         finally:
             await nc.drain()
         env = s.to_env()
+        metrics_port = s.metrics_port  # when set: consecutive ports, one per process
         for service in self.services:
             workers = s.ingest_workers if service == "ingest" else 1
             for k in range(1, workers + 1):
@@ -72,12 +74,20 @@ class Stack:
                     name,
                     [sys.executable, "-m", f"services.{service}"],
                     self.logs_dir / f"{name}.log",
-                    {**env, "MYELIN_INSTANCE": str(k)},
+                    {
+                        **env,
+                        "MYELIN_INSTANCE": str(k),
+                        "MYELIN_METRICS_PORT": str(metrics_port) if metrics_port else "0",
+                    },
                 )
+                if metrics_port:
+                    self.metrics[name] = metrics_port
+                    metrics_port += 1
                 self.procs[name] = proc
                 proc.start()
                 await self.wait_ready(name)
-                self._log(f"{name:<13} ready (pid {proc.pid}, log {proc.log_path})")
+                extra = f", metrics :{self.metrics[name]}/metrics" if name in self.metrics else ""
+                self._log(f"{name:<13} ready (pid {proc.pid}, log {proc.log_path}{extra})")
 
     async def wait_ready(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
         proc = self.procs[name]

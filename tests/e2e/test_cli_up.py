@@ -16,7 +16,10 @@ pytestmark = pytest.mark.e2e
 
 
 def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
-    env = {**os.environ, **settings.to_env()}
+    from myelin.stack.process import free_port
+
+    metrics_base = free_port()
+    env = {**os.environ, **settings.to_env(), "MYELIN_METRICS_PORT": str(metrics_base)}
     for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
         env.pop(k, None)
     proc = subprocess.Popen(
@@ -51,6 +54,27 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
             settings.redis_port,
         ):
             assert c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), c  # loopback by default
+    import urllib.request
+
+    # governance, features, inference, ingest get consecutive Prometheus ports
+    ingest_metrics = (
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 3}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    assert (
+        "myelin_ingest_accepted_total" in ingest_metrics
+        and "myelin_ingest_in_flight" in ingest_metrics
+    )
+    features_metrics = (
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 1}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    assert (
+        "myelin_features_late_total" in features_metrics
+        and "myelin_features_position" in features_metrics
+    )
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 0, rest
