@@ -29,54 +29,65 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
         text=True,
         cwd=Path(__file__).resolve().parents[2],
     )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if "Press Ctrl-C" in line or not line:
-            break
-    assert any("Press Ctrl-C" in ln for ln in lines), "".join(lines)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    names = sorted(c.name() for c in children)
-    assert (
-        sum("nats-server" in n for n in names) == 1 and sum("redis-server" in n for n in names) == 1
-    )
-    assert len(children) >= 6  # two engines + four services
-    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
-    assert settings.ingest_http_port in listening and settings.inference_grpc_port in listening
-    for c in psutil.net_connections("tcp"):
-        if c.status == "LISTEN" and c.laddr.port in (
-            settings.ingest_http_port,
-            settings.inference_grpc_port,
-            settings.nats_port,
-            settings.redis_port,
-        ):
-            assert c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), c  # loopback by default
-    import urllib.request
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "Press Ctrl-C" in line or not line:
+                break
+        assert any("Press Ctrl-C" in ln for ln in lines), "".join(lines)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = sorted(c.name() for c in children)
+        assert (
+            sum("nats-server" in n for n in names) == 1
+            and sum("redis-server" in n for n in names) == 1
+        )
+        assert len(children) >= 6  # two engines + four services
+        listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+        assert settings.ingest_http_port in listening and settings.inference_grpc_port in listening
+        for c in psutil.net_connections("tcp"):
+            if c.status == "LISTEN" and c.laddr.port in (
+                settings.ingest_http_port,
+                settings.inference_grpc_port,
+                settings.nats_port,
+                settings.redis_port,
+            ):
+                assert c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), (
+                    c
+                )  # loopback by default
+        import urllib.request
 
-    # governance, features, inference, ingest get consecutive Prometheus ports
-    ingest_metrics = (
-        urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 3}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
-    assert (
-        "myelin_ingest_accepted_total" in ingest_metrics
-        and "myelin_ingest_in_flight" in ingest_metrics
-    )
-    features_metrics = (
-        urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 1}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
-    assert (
-        "myelin_features_late_total" in features_metrics
-        and "myelin_features_position" in features_metrics
-    )
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 0, rest
-    assert "nothing left running" in rest
-    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        # governance, features, inference, ingest get consecutive Prometheus ports
+        ingest_metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 3}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        assert (
+            "myelin_ingest_accepted_total" in ingest_metrics
+            and "myelin_ingest_in_flight" in ingest_metrics
+        )
+        features_metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 1}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        assert (
+            "myelin_features_late_total" in features_metrics
+            and "myelin_features_position" in features_metrics
+        )
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 0, rest
+        assert "nothing left running" in rest
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:  # a failed assertion must not leave the stack running
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
