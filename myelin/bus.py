@@ -89,6 +89,16 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await ContractStore(js).publish(default_registry().specs())
 
 
+async def kv_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """Every key of a KV bucket, from its stream's subject index in one request.
+
+    nats-py's ``kv.keys()`` uses a watcher that can come back empty under load, which
+    would look like "no keys"."""
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    return sorted(subj[len(prefix) :] for subj in (info.state.subjects or {}))
+
+
 @dataclass(frozen=True, slots=True)
 class OutMsg:
     subject: str

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from myelin import bus
 from myelin.errors import MyelinError
@@ -96,11 +96,7 @@ class ModelRegistry:
         return self._kv, self._obj
 
     async def versions(self, name: str) -> list[int]:
-        kv, _ = await self._stores()
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
+        keys = await bus.kv_keys(self._js, MODELS_BUCKET)
         prefix = f"{name}.v"
         return sorted(
             int(k[len(prefix) :])

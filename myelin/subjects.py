@@ -20,7 +20,6 @@ ARTIFACTS_BUCKET = "myelin_model_artifacts"
 RPC_INGEST_PUBLISH = "myelin.rpc.ingest.publish"
 RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
 RPC_WAREHOUSE_QUERY = "myelin.rpc.warehouse.query"
-RPC_FEATURES_STATUS = "myelin.rpc.features.status"
 RPC_FEATURES_REPLAY = "myelin.rpc.features.replay"
 RPC_FEATURES_CHECK = "myelin.rpc.features.check"
 

@@ -35,24 +35,14 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def nats_server(settings: Settings) -> AsyncIterator[NatsServer]:
-    server = NatsServer(settings.state_dir / "nats", settings.nats_port)
-    server.start()
-    try:
-        await server.wait_ready()
+    async with NatsServer(settings.state_dir / "nats", settings.nats_port) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
 async def redis_server(settings: Settings) -> AsyncIterator[RedisServer]:
-    server = RedisServer(settings.state_dir / "redis", settings.redis_port)
-    server.start()
-    try:
-        await server.wait_ready()
+    async with RedisServer(settings.state_dir / "redis", settings.redis_port) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

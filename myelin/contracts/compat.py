@@ -44,42 +44,37 @@ def _readable(reader: FieldSpec, writer: FieldSpec) -> str | None:
     return None
 
 
-def _backward(new: ContractSpec, old: ContractSpec) -> list[Incompatibility]:
+def _reader_problems(
+    reader: ContractSpec, writer: ContractSpec, old: ContractSpec, missing: str, why_missing: str
+) -> list[Incompatibility]:
+    """What breaks when ``reader`` reads events written with ``writer`` (open reader)."""
     out = []
-    for f in new.fields:
-        o = old.field(f.name)
-        if o is None:
-            if f.required:
+    for r in reader.fields:
+        w = writer.field(r.name)
+        if w is None:
+            if r.required:
                 out.append(
                     Incompatibility(
-                        f.name,
-                        "field_added_without_default",
-                        f"v{old.version} events lack {f.name!r}; give it a default",
-                        old.version,
+                        r.name, missing, why_missing.format(v=old.version, f=r.name), old.version
                     )
                 )
-        elif why := _readable(f, o):
-            out.append(Incompatibility(f.name, "type_changed", why, old.version))
+        elif why := _readable(r, w):
+            out.append(Incompatibility(r.name, "type_changed", why, old.version))
     return out
+
+
+def _backward(new: ContractSpec, old: ContractSpec) -> list[Incompatibility]:
+    """New readers, old events."""
+    return _reader_problems(
+        new, old, old, "field_added_without_default", "v{v} events lack {f!r}; give it a default"
+    )
 
 
 def _forward(new: ContractSpec, old: ContractSpec) -> list[Incompatibility]:
-    out = []
-    for o in old.fields:
-        f = new.field(o.name)
-        if f is None:
-            if o.required:
-                out.append(
-                    Incompatibility(
-                        o.name,
-                        "field_removed",
-                        f"v{old.version} readers require {o.name!r}; it had no default",
-                        old.version,
-                    )
-                )
-        elif why := _readable(o, f):
-            out.append(Incompatibility(o.name, "type_changed", why, old.version))
-    return out
+    """Old readers, new events."""
+    return _reader_problems(
+        old, new, old, "field_removed", "v{v} readers require {f!r}; it had no default"
+    )
 
 
 def check(new: ContractSpec, history: list[ContractSpec]) -> list[Incompatibility]:

@@ -51,7 +51,3 @@ class StreamEvent(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     entity_id: str
     partition: int
     data: msgspec.Raw
-
-
-# The envelope name used in docs; the stream form is the canonical stored one.
-Envelope = StreamEvent

@@ -17,6 +17,7 @@ from nats.js.errors import (
     NotFoundError,
 )
 
+from myelin.bus import kv_keys
 from myelin.contracts.compat import Incompatibility, check
 from myelin.contracts.registry import ContractRegistry
 from myelin.contracts.schema import ContractSpec, validate_spec
@@ -62,11 +63,7 @@ class ContractStore:
 
     async def specs(self) -> list[ContractSpec]:
         kv = await self._bucket()
-        # The KV stream's subject index lists every key in one request; kv.keys() uses a
-        # watcher that can come back empty under load, which would look like "no contracts".
-        prefix = f"$KV.{CONTRACTS_BUCKET}."
-        info = await self._js.stream_info(f"KV_{CONTRACTS_BUCKET}", subjects_filter=f"{prefix}>")
-        keys = sorted(subj[len(prefix) :] for subj in (info.state.subjects or {}))
+        keys = await kv_keys(self._js, CONTRACTS_BUCKET)
         out = []
         for k in keys:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Self
 
 from myelin.errors import ConfigError
 from myelin.stack.process import ManagedProcess, wait_port
@@ -32,7 +33,26 @@ def redis_server_binary() -> Path:
     return Path(found)
 
 
-class NatsServer(ManagedProcess):
+class _Engine(ManagedProcess):
+    """``async with`` an engine: started, and ready to serve, or stopped again."""
+
+    host: str
+    port: int
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        await wait_port(self.host, self.port, timeout, self)
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+
+class NatsServer(_Engine):
     """nats-server with JetStream, file storage under ``data_dir``, bound to ``host``."""
 
     def __init__(
@@ -61,11 +81,8 @@ class NatsServer(ManagedProcess):
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        await wait_port(self.host, self.port, timeout, self)
 
-
-class RedisServer(ManagedProcess):
+class RedisServer(_Engine):
     """redis-server with an append-only file, so a killed process loses no acked write."""
 
     def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1") -> None:
@@ -95,6 +112,3 @@ class RedisServer(ManagedProcess):
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        await wait_port(self.host, self.port, timeout, self)

@@ -71,14 +71,9 @@ async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
             req = decode.decode(data or b"{}")
         except msgspec.MsgspecError as exc:
             raise Poison(f"bad check request: {exc}") from None
-        assert app.pipeline is not None and app.sink is not None and app._redis is not None
-        return await check(
-            req,
-            WindowEngine(app.pipeline.view),
-            app.pipeline.registry,
-            OnlineReader(app._redis),
-            app.sink,
-        )
+        assert app.pipeline is not None and app.sink is not None and app.reader is not None
+        # the engine holds configuration only (no entity state): the live one is reused
+        return await check(req, app.pipeline.engine, app.pipeline.registry, app.reader, app.sink)
 
     return await bus.serve(nc, RPC_FEATURES_CHECK, handle)
 
@@ -96,6 +91,7 @@ class FeaturesApp:
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
         self.replayer: Replayer | None = None
+        self.reader: OnlineReader | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -150,6 +146,7 @@ class FeaturesApp:
             batch=s.features_batch,
         )
         self._subs.append(await serve_replay(self._nc, self.replayer))
+        self.reader = OnlineReader(self._redis)
         self._subs.append(await serve_check(self._nc, self))
 
     async def _on_events(self, msgs: list[Msg]) -> None:

@@ -7,6 +7,7 @@ and events the JetStream window could not take are reported ``retry``, never dro
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -231,6 +232,4 @@ class Ingestor:
 
 
 def _digest(raw: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(raw).hexdigest()[:32]
