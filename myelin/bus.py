@@ -266,15 +266,28 @@ async def serve(
 async def request(nc: NATS, subject: str, payload: Any, *, timeout: float = 5.0) -> msgspec.Raw:
     """Send a request and return the raw JSON result, or raise :class:`RemoteError`."""
     data = payload if isinstance(payload, bytes) else _json.encode(payload)
-    headers = telemetry.inject({})
-    try:
-        msg = await nc.request(subject, data, timeout=timeout, headers=dict(headers))
-    except nats.errors.NoRespondersError:
-        raise Retryable(
-            f"no service answers on {subject}; is it running?", subject=subject
-        ) from None
-    except (TimeoutError, nats.errors.TimeoutError):
-        raise Retryable(f"{subject} did not answer within {timeout}s", subject=subject) from None
+    headers = dict(telemetry.inject({}))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = 0.02
+    while True:
+        # No responders is retried until the timeout: a service that is starting or
+        # restarting (or whose subscription is not yet seen) answers moments later.
+        left = deadline - loop.time()
+        try:
+            msg = await nc.request(subject, data, timeout=max(left, 0.001), headers=headers)
+            break
+        except nats.errors.NoRespondersError:
+            if loop.time() + pause >= deadline:
+                raise Retryable(
+                    f"no service answers on {subject}; is it running?", subject=subject
+                ) from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise Retryable(
+                f"{subject} did not answer within {timeout}s", subject=subject
+            ) from None
     reply = _reply_decoder.decode(msg.data)
     if not reply.ok:
         err = reply.error or ErrorBody("unknown", "error reply without body")
