@@ -3,7 +3,7 @@ bare libraries measured in the same run on the same machine:
 
 - a bare grpc.aio unary echo server (its own process, like the inference service),
   called by the same Python client with the same concurrency;
-- one pipelined redis-py HMGET round trip for the same keys;
+- one pipelined redis-py GET round trip for the same keys;
 - onnxruntime called directly on the same rows.
 
 Run: .venv/bin/python -m bench.inference_bench  (prints a markdown table)
@@ -94,20 +94,15 @@ async def main() -> None:
             await nc.close()
             users = [f"user-{i}" for i in range(1000)]
             r = aioredis.Redis.from_url(s.redis_url)
-            width = len((await OnlineReader(r).meta("user_activity")).features)
+            meta = await OnlineReader(r).meta("user_activity")
+            width, version = len(meta.features), meta.hash
             pipe = r.pipeline(transaction=False)
-            for u in users:  # online vectors as the features service writes them (layout v2)
-                pipe.hset(
-                    online.entity_key("user_activity", u),
-                    mapping={
-                        "vec": online.encode_vector([1.0] * width),
-                        "as_of": str(int(time.time() * 1000)),
-                        "seq": "1",
-                        "trace": "",
-                    },
+            for u in users:  # online records as the features service writes them (layout v3)
+                pipe.set(
+                    online.entity_key("user_activity", version, u),
+                    online.encode_entity(1, int(time.time() * 1000), "", [1.0] * width, []),
                 )
             await pipe.execute()
-            fields = ["vec", "as_of", "seq", "trace"]
 
             async with (
                 grpc.aio.insecure_channel(f"127.0.0.1:{s.inference_grpc_port}") as ch,
@@ -134,14 +129,14 @@ async def main() -> None:
 
                 async def redis1(i: int) -> object:
                     p = r.pipeline(transaction=False)
-                    p.hmget(online.entity_key("user_activity", users[i % 1000]), fields)
+                    p.get(online.entity_key("user_activity", version, users[i % 1000]))
                     return await p.execute()
 
                 async def redis100(i: int) -> object:
                     p = r.pipeline(transaction=False)
                     for j in range(100):
-                        p.hmget(
-                            online.entity_key("user_activity", users[(i * 100 + j) % 1000]), fields
+                        p.get(
+                            online.entity_key("user_activity", version, users[(i * 100 + j) % 1000])
                         )
                     return await p.execute()
 
@@ -179,7 +174,7 @@ async def main() -> None:
                         "p50 ms",
                         pct(lp, 50) - pct(le, 50),
                         pct(lr, 50),
-                        "Predict minus echo (read, score, record) vs bare redis-py HMGET",
+                        "Predict minus echo (read, score, record) vs bare redis-py GET",
                     ),
                 ]
                 # throughput at 32 in flight

@@ -1,17 +1,22 @@
 """The online feature store contract: Redis key layout (versioned) and the batched reader.
 
 Written only by the features service; read by inference (and anyone) through
-:class:`OnlineReader`. Layout ``v2``:
+:class:`OnlineReader`. Layout ``v3``; ``{version}`` is a feature view's content hash, so
+two definitions of one view live side by side:
 
-- ``myelin:v2:view:{view}``            hash: ``hash``, ``features`` (comma list, the vector's
-  order), ``ttl_s``, ``freshness_s``
-- ``myelin:v2:entity:{view}:{entity}`` hash: ``vec`` (msgpack array of float64, one per
-  feature), ``as_of`` (event-time ms of the newest event applied), ``seq`` (its event
-  sequence), ``trace`` (its trace id), ``state`` (window state, msgpack)
-- ``myelin:v2:position:{view}``        string: last stream sequence fully applied
-- ``myelin:v2:watermarks:{view}``      hash: partition -> event-time watermark (ms)
+- ``myelin:v3:view:{view}``                       hash: ``served`` (the version reads get
+  unless they pin one)
+- ``myelin:v3:version:{view}:{version}``          hash: ``features`` (comma list, the
+  vector's order), ``ttl_s``, ``freshness_s``, ``definition`` (JSON), ``registered_ms``
+- ``myelin:v3:entity:{view}:{version}:{entity}``  string, msgpack array ``[seq, as_of,
+  trace, vec, state]``: the event sequence of the newest event applied, its event time
+  (ms), its trace id, the vector (array of float64, one per feature) and the window state
+  (opaque to readers). One string per entity is one ``SET .. EX`` per write.
+- ``myelin:v3:position:{view}:{version}``         string: last stream sequence fully applied
+- ``myelin:v3:watermarks:{view}:{version}``       hash: partition -> event-time watermark (ms)
 
-(v1 kept one hash field per feature; a vector as one field costs Redis far less to write.)
+(v1 kept one hash field per feature; v2 had one version per view and a hash per entity.) The write and read
+scripts build entity keys from a prefix: a view's keys must live on one Redis node.
 """
 
 from __future__ import annotations
@@ -25,40 +30,69 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-LAYOUT = "v2"
+LAYOUT = "v3"
 PREFIX = f"myelin:{LAYOUT}"
-_vec_enc = msgspec.msgpack.Encoder()
-_vec_dec = msgspec.msgpack.Decoder(list[float])
+_enc = msgspec.msgpack.Encoder()
+
+
+class EntityDoc(msgspec.Struct, array_like=True):
+    """An entity's online record, as stored."""
+
+    seq: int
+    as_of: int
+    trace: str
+    vec: list[float]
+    state: msgspec.Raw  # the features service's window state
+
+
+_doc_dec = msgspec.msgpack.Decoder(EntityDoc)
 
 
 def view_key(view: str) -> str:
     return f"{PREFIX}:view:{view}"
 
 
-def entity_key(view: str, entity: str) -> str:
-    return f"{PREFIX}:entity:{view}:{entity}"
+def version_key(view: str, version: str) -> str:
+    return f"{PREFIX}:version:{view}:{version}"
 
 
-def position_key(view: str) -> str:
-    return f"{PREFIX}:position:{view}"
+def entity_prefix(view: str, version: str) -> str:
+    return f"{PREFIX}:entity:{view}:{version}:"
 
 
-def watermarks_key(view: str) -> str:
-    return f"{PREFIX}:watermarks:{view}"
+def entity_key(view: str, version: str, entity: str) -> str:
+    return entity_prefix(view, version) + entity
 
 
-def encode_vector(values: list[float]) -> bytes:
-    return _vec_enc.encode([float(v) for v in values])
+def position_key(view: str, version: str) -> str:
+    return f"{PREFIX}:position:{view}:{version}"
 
 
-def decode_vector(blob: bytes) -> list[float]:
-    return _vec_dec.decode(blob)
+def watermarks_key(view: str, version: str) -> str:
+    return f"{PREFIX}:watermarks:{view}:{version}"
 
 
+def encode_entity(seq: int, as_of: int, trace: str, vec: list[float], state: Any) -> bytes:
+    """``state`` is any msgpack-encodable value (the writer's window state)."""
+    return _enc.encode((seq, as_of, trace, vec, state))
+
+
+def decode_entity(blob: bytes) -> EntityDoc:
+    return _doc_dec.decode(blob)
+
+
+# KEYS[1] = the view key; ARGV[1] = version ('' = the served one), ARGV[2] = the view's
+# entity key prefix without version, ARGV[3..] = entity ids. Returns {version, rows...}:
+# the served version and its rows are read in one atomic step, so a promotion never
+# mixes versions within a read.
 _READ_LUA = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('HMGET', key, 'vec', 'as_of', 'seq', 'trace')
+local v = ARGV[1]
+if v == '' then v = redis.call('HGET', KEYS[1], 'served') end
+if not v then return {''} end
+local prefix = ARGV[2] .. v .. ':'
+local out = {v}
+for i = 3, #ARGV do
+  out[i - 1] = redis.call('GET', prefix .. ARGV[i])
 end
 return out
 """
@@ -74,7 +108,7 @@ class Status(StrEnum):
 @dataclass(frozen=True, slots=True)
 class ViewMeta:
     name: str
-    hash: str
+    hash: str  # the version
     features: tuple[str, ...]
     ttl_s: float
     freshness_s: float
@@ -89,6 +123,7 @@ class EntityVector:
     status: Status
     seq: int
     trace_id: str
+    version: str = ""  # the view version it was read from
 
 
 def classify(age_ms: int, meta: ViewMeta, present: bool) -> Status:
@@ -115,26 +150,35 @@ class OnlineReader:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._r = client
-        self._meta: dict[str, ViewMeta] = {}
+        self._meta: dict[tuple[str, str], ViewMeta] = {}  # versions are immutable
         # One server-side call for any number of entities: one command to pack, one reply
         # to parse (a pipeline of HMGETs costs ~35 us of client time per entity).
         self._mget: Any = client.register_script(_READ_LUA)
 
-    async def meta(self, view: str, *, refresh: bool = False) -> ViewMeta:
-        if not refresh and view in self._meta:
-            return self._meta[view]
-        raw = await self._r.hgetall(view_key(view))
+    async def served_version(self, view: str) -> str:
+        raw = await self._r.hget(view_key(view), "served")
+        if raw is None:
+            raise UnknownView(f"feature view {view!r} has no served version in the online store")
+        return _text(raw)
+
+    async def meta(self, view: str, version: str | None = None) -> ViewMeta:
+        """A version's metadata (the served version's when ``version`` is None)."""
+        v = version or await self.served_version(view)
+        got = self._meta.get((view, v))
+        if got is not None:
+            return got
+        raw = await self._r.hgetall(version_key(view, v))
         if not raw:
-            raise UnknownView(f"feature view {view!r} is not registered in the online store")
-        m = {_text(k): _text(v) for k, v in raw.items()}
+            raise UnknownView(f"feature view {view}@{v} is not registered in the online store")
+        m = {_text(k): _text(val) for k, val in raw.items()}
         meta = ViewMeta(
             name=view,
-            hash=m["hash"],
+            hash=v,
             features=tuple(m["features"].split(",")),
             ttl_s=float(m["ttl_s"]),
             freshness_s=float(m["freshness_s"]),
         )
-        self._meta[view] = meta
+        self._meta[(view, v)] = meta
         return meta
 
     async def read(
@@ -143,43 +187,40 @@ class OnlineReader:
         entities: list[str],
         features: list[str] | None = None,
         now_ms: int | None = None,
+        version: str | None = None,
     ) -> list[EntityVector]:
-        meta = await self.meta(view)
+        """Vectors of ``entities`` from ``version`` (default: the served one)."""
+        reply = await self._mget(
+            keys=[view_key(view)],
+            args=[version or "", f"{PREFIX}:entity:{view}:", *entities],
+        )
+        got = _text(reply[0])
+        if not got:
+            raise UnknownView(f"feature view {view!r} has no served version in the online store")
+        meta = await self.meta(view, got)
         if features:
-            try:
-                pick: list[int] | None = [meta.features.index(f) for f in features]
-            except ValueError:
-                meta = await self.meta(view, refresh=True)
-                missing = [f for f in features if f not in meta.features]
-                if missing:
-                    raise UnknownView(f"view {view!r} has no feature(s) {missing}") from None
-                pick = [meta.features.index(f) for f in features]
+            missing = [f for f in features if f not in meta.features]
+            if missing:
+                raise UnknownView(f"view {view}@{got} has no feature(s) {missing}")
+            pick: list[int] | None = [meta.features.index(f) for f in features]
         else:
             pick = None
         width = len(pick) if pick is not None else len(meta.features)
-        rows = await self._mget(keys=[entity_key(view, e) for e in entities])
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         out: list[EntityVector] = []
         nan_row = tuple(math.nan for _ in range(width))
-        for e, (vec, as_of_raw, seq_raw, trace) in zip(entities, rows, strict=True):
-            present = as_of_raw is not None and vec is not None
-            as_of = int(as_of_raw) if present else 0
-            age = max(0, now - as_of) if present else -1
-            status = classify(age, meta, present)
-            if status in (Status.MISSING, Status.EXPIRED):
+        for e, blob in zip(entities, reply[1:], strict=True):
+            if blob is None:
+                out.append(EntityVector(e, nan_row, 0, -1, Status.MISSING, 0, "", got))
+                continue
+            doc = decode_entity(blob)
+            age = max(0, now - doc.as_of)
+            status = classify(age, meta, True)
+            if status == Status.EXPIRED:
                 values = nan_row
+            elif pick is not None:
+                values = tuple(doc.vec[i] for i in pick)
             else:
-                full = decode_vector(vec)
-                values = tuple(full[i] for i in pick) if pick is not None else tuple(full)
-            out.append(
-                EntityVector(
-                    entity_id=e,
-                    values=values,
-                    as_of_ms=as_of,
-                    age_ms=age,
-                    status=status,
-                    seq=int(seq_raw) if seq_raw is not None else 0,
-                    trace_id=_text(trace) if trace is not None else "",
-                )
-            )
+                values = tuple(doc.vec)
+            out.append(EntityVector(e, values, doc.as_of, age, status, doc.seq, doc.trace, got))
         return out

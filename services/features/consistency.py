@@ -52,7 +52,9 @@ async def check(
     )
     if not ents:
         return {"checked": 0, "matched": 0, "mismatches": [], "missing_online": 0}
-    vectors = {v.entity_id: v for v in await reader.read(view.name, ents)}
+    vectors = {
+        v.entity_id: v for v in await reader.read(view.name, ents, version=view.content_hash)
+    }
     quoted = ", ".join("'" + e.replace("'", "''") + "'" for e in ents)
     rows = (
         await sink.query(

@@ -1,14 +1,17 @@
 """Pure windowing logic: per-entity bucketed state and event-time windows.
 
 State per entity: ``watermark`` (newest event time seen, ms), ``seq`` (event sequence of
-the last event applied) and time buckets. A bucket holds one accumulator *slot* per
-distinct ``(source, field, family)`` the view needs:
+the last event applied) and time buckets. A bucket is one flat row holding an accumulator
+*slot* per distinct ``(source, field, family)`` the view needs, side by side:
 
-- ``n``    [count]                      -> count
-- ``s``    [count, sum, sum of squares] -> sum, mean, stddev
-- ``mm``   [min, max]                   -> min, max
-- ``last`` [event time, value]          -> last
-- ``kmv``  the 64 smallest 32-bit hashes -> distinct (exact below 64 values)
+- ``n``    count                      -> count
+- ``s``    count, sum, sum of squares -> sum, mean, stddev
+- ``mm``   min, max                   -> min, max
+- ``last`` event time, value          -> last
+- ``kmv``  [the 64 smallest 32-bit hashes] -> distinct (exact below 64 values)
+
+Flat rows make a window's merge one transpose (``zip(*rows)``) and a C-level ``sum``,
+``min`` or ``max`` per column: Python's cost is per window, not per bucket and slot.
 
 An event is applied at most once (its sequence must be newer than ``seq``); one older
 than the longest window behind the watermark is *late*: not applied, counted, and kept
@@ -20,6 +23,7 @@ from __future__ import annotations
 import math
 import zlib
 from bisect import insort
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +34,7 @@ from services.features.views import Feature, FeatureView
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
 KMV_K = 64
+STATE_FORMAT = 2  # the first element of an encoded state; bump when the row layout changes
 FAMILY = {
     "count": "n",
     "sum": "s",
@@ -40,79 +45,13 @@ FAMILY = {
     "last": "last",
     "distinct": "kmv",
 }
-
-
-def _init(family: str) -> list[Any]:
-    if family == "n":
-        return [0]
-    if family == "s":
-        return [0, 0.0, 0.0]
-    if family == "mm":
-        return [math.inf, -math.inf]
-    if family == "last":
-        return [-1, math.nan]
-    return []  # kmv
-
-
-def _add(family: str, slot: list[Any], value: Any, t: int) -> None:
-    if family == "n":
-        slot[0] += 1
-    elif family == "s":
-        x = float(value)
-        slot[0] += 1
-        slot[1] += x
-        slot[2] += x * x
-    elif family == "mm":
-        x = float(value)
-        slot[0] = min(slot[0], x)
-        slot[1] = max(slot[1], x)
-    elif family == "last":
-        if t >= slot[0]:
-            slot[0], slot[1] = t, float(value)
-    else:
-        h = zlib.crc32(str(value).encode())
-        if h not in slot and (len(slot) < KMV_K or h < slot[-1]):
-            insort(slot, h)
-            del slot[KMV_K:]
-
-
-def _merge(family: str, slots: list[list[Any]]) -> list[Any]:
-    if not slots:
-        return _init(family)
-    if family == "n":
-        return [sum(s[0] for s in slots)]
-    if family == "s":
-        return [sum(s[0] for s in slots), sum(s[1] for s in slots), sum(s[2] for s in slots)]
-    if family == "mm":
-        return [min(s[0] for s in slots), max(s[1] for s in slots)]
-    if family == "last":
-        newest: list[Any] = max(slots, key=lambda s: s[0])
-        return list(newest)
-    return sorted(set().union(*slots))[:KMV_K]  # kmv: one union, one sort
-
-
-def _value(kind: str, m: list[Any]) -> float:
-    if kind == "count":
-        return float(m[0])
-    if kind == "sum":
-        return float(m[1])
-    if kind == "mean":
-        return float(m[1] / m[0]) if m[0] else math.nan
-    if kind == "stddev":
-        if not m[0]:
-            return math.nan
-        mean = m[1] / m[0]
-        return math.sqrt(max(m[2] / m[0] - mean * mean, 0.0))
-    if kind == "min":
-        return float(m[0]) if m[0] != math.inf else math.nan
-    if kind == "max":
-        return float(m[1]) if m[1] != -math.inf else math.nan
-    if kind == "last":
-        return float(m[1])
-    # distinct: exact below K, else the KMV estimate (K - 1) / (k-th smallest hash, scaled)
-    if len(m) < KMV_K:
-        return float(len(m))
-    return float((KMV_K - 1) / ((m[-1] + 1) / 2**32))
+_FRESH: dict[str, list[Any]] = {
+    "n": [0],
+    "s": [0, 0.0, 0.0],
+    "mm": [math.inf, -math.inf],
+    "last": [-1, math.nan],
+    "kmv": [None],  # replaced by a new list per bucket
+}
 
 
 @dataclass
@@ -120,29 +59,35 @@ class EntityState:
     seq: int = 0
     watermark: int = 0
     late: int = 0
-    buckets: dict[int, list[list[Any]]] = field(default_factory=dict)
+    buckets: dict[int, list[Any]] = field(default_factory=dict)
+
+    def to_list(self) -> list[Any]:
+        """The state as msgpack-ready builtins."""
+        return [STATE_FORMAT, self.seq, self.watermark, self.late, sorted(self.buckets.items())]
+
+    @classmethod
+    def from_list(cls, doc: list[Any]) -> EntityState:
+        fmt, seq, wm, late, rows = doc
+        if fmt != STATE_FORMAT:
+            raise ValueError(f"entity state format {fmt}, this build reads {STATE_FORMAT}")
+        return cls(seq, wm, late, {int(b): row for b, row in rows})
 
     def encode(self) -> bytes:
-        return _enc.encode(
-            [
-                self.seq,
-                self.watermark,
-                self.late,
-                [[b, *slots] for b, slots in sorted(self.buckets.items())],
-            ]
-        )
+        return _enc.encode(self.to_list())
 
     @classmethod
     def decode(cls, blob: bytes) -> EntityState:
-        seq, wm, late, rows = _dec.decode(blob)
-        return cls(seq, wm, late, {int(r[0]): [list(s) for s in r[1:]] for r in rows})
+        return cls.from_list(_dec.decode(blob))
 
     def copy(self) -> EntityState:
         return EntityState(
             self.seq,
             self.watermark,
             self.late,
-            {b: [list(s) for s in slots] for b, slots in self.buckets.items()},
+            {
+                b: [list(x) if isinstance(x, list) else x for x in row]
+                for b, row in self.buckets.items()
+            },
         )
 
 
@@ -152,6 +97,74 @@ class Outcome:
     LATE = 2
 
 
+def _kmv_add(slot: list[int], value: Any) -> None:
+    h = zlib.crc32(str(value).encode())
+    if h not in slot and (len(slot) < KMV_K or h < slot[-1]):
+        insort(slot, h)
+        del slot[KMV_K:]
+
+
+def _distinct(hashes: list[int]) -> float:
+    # exact below K, else the KMV estimate (K - 1) / (k-th smallest hash, scaled)
+    if len(hashes) < KMV_K:
+        return float(len(hashes))
+    return float((KMV_K - 1) / ((hashes[-1] + 1) / 2**32))
+
+
+def _reader(kind: str, at: int) -> Callable[[list[tuple[Any, ...]]], float]:
+    """How a feature's value is read from a window's columns (``cols[at:]`` is its slot)."""
+    if kind == "count":
+        return lambda c: float(sum(c[at]))
+    if kind == "sum":
+        return lambda c: float(sum(c[at + 1]))
+    if kind == "mean":
+
+        def mean(c: list[tuple[Any, ...]]) -> float:
+            n = sum(c[at])
+            return float(sum(c[at + 1]) / n) if n else math.nan
+
+        return mean
+    if kind == "stddev":
+
+        def stddev(c: list[tuple[Any, ...]]) -> float:
+            n = sum(c[at])
+            if not n:
+                return math.nan
+            mu = sum(c[at + 1]) / n
+            return math.sqrt(max(sum(c[at + 2]) / n - mu * mu, 0.0))
+
+        return stddev
+    if kind == "min":
+
+        def low(c: list[tuple[Any, ...]]) -> float:
+            x = min(c[at])
+            return float(x) if x != math.inf else math.nan
+
+        return low
+    if kind == "max":
+
+        def high(c: list[tuple[Any, ...]]) -> float:
+            x = max(c[at + 1])
+            return float(x) if x != -math.inf else math.nan
+
+        return high
+    if kind == "last":
+
+        def last(c: list[tuple[Any, ...]]) -> float:
+            t = c[at]
+            return float(c[at + 1][t.index(max(t))])
+
+        return last
+
+    def distinct(c: list[tuple[Any, ...]]) -> float:
+        slots = c[at]
+        if len(slots) == 1:
+            return _distinct(slots[0])
+        return _distinct(sorted(set().union(*slots))[:KMV_K])
+
+    return distinct
+
+
 class WindowEngine:
     """Applies events to entity states and computes the view's feature vector."""
 
@@ -159,28 +172,40 @@ class WindowEngine:
         self.view = view
         self.bucket_ms = view.bucket_s * 1000
         self.horizon_buckets = view.max_window_s // view.bucket_s
-        slots: list[tuple[str, str, str]] = []
+        offsets: dict[tuple[str, str, str], int] = {}
+        fresh: list[Any] = []
         for f in view.features:
             if f.kind != "ratio":
-                key = (f.source, f.field if f.kind != "count" else "", FAMILY[f.kind])
-                if key not in slots:
-                    slots.append(key)
-        self.slots = slots
-        self._fresh = [_init(fam) for _, _, fam in slots]
+                key = self._slot_key(f)
+                if key not in offsets:
+                    offsets[key] = len(fresh)
+                    fresh.extend(_FRESH[key[2]])
+        self._fresh = fresh
+        self._kmv_at = [at for (_, _, fam), at in offsets.items() if fam == "kmv"]
         self.by_source: dict[str, list[tuple[int, str, str]]] = {}
-        for i, (src, fld, fam) in enumerate(slots):
-            self.by_source.setdefault(src, []).append((i, fld, fam))
+        for (src, fld, fam), at in offsets.items():
+            self.by_source.setdefault(src, []).append((at, fld, fam))
         self._names = view.feature_names
-        self._plain = [
-            (
-                f,
-                (f.window, f.window_s, f.gap_s),
-                slots.index((f.source, f.field if f.kind != "count" else "", FAMILY[f.kind])),
-            )
-            for f in view.features
-            if f.kind != "ratio"
+        # features grouped by window: (window, window buckets, gap buckets) -> [(name, reader)]
+        self._windows: dict[tuple[str, int, int], list[tuple[str, Any]]] = {}
+        for f in view.features:
+            if f.kind != "ratio":
+                wkey = (f.window, f.window_s // view.bucket_s, f.gap_s // view.bucket_s)
+                reader = _reader(f.kind, offsets[self._slot_key(f)])
+                self._windows.setdefault(wkey, []).append((f.name, reader))
+        self._ratios = [
+            (f.name, f.numerator, f.denominator) for f in view.features if f.kind == "ratio"
         ]
-        self._ratios = [f for f in view.features if f.kind == "ratio"]
+
+    @staticmethod
+    def _slot_key(f: Feature) -> tuple[str, str, str]:
+        return (f.source, f.field if f.kind != "count" else "", FAMILY[f.kind])
+
+    def _new_row(self) -> list[Any]:
+        row = list(self._fresh)
+        for at in self._kmv_at:
+            row[at] = []
+        return row
 
     def apply(
         self, st: EntityState, seq: int, event_type: str, event_time: int, payload: Any
@@ -197,16 +222,36 @@ class WindowEngine:
         # Every event of the view's sources marks its bucket as activity (session windows).
         row = st.buckets.get(bucket)
         if row is None:
-            row = st.buckets[bucket] = [list(s) for s in self._fresh]
+            row = st.buckets[bucket] = self._new_row()
         targets = self.by_source.get(event_type)
         if targets:
-            for idx, fld, fam in targets:
-                _add(fam, row[idx], getattr(payload, fld) if fld else None, event_time)
+            for at, fld, fam in targets:
+                if fam == "n":
+                    row[at] += 1
+                    continue
+                value = getattr(payload, fld)
+                if fam == "s":
+                    x = float(value)
+                    row[at] += 1
+                    row[at + 1] += x
+                    row[at + 2] += x * x
+                elif fam == "mm":
+                    x = float(value)
+                    if x < row[at]:
+                        row[at] = x
+                    if x > row[at + 1]:
+                        row[at + 1] = x
+                elif fam == "last":
+                    if event_time >= row[at]:
+                        row[at], row[at + 1] = event_time, float(value)
+                else:
+                    _kmv_add(row[at], value)
         if event_time > st.watermark:
             st.watermark = event_time
             floor = current - self.horizon_buckets
-            for b in [b for b in st.buckets if b <= floor]:
-                del st.buckets[b]
+            if len(st.buckets) > 1 and min(st.buckets) <= floor:
+                for b in [b for b in st.buckets if b <= floor]:
+                    del st.buckets[b]
         return Outcome.APPLIED
 
     def mark_late(self, st: EntityState, seq: int) -> int:
@@ -217,13 +262,12 @@ class WindowEngine:
         st.late += 1
         return Outcome.LATE
 
-    def _window(self, f: Feature, st: EntityState, current: int) -> list[int]:
-        nb = f.window_s // self.view.bucket_s
-        if f.window == "tumbling":
+    @staticmethod
+    def _window(kind: str, nb: int, gap: int, st: EntityState, current: int) -> list[int]:
+        if kind == "tumbling":
             start = (current // nb) * nb
             return [b for b in st.buckets if start <= b <= current]
-        if f.window == "session":
-            gap = f.gap_s // self.view.bucket_s
+        if kind == "session":
             chosen: list[int] = []
             prev = current
             for b in sorted(st.buckets, reverse=True):
@@ -237,24 +281,28 @@ class WindowEngine:
         return [b for b in st.buckets if current - b < nb]
 
     def vector(self, st: EntityState) -> dict[str, float]:
-        """Feature values as of the entity's watermark."""
+        """Feature values as of the entity's watermark, by name."""
+        return dict(zip(self._names, self.values(st), strict=True))
+
+    def values(self, st: EntityState) -> list[float]:
+        """Feature values as of the entity's watermark, in the view's feature order."""
         current = st.watermark // self.bucket_ms
         buckets = st.buckets
-        windows: dict[tuple[str, int, int], list[int]] = {}
-        merged: dict[tuple[tuple[str, int, int], int], list[Any]] = {}
         values: dict[str, float] = {}
-        for f, wkey, slot in self._plain:
-            bs = windows.get(wkey)
-            if bs is None:
-                bs = windows[wkey] = self._window(f, st, current)
-            mkey = (wkey, slot)
-            m = merged.get(mkey)
-            if m is None:
-                fam = self.slots[slot][2]
-                m = _merge(fam, [buckets[b][slot] for b in bs])
-                merged[mkey] = m
-            values[f.name] = _value(f.kind, m)
-        for f in self._ratios:
-            d = values[f.denominator]
-            values[f.name] = values[f.numerator] / d if d else 0.0
-        return {n: values[n] for n in self._names}
+        everything: list[tuple[Any, ...]] | None = None
+        for (kind, nb, gap), feats in self._windows.items():
+            bs = self._window(kind, nb, gap, st, current)
+            if len(bs) == len(buckets):  # the common case: the window holds every bucket
+                if everything is None:
+                    everything = list(zip(*buckets.values(), strict=True))
+                cols = everything
+            else:
+                cols = list(zip(*(buckets[b] for b in bs), strict=True))
+            if not cols:
+                cols = [(x,) for x in self._new_row()]
+            for name, read in feats:
+                values[name] = read(cols)
+        for name, num, den in self._ratios:
+            d = values[den]
+            values[name] = values[num] / d if d else 0.0
+        return [values[n] for n in self._names]

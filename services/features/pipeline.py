@@ -26,7 +26,6 @@ from services.features.warehouse_sink import WarehouseSink, events_table, featur
 
 log = logging.getLogger(__name__)
 _decode_events = msgspec.msgpack.Decoder(list[StreamEvent])
-_json = msgspec.json.Encoder()
 # Every event gets an ``event_seq`` = stream sequence x SEQ_STRIDE + its index in the message
 # (a message carries up to 100 events): the unit of the per-entity apply-once guard.
 SEQ_STRIDE = 1000
@@ -110,34 +109,12 @@ class FeaturePipeline:
             self.cache.clear()  # the states in it may hold half a batch: reload from Redis
             raise
 
-    async def _process(self, batch: list[tuple[int, bytes]]) -> None:
-        sources = set(self.view.sources)
-        raw: dict[str, list[Any]] = {
-            k: []
-            for k in (
-                "event_id",
-                "type",
-                "schema_version",
-                "entity_id",
-                "event_time",
-                "ingest_time",
-                "producer_id",
-                "trace_id",
-                "partition",
-                "stream_seq",
-                "late",
-                "data",
-            )
-        }
-        fv: dict[str, list[Any]] = {
-            "entity_id": [],
-            "as_of": [],
-            "stream_seq": [],
-            "trace_id": [],
-            "values": [],
-        }
+    async def _decode(
+        self, batch: list[tuple[int, bytes]]
+    ) -> tuple[list[tuple[int, StreamEvent, Any]], int]:
         decoded: list[tuple[int, StreamEvent, Any]] = []
         undecodable = 0
+        get = self.registry.get
         for stream_seq, payload in batch:
             try:
                 events = _decode_events.decode(payload)
@@ -149,13 +126,14 @@ class FeaturePipeline:
                 undecodable += 1
                 log.warning("stream seq %d is not a list of events, skipped: %s", stream_seq, exc)
                 continue
+            base = stream_seq * SEQ_STRIDE
             for idx, ev in enumerate(events):
-                seq = stream_seq * SEQ_STRIDE + idx
                 try:
-                    contract = self.registry.get(ev.type, ev.schema_version)
+                    contract = get(ev.type, ev.schema_version)
                     if contract is None and self._reload is not None:
                         self.registry = await self._reload()  # a version registered since start
-                        contract = self.registry.get(ev.type, ev.schema_version)
+                        get = self.registry.get
+                        contract = get(ev.type, ev.schema_version)
                     if contract is None:
                         raise msgspec.ValidationError(
                             f"no contract for {ev.type} v{ev.schema_version}"
@@ -167,75 +145,75 @@ class FeaturePipeline:
                         "event %d of stream seq %d is not valid, skipped: %s", idx, stream_seq, exc
                     )
                     continue
-                decoded.append((seq, ev, data))
+                decoded.append((base + idx, ev, data))
+        return decoded, undecodable
+
+    async def _process(self, batch: list[tuple[int, bytes]]) -> None:
+        sources = set(self.view.sources)
+        decoded, undecodable = await self._decode(batch)
 
         # Load the states this batch needs that are not hot.
+        cache = self.cache
         needed = list(
             {
                 ev.entity_id
                 for _, ev, _ in decoded
-                if ev.type in sources and self.cache.get(ev.entity_id) is None
+                if ev.type in sources and cache.get(ev.entity_id) is None
             }
         )
         loaded = await self.online.load_states(needed)
         work: dict[str, EntityState] = {}
         late_events: list[tuple[int, StreamEvent]] = []
-        touched: dict[str, tuple[dict[str, float], str]] = {}
-        applied = dup = late = 0
+        touched: dict[str, tuple[list[float], str]] = {}
+        late_seqs: set[int] = set()
+        fv_rows: list[tuple[str, int, int, str]] = []  # entity, as_of, event seq, trace
+        fv_values: list[float] = []
+        applied = dup = 0
         wms = dict(self.watermarks)
+        engine = self.engine
+        lateness = self._lateness_ms
         for seq, ev, data in decoded:
-            is_late = 0
-            if ev.type in sources:
-                st = work.get(ev.entity_id)
-                if st is None:
-                    # Mutated in place: if the batch fails, process() drops the whole cache and
-                    # states are reloaded from Redis, which only ever holds committed batches.
-                    hot = self.cache.get(ev.entity_id)
-                    st = hot if hot is not None else loaded.get(ev.entity_id) or EntityState()
-                    work[ev.entity_id] = st
-                p_wm = wms.get(ev.partition, 0)
-                if ev.event_time < p_wm - self._lateness_ms:
-                    outcome = self.engine.mark_late(st, seq)
-                else:
-                    outcome = self.engine.apply(st, seq, ev.type, ev.event_time, data)
-                    if ev.event_time > p_wm:
-                        wms[ev.partition] = ev.event_time
-                if outcome == Outcome.APPLIED:
-                    applied += 1
-                    values = self.engine.vector(st)
-                    touched[ev.entity_id] = (values, ev.trace_id)
-                    fv["entity_id"].append(ev.entity_id)
-                    fv["as_of"].append(st.watermark)
-                    fv["stream_seq"].append(seq)
-                    fv["trace_id"].append(ev.trace_id)
-                    fv["values"].append(list(values.items()))
-                elif outcome == Outcome.LATE:
-                    late += 1
-                    is_late = 1
-                    late_events.append((seq, ev))
-                    touched[ev.entity_id] = (self.engine.vector(st), ev.trace_id)
-                else:
-                    dup += 1
-            for k, v in (
-                ("event_id", ev.event_id),
-                ("type", ev.type),
-                ("schema_version", ev.schema_version),
-                ("entity_id", ev.entity_id),
-                ("event_time", ev.event_time),
-                ("ingest_time", ev.ingest_time),
-                ("producer_id", ev.producer_id),
-                ("trace_id", ev.trace_id),
-                ("partition", ev.partition),
-                ("stream_seq", seq),
-                ("late", is_late),
-                ("data", _json.encode(data).decode()),
-            ):
-                raw[k].append(v)
+            if ev.type not in sources:
+                continue
+            entity = ev.entity_id
+            st = work.get(entity)
+            if st is None:
+                # Mutated in place: if the batch fails, process() drops the whole cache and
+                # states are reloaded from Redis, which only ever holds committed batches.
+                hot = cache.get(entity)
+                st = hot if hot is not None else loaded.get(entity) or EntityState()
+                work[entity] = st
+            p_wm = wms.get(ev.partition, 0)
+            if ev.event_time < p_wm - lateness:
+                outcome = engine.mark_late(st, seq)
+            else:
+                outcome = engine.apply(st, seq, ev.type, ev.event_time, data)
+                if ev.event_time > p_wm:
+                    wms[ev.partition] = ev.event_time
+            if outcome == Outcome.APPLIED:
+                applied += 1
+                values = engine.values(st)
+                touched[entity] = (values, ev.trace_id)
+                fv_rows.append((entity, st.watermark, seq, ev.trace_id))
+                fv_values.extend(values)
+            elif outcome == Outcome.LATE:
+                late_seqs.add(seq)
+                late_events.append((seq, ev))
+                touched[entity] = (engine.values(st), ev.trace_id)
+            else:
+                dup += 1
 
-        await self.sink.insert("events", events_table(raw))
-        if fv["entity_id"] and self.write_features:
+        await self.sink.insert("events", events_table(decoded, late_seqs))
+        if fv_rows and self.write_features:
             await self.sink.insert(
-                "feature_values", feature_values_table(self.view.name, self.view.content_hash, fv)
+                "feature_values",
+                feature_values_table(
+                    self.view.name,
+                    self.view.content_hash,
+                    self.view.feature_names,
+                    fv_rows,
+                    fv_values,
+                ),
             )
         if late_events and self._late_sink is not None:
             await self._late_sink(self.view.name, late_events)  # stored before the batch commits
@@ -246,15 +224,15 @@ class FeaturePipeline:
         )
         self.watermarks = wms
         for e, st in work.items():
-            self.cache.put(e, st)
+            cache.put(e, st)
         s = self.stats
         s.events += len(decoded)
         s.messages += len(batch)
         s.applied += applied
         s.duplicates += dup
-        s.late += late
+        s.late += len(late_seqs)
         s.undecodable += undecodable
-        s.feature_rows += len(fv["entity_id"])
+        s.feature_rows += len(fv_rows)
         s.position = last_seq
         if decoded:
             s.last_event_ingest_ms = decoded[-1][1].ingest_time

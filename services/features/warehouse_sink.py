@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 import pyarrow as pa
 
+from myelin.contracts import StreamEvent
 from myelin.records import AuditRecord, DeadLetter, InferenceRecord
 from myelin.warehouse import DATABASE, Warehouse
 
@@ -42,36 +43,54 @@ class WarehouseSink:
         self.wh.close()
 
 
-def events_table(rows: dict[str, list[Any]]) -> pa.Table:
+def events_table(decoded: list[tuple[int, StreamEvent, Any]], late: set[int]) -> pa.Table:
+    """Raw history, one row per ``(event_seq, event, payload)``; ``late`` holds event seqs."""
+    evs = [ev for _, ev, _ in decoded]
+    seqs = [seq for seq, _, _ in decoded]
+    json = _json.encode
     return pa.table(
         {
-            "event_id": pa.array(rows["event_id"], pa.string()),
-            "type": pa.array(rows["type"], pa.string()),
-            "schema_version": pa.array(rows["schema_version"], pa.uint16()),
-            "entity_id": pa.array(rows["entity_id"], pa.string()),
-            "event_time": pa.array(rows["event_time"], TS),
-            "ingest_time": pa.array(rows["ingest_time"], TS),
-            "producer_id": pa.array(rows["producer_id"], pa.string()),
-            "trace_id": pa.array(rows["trace_id"], pa.string()),
-            "partition": pa.array(rows["partition"], pa.uint16()),
-            "stream_seq": pa.array(rows["stream_seq"], pa.uint64()),
-            "late": pa.array(rows["late"], pa.uint8()),
-            "data": pa.array(rows["data"], pa.string()),
+            "event_id": pa.array([e.event_id for e in evs], pa.string()),
+            "type": pa.array([e.type for e in evs], pa.string()),
+            "schema_version": pa.array([e.schema_version for e in evs], pa.uint16()),
+            "entity_id": pa.array([e.entity_id for e in evs], pa.string()),
+            "event_time": pa.array([e.event_time for e in evs], TS),
+            "ingest_time": pa.array([e.ingest_time for e in evs], TS),
+            "producer_id": pa.array([e.producer_id for e in evs], pa.string()),
+            "trace_id": pa.array([e.trace_id for e in evs], pa.string()),
+            "partition": pa.array([e.partition for e in evs], pa.uint16()),
+            "stream_seq": pa.array(seqs, pa.uint64()),
+            "late": pa.array(
+                [1 if s in late else 0 for s in seqs] if late else [0] * len(seqs), pa.uint8()
+            ),
+            "data": pa.array([json(d).decode() for _, _, d in decoded], pa.string()),
         }
     )
 
 
-def feature_values_table(view: str, view_hash: str, rows: dict[str, list[Any]]) -> pa.Table:
-    n = len(rows["entity_id"])
+def feature_values_table(
+    view: str,
+    view_hash: str,
+    names: tuple[str, ...],
+    rows: list[tuple[str, int, int, str]],
+    values: list[float],
+) -> pa.Table:
+    """One row per ``(entity, as_of, event seq, trace)``; ``values`` holds each row's
+    vector, in ``names`` order, back to back."""
+    n, width = len(rows), len(names)
+    offsets = pa.array(range(0, n * width + 1, width), pa.int32())
+    keys = pa.DictionaryArray.from_arrays(
+        pa.array(list(range(width)) * n, pa.int32()), pa.array(names, pa.string())
+    ).cast(pa.string())
     return pa.table(
         {
             "view": pa.array([view] * n, pa.string()),
             "view_hash": pa.array([view_hash] * n, pa.string()),
-            "entity_id": pa.array(rows["entity_id"], pa.string()),
-            "as_of": pa.array(rows["as_of"], TS),
-            "stream_seq": pa.array(rows["stream_seq"], pa.uint64()),
-            "trace_id": pa.array(rows["trace_id"], pa.string()),
-            "values": pa.array(rows["values"], FMAP),
+            "entity_id": pa.array([r[0] for r in rows], pa.string()),
+            "as_of": pa.array([r[1] for r in rows], TS),
+            "stream_seq": pa.array([r[2] for r in rows], pa.uint64()),
+            "trace_id": pa.array([r[3] for r in rows], pa.string()),
+            "values": pa.MapArray.from_arrays(offsets, keys, pa.array(values, pa.float64())),
         }
     )
 
