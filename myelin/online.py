@@ -8,15 +8,20 @@ two definitions of one view live side by side:
   unless they pin one)
 - ``myelin:v3:version:{view}:{version}``          hash: ``features`` (comma list, the
   vector's order), ``ttl_s``, ``freshness_s``, ``definition`` (JSON), ``registered_ms``
-- ``myelin:v3:entity:{view}:{version}:{entity}``  string, msgpack array ``[seq, as_of,
-  trace, vec, state]``: the event sequence of the newest event applied, its event time
-  (ms), its trace id, the vector (array of float64, one per feature) and the window state
-  (opaque to readers). One string per entity is one ``SET .. EX`` per write.
+- ``myelin:v3:entities:{view}:{version}``        hash: entity id -> msgpack array ``[seq,
+  as_of, trace, vec, state]``: the event sequence of the newest event applied, its event
+  time (ms), its trace id, the vector (array of float64, one per feature) and the window
+  state (opaque to readers). One hash per version: a batch is one HSET and a read one
+  HMGET, whatever the number of entities.
+- ``myelin:v3:expiry:{view}:{version}``          sorted set: entity id scored by ``as_of``;
+  the features service deletes entities older than the view's TTL from both keys (reads
+  enforce the TTL themselves, whether or not the sweep has run).
 - ``myelin:v3:position:{view}:{version}``         string: last stream sequence fully applied
 - ``myelin:v3:watermarks:{view}:{version}``       hash: partition -> event-time watermark (ms)
 
-(v1 kept one hash field per feature; v2 had one version per view and a hash per entity.) The write and read
-scripts build entity keys from a prefix: a view's keys must live on one Redis node.
+(v1 kept one hash field per feature; v2 had one version per view and a hash per entity.)
+The read script builds the entities key from the served version: a view's keys must live
+on one Redis node.
 """
 
 from __future__ import annotations
@@ -56,12 +61,12 @@ def version_key(view: str, version: str) -> str:
     return f"{PREFIX}:version:{view}:{version}"
 
 
-def entity_prefix(view: str, version: str) -> str:
-    return f"{PREFIX}:entity:{view}:{version}:"
+def entities_key(view: str, version: str) -> str:
+    return f"{PREFIX}:entities:{view}:{version}"
 
 
-def entity_key(view: str, version: str, entity: str) -> str:
-    return entity_prefix(view, version) + entity
+def expiry_key(view: str, version: str) -> str:
+    return f"{PREFIX}:expiry:{view}:{version}"
 
 
 def position_key(view: str, version: str) -> str:
@@ -82,20 +87,17 @@ def decode_entity(blob: bytes) -> EntityDoc:
 
 
 # KEYS[1] = the view key; ARGV[1] = version ('' = the served one), ARGV[2] = the view's
-# entity key prefix without version, ARGV[3..] = entity ids. Returns {version, rows...}:
-# the served version and its rows are read in one atomic step, so a promotion never
-# mixes versions within a read.
+# entities key without version, ARGV[3..] = entity ids. Returns {version, records}: the
+# served version and its records are read in one atomic step, so a promotion never mixes
+# versions within a read.
 _READ_LUA = """
 local v = ARGV[1]
 if v == '' then v = redis.call('HGET', KEYS[1], 'served') end
 if not v then return {''} end
-local prefix = ARGV[2] .. v .. ':'
-local out = {v}
-for i = 3, #ARGV do
-  out[i - 1] = redis.call('GET', prefix .. ARGV[i])
-end
-return out
+if #ARGV < 3 then return {v, {}} end
+return {v, redis.call('HMGET', ARGV[2] .. v, unpack(ARGV, 3))}
 """
+READ_CHUNK = 4000  # entity ids per script call (Lua's unpack is bounded by its C stack)
 
 
 class Status(StrEnum):
@@ -190,13 +192,20 @@ class OnlineReader:
         version: str | None = None,
     ) -> list[EntityVector]:
         """Vectors of ``entities`` from ``version`` (default: the served one)."""
-        reply = await self._mget(
-            keys=[view_key(view)],
-            args=[version or "", f"{PREFIX}:entity:{view}:", *entities],
-        )
-        got = _text(reply[0])
-        if not got:
-            raise UnknownView(f"feature view {view!r} has no served version in the online store")
+        got = version or ""
+        records: list[bytes | None] = []
+        for at in range(0, max(len(entities), 1), READ_CHUNK):
+            # later chunks pin the version the first one resolved
+            reply = await self._mget(
+                keys=[view_key(view)],
+                args=[got, f"{PREFIX}:entities:{view}:", *entities[at : at + READ_CHUNK]],
+            )
+            got = _text(reply[0])
+            if not got:
+                raise UnknownView(
+                    f"feature view {view!r} has no served version in the online store"
+                )
+            records.extend(reply[1])
         meta = await self.meta(view, got)
         if features:
             missing = [f for f in features if f not in meta.features]
@@ -209,7 +218,7 @@ class OnlineReader:
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         out: list[EntityVector] = []
         nan_row = tuple(math.nan for _ in range(width))
-        for e, blob in zip(entities, reply[1:], strict=True):
+        for e, blob in zip(entities, records, strict=True):
             if blob is None:
                 out.append(EntityVector(e, nan_row, 0, -1, Status.MISSING, 0, "", got))
                 continue

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from bisect import insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,11 +45,13 @@ FAMILY = {
     "last": "last",
     "distinct": "kmv",
 }
+# Empty slots are small ints and None (a state is written to Redis on every batch that
+# touches its entity: msgpack spends 1 byte on 0 or nil, 9 on a float).
 _FRESH: dict[str, list[Any]] = {
     "n": [0],
-    "s": [0, 0.0, 0.0],
-    "mm": [math.inf, -math.inf],
-    "last": [-1, math.nan],
+    "s": [0, 0, 0],
+    "mm": [None, None],
+    "last": [-1, None],
     "kmv": [None],  # replaced by a new list per bucket
 }
 
@@ -70,7 +72,7 @@ class EntityState:
         fmt, seq, wm, late, rows = doc
         if fmt != STATE_FORMAT:
             raise ValueError(f"entity state format {fmt}, this build reads {STATE_FORMAT}")
-        return cls(seq, wm, late, {int(b): row for b, row in rows})
+        return cls(seq, wm, late, {int(b): row for b, row in rows})  # encoded in time order
 
     def encode(self) -> bytes:
         return _enc.encode(self.to_list())
@@ -137,22 +139,23 @@ def _reader(kind: str, at: int) -> Callable[[list[tuple[Any, ...]]], float]:
     if kind == "min":
 
         def low(c: list[tuple[Any, ...]]) -> float:
-            x = min(c[at])
-            return float(x) if x != math.inf else math.nan
+            x = min((v for v in c[at] if v is not None), default=None)
+            return math.nan if x is None else float(x)
 
         return low
     if kind == "max":
 
         def high(c: list[tuple[Any, ...]]) -> float:
-            x = max(c[at + 1])
-            return float(x) if x != -math.inf else math.nan
+            x = max((v for v in c[at + 1] if v is not None), default=None)
+            return math.nan if x is None else float(x)
 
         return high
     if kind == "last":
 
         def last(c: list[tuple[Any, ...]]) -> float:
             t = c[at]
-            return float(c[at + 1][t.index(max(t))])
+            v = c[at + 1][t.index(max(t))]
+            return math.nan if v is None else float(v)
 
         return last
 
@@ -186,16 +189,20 @@ class WindowEngine:
         for (src, fld, fam), at in offsets.items():
             self.by_source.setdefault(src, []).append((at, fld, fam))
         self._names = view.feature_names
-        # features grouped by window: (window, window buckets, gap buckets) -> [(name, reader)]
-        self._windows: dict[tuple[str, int, int], list[tuple[str, Any]]] = {}
-        for f in view.features:
+        # features grouped by window: (window, window buckets, gap buckets) -> [(index, reader)]
+        self._windows: dict[tuple[str, int, int], list[tuple[int, Any]]] = {}
+        at_name = {n: i for i, n in enumerate(self._names)}
+        for i, f in enumerate(view.features):
             if f.kind != "ratio":
                 wkey = (f.window, f.window_s // view.bucket_s, f.gap_s // view.bucket_s)
                 reader = _reader(f.kind, offsets[self._slot_key(f)])
-                self._windows.setdefault(wkey, []).append((f.name, reader))
+                self._windows.setdefault(wkey, []).append((i, reader))
         self._ratios = [
-            (f.name, f.numerator, f.denominator) for f in view.features if f.kind == "ratio"
+            (i, at_name[f.numerator], at_name[f.denominator])
+            for i, f in enumerate(view.features)
+            if f.kind == "ratio"
         ]
+        self._empty_cols = [(x,) for x in self._new_row()]
 
     @staticmethod
     def _slot_key(f: Feature) -> tuple[str, str, str]:
@@ -223,6 +230,10 @@ class WindowEngine:
         row = st.buckets.get(bucket)
         if row is None:
             row = st.buckets[bucket] = self._new_row()
+            if len(st.buckets) > 1 and bucket < max(st.buckets):
+                # keep buckets in time order (out of order is rare): sums then add up in the
+                # same order live, after a restart and in an offline recomputation
+                st.buckets = dict(sorted(st.buckets.items()))
         targets = self.by_source.get(event_type)
         if targets:
             for at, fld, fam in targets:
@@ -237,9 +248,9 @@ class WindowEngine:
                     row[at + 2] += x * x
                 elif fam == "mm":
                     x = float(value)
-                    if x < row[at]:
+                    if row[at] is None or x < row[at]:
                         row[at] = x
-                    if x > row[at + 1]:
+                    if row[at + 1] is None or x > row[at + 1]:
                         row[at + 1] = x
                 elif fam == "last":
                     if event_time >= row[at]:
@@ -263,22 +274,22 @@ class WindowEngine:
         return Outcome.LATE
 
     @staticmethod
-    def _window(kind: str, nb: int, gap: int, st: EntityState, current: int) -> list[int]:
+    def _window_start(kind: str, nb: int, gap: int, keys: list[int], current: int) -> int:
+        """Every window ends at the current bucket, and buckets are kept in time order, so
+        a window is a suffix of them: the index where it starts."""
+        if kind == "sliding":
+            return bisect_right(keys, current - nb)
         if kind == "tumbling":
-            start = (current // nb) * nb
-            return [b for b in st.buckets if start <= b <= current]
-        if kind == "session":
-            chosen: list[int] = []
-            prev = current
-            for b in sorted(st.buckets, reverse=True):
-                if b > current:
-                    continue
-                if prev - b > gap or current - b >= nb:
-                    break
-                chosen.append(b)
-                prev = b
-            return chosen
-        return [b for b in st.buckets if current - b < nb]
+            return bisect_left(keys, (current // nb) * nb)
+        # session: back from the newest bucket while the gaps stay within ``gap``
+        i, prev = len(keys), current
+        while i > 0:
+            b = keys[i - 1]
+            if prev - b > gap or current - b >= nb:
+                break
+            i -= 1
+            prev = b
+        return i
 
     def vector(self, st: EntityState) -> dict[str, float]:
         """Feature values as of the entity's watermark, by name."""
@@ -287,22 +298,20 @@ class WindowEngine:
     def values(self, st: EntityState) -> list[float]:
         """Feature values as of the entity's watermark, in the view's feature order."""
         current = st.watermark // self.bucket_ms
-        buckets = st.buckets
-        values: dict[str, float] = {}
-        everything: list[tuple[Any, ...]] | None = None
+        keys = list(st.buckets)
+        rows = list(st.buckets.values())
+        out: list[float] = [0.0] * len(self._names)
+        by_start: dict[int, list[tuple[Any, ...]]] = {}
         for (kind, nb, gap), feats in self._windows.items():
-            bs = self._window(kind, nb, gap, st, current)
-            if len(bs) == len(buckets):  # the common case: the window holds every bucket
-                if everything is None:
-                    everything = list(zip(*buckets.values(), strict=True))
-                cols = everything
-            else:
-                cols = list(zip(*(buckets[b] for b in bs), strict=True))
-            if not cols:
-                cols = [(x,) for x in self._new_row()]
-            for name, read in feats:
-                values[name] = read(cols)
-        for name, num, den in self._ratios:
-            d = values[den]
-            values[name] = values[num] / d if d else 0.0
-        return [values[n] for n in self._names]
+            start = self._window_start(kind, nb, gap, keys, current)
+            cols = by_start.get(start)
+            if cols is None:
+                cols = by_start[start] = (
+                    list(zip(*rows[start:], strict=True)) if start < len(rows) else self._empty_cols
+                )
+            for i, read in feats:
+                out[i] = read(cols)
+        for i, num, den in self._ratios:
+            d = out[den]
+            out[i] = out[num] / d if d else 0.0
+        return out

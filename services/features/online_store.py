@@ -1,13 +1,16 @@
 """Outbound adapter: the Redis online store (layout in :mod:`myelin.online`).
 
-A batch is applied with one Lua call: the entity states, online vectors, partition
-watermarks and the view version's position, all or nothing. The guard is the position:
-a batch whose last stream sequence is not beyond it was applied already (a redelivery
-or a replay) and changes nothing. The pipeline drops messages at or below the position
-before computing, so a batch is either wholly new or wholly old.
+A batch is applied as one MULTI/EXEC transaction: one HSET of the entity records (vector
++ window state), one ZADD of their expiry scores, the partition watermarks and the view
+version's position, all or nothing. The guard is the position, WATCHed and read first: a
+batch whose last stream sequence is not beyond it was applied already (a redelivery or a
+replay) and changes nothing. The pipeline drops messages at or below the position before
+computing, so a batch is either wholly new or wholly old.
 
-Python's cost is per batch: one command with four arguments, whatever the number of
-entities (their vectors and states travel as one concatenated string, cut in Lua).
+Python's cost is per batch (a handful of commands), Redis' per entity (one hash field and
+one sorted-set score). A Lua script was slower: every record cut from an argument becomes
+an interned Lua string, and records of one layout collide in Lua 5.1's sampled string
+hash (~15 us each).
 """
 
 from __future__ import annotations
@@ -19,41 +22,15 @@ from typing import Any, Protocol, cast
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from myelin import online
 from services.features.logic import EntityState
 from services.features.views import FeatureView
 
-_mp = msgspec.msgpack.Encoder()
 
-APPLY_LUA = """
--- KEYS[1] = position, KEYS[2] = partition watermarks.
--- ARGV[1] = last stream sequence of the batch, ARGV[2] = ttl seconds, ARGV[3] = entity
--- key prefix, ARGV[4] = msgpack [[entity, record length], ...] then [partition,
--- watermark, ...], ARGV[5] = the entity records (layout in myelin.online), concatenated
--- (Redis' cmsgpack has no bin type for binary values).
-local pos = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) <= pos then return -1 end
-local ttl = ARGV[2]
-local prefix = ARGV[3]
-local doc = cmsgpack.unpack(ARGV[4])
-local blobs = ARGV[5]
-local at = 1
-for _, u in ipairs(doc[1]) do
-  redis.call('SET', prefix .. u[1], string.sub(blobs, at, at + u[2] - 1), 'EX', ttl)
-  at = at + u[2]
-end
-if #doc[2] > 0 then redis.call('HSET', KEYS[2], unpack(doc[2])) end
-redis.call('SET', KEYS[1], ARGV[1])
-return #doc[1]
-"""
-
-LOAD_LUA = """
--- ARGV[1] = entity key prefix, ARGV[2..] = entity ids -> their records (or nil)
-local out = {}
-for i = 2, #ARGV do out[i - 1] = redis.call('GET', ARGV[1] .. ARGV[i]) end
-return out
-"""
+class ConcurrentWriter(RuntimeError):
+    """Another writer moved this view version's position during the batch."""
 
 
 class _Stored(msgspec.Struct, array_like=True):
@@ -95,9 +72,8 @@ class OnlineStore:
         self.view = view
         self.version = view.content_hash
         self.ttl_s = max(ttl_s, view.ttl_s)
-        self._prefix = online.entity_prefix(view.name, self.version)
-        self._apply: Any = client.register_script(APPLY_LUA)
-        self._load: Any = client.register_script(LOAD_LUA)
+        self._entities = online.entities_key(view.name, self.version)
+        self._expiry = online.expiry_key(view.name, self.version)
 
     async def register_view(self) -> None:
         """Record this version's metadata; the first version of a view is served at once
@@ -115,11 +91,11 @@ class OnlineStore:
     async def load_states(self, entities: list[str]) -> dict[str, EntityState]:
         if not entities:
             return {}
-        blobs = await self._load(args=[self._prefix, *entities])
+        blobs = await self._r.hmget(self._entities, entities)
         return {
             e: EntityState.from_list(_stored.decode(b).state)
             for e, b in zip(entities, blobs, strict=True)
-            if b
+            if isinstance(b, bytes)
         }
 
     async def watermarks(self) -> dict[int, int]:
@@ -131,22 +107,49 @@ class OnlineStore:
     ) -> int:
         """Returns the entities written, or -1 when the batch was applied before."""
         name = self.view.name
-        meta: list[Any] = []
-        blobs: list[bytes] = []
+        pos_key = online.position_key(name, self.version)
         encode = online.encode_entity
+        records: list[Any] = []
+        scores: dict[str, int] = {}
         for u in updates:
-            blob = encode(u.seq, u.as_of, u.trace_id, u.values, u.state.to_list())
-            meta.append((u.entity, len(blob)))
-            blobs.append(blob)
-        wm = [x for kv in watermarks.items() for x in kv]
-        applied: int = await self._apply(
-            keys=[
-                online.position_key(name, self.version),
-                online.watermarks_key(name, self.version),
-            ],
-            args=[last_seq, self.ttl_s, self._prefix, _mp.encode([meta, wm]), b"".join(blobs)],
-        )
-        return applied
+            records.append(u.entity)
+            records.append(encode(u.seq, u.as_of, u.trace_id, u.values, u.state.to_list()))
+            scores[u.entity] = u.as_of
+        async with self._r.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(pos_key)
+                raw = await pipe.get(pos_key)
+                if last_seq <= (int(raw) if raw else 0):
+                    return -1
+                pipe.multi()  # type: ignore[no-untyped-call]
+                if records:
+                    pipe.hset(self._entities, items=records)
+                    pipe.zadd(self._expiry, cast(Any, scores))
+                if watermarks:
+                    pipe.hset(
+                        online.watermarks_key(name, self.version),
+                        items=[x for kv in watermarks.items() for x in kv],
+                    )
+                pipe.set(pos_key, last_seq)
+                await pipe.execute()
+            except WatchError:
+                raise ConcurrentWriter(
+                    f"the position of {name}@{self.version} moved during the batch: "
+                    "is a second features process running this view?"
+                ) from None
+        return len(updates)
+
+    async def sweep(self, now_ms: int, limit: int = 10_000) -> int:
+        """Delete entities whose newest event is older than the TTL; returns how many."""
+        cutoff = now_ms - self.view.ttl_s * 1000
+        old = await self._r.zrangebyscore(self._expiry, "-inf", cutoff, start=0, num=limit)
+        if not old:
+            return 0
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hdel(self._entities, *old)
+            pipe.zrem(self._expiry, *old)
+            await pipe.execute()
+        return len(old)
 
 
 class StateStore(Protocol):

@@ -126,15 +126,15 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
             rc = redis.Redis.from_url(settings.redis_url)
             version = rc.hget(online.view_key("user_activity"), "served")
             assert isinstance(version, bytes)
-            key = online.entity_key("user_activity", version.decode(), "u7")
+            key = online.entities_key("user_activity", version.decode())
             names = rc.hget(online.version_key("user_activity", version.decode()), "features")
             assert isinstance(names, bytes)
-            raw = rc.get(key)
+            raw = rc.hget(key, "u7")
             assert isinstance(raw, bytes)
             doc = online.decode_entity(raw)
             doc.vec[names.decode().split(",").index("clicks_1h")] = 999.0  # a drifted online value
             state = msgspec.msgpack.decode(doc.state)
-            rc.set(key, online.encode_entity(doc.seq, doc.as_of, doc.trace, doc.vec, state))
+            rc.hset(key, "u7", online.encode_entity(doc.seq, doc.as_of, doc.trace, doc.vec, state))
             rc.close()
             bad = msgspec.json.decode(
                 await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 50}, timeout=60)
