@@ -5,6 +5,8 @@ myelin demo [--events N]  the main job, end to end, with a report
 myelin status             health of each service
 myelin sql "SELECT ..."   read-only SQL on the warehouse
 myelin models list NAME   versions and aliases of a model
+myelin features views|register|promote|retire|export   feature view versions
+myelin features replay|check                           backfill and consistency
 """
 
 from __future__ import annotations
@@ -103,7 +105,71 @@ async def _sql(settings: Settings, query: str, max_rows: int) -> int:
     return 0
 
 
-async def _replay(settings: Settings, requester: str, from_seq: int, to_seq: int) -> int:
+def _read_definition(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MyelinError(f"cannot read a feature view definition from {path}: {exc}") from None
+
+
+async def _views(settings: Settings, args: argparse.Namespace) -> int:
+    """Feature view versions: list, register a definition, promote, retire, export."""
+    from myelin.subjects import RPC_FEATURES_VIEWS
+
+    cmd = args.features_cmd
+    definition = _read_definition(args.file) if cmd == "register" else None
+    nc = await bus.connect(settings, "cli", reconnect=False)
+    try:
+        if cmd == "register":
+            req: dict[str, Any] = {"op": "register", "definition": definition}
+        elif cmd in ("promote", "retire"):
+            req = {"op": cmd, "view": args.view, "requester": args.requester}
+        else:
+            req = {"op": "list"}
+        res = msgspec.json.decode(await bus.request(nc, RPC_FEATURES_VIEWS, req, timeout=30))
+    finally:
+        await nc.close()
+    if cmd == "register":
+        state = "registered" if res["created"] else "already registered"
+        print(
+            f"{res['view']}@{res['version']} {state}; "
+            + ("served" if res["served"] else "backfilling beside the served version")
+        )
+        print(
+            f"follow it with `myelin features views`, then `myelin features promote {res['view']}@{res['version']}`"
+        )
+    elif cmd == "promote":
+        print(
+            f"{res['view']}@{res['version']} is served now (was {res['previous'] or 'none'}; "
+            f"decision {res['decision_id'] or '-'})"
+        )
+    elif cmd == "retire":
+        print(f"{res['view']}@{res['version']} retired (its offline rows are kept)")
+    elif cmd == "export":
+        name, _, version = args.view.partition("@")
+        found = [
+            v
+            for v in res["versions"]
+            if v["view"] == name and (v["version"] == version or (not version and v["served"]))
+        ]
+        if not found:
+            print(f"myelin: no feature view version {args.view}", file=sys.stderr)
+            return 1
+        print(json.dumps(found[0]["definition"], indent=2))
+    else:
+        print(f"stream last sequence {res['stream_last_seq']:,}")
+        for v in res["versions"]:
+            print(
+                f"{'*' if v['served'] else ' '} {v['view']}@{v['version']}  position {v['position']:,} "
+                f"(lag {v['lag_messages']:,})  events {v['events']:,}  late {v['late']:,}  "
+                f"features {len(v['features'])}"
+            )
+        print("(* = served)")
+    return 0
+
+
+async def _replay(settings: Settings, requester: str, from_seq: int, to_seq: int, view: str) -> int:
     """Ask the features service to replay EVENTS into the offline store; show progress."""
     from myelin.demo.progress import Progress
     from myelin.subjects import RPC_FEATURES_REPLAY, health_subject
@@ -114,7 +180,7 @@ async def _replay(settings: Settings, requester: str, from_seq: int, to_seq: int
             await bus.request(
                 nc,
                 RPC_FEATURES_REPLAY,
-                {"requester": requester, "from_seq": from_seq, "to_seq": to_seq},
+                {"requester": requester, "from_seq": from_seq, "to_seq": to_seq, "view": view},
             )
         )
         print(
@@ -142,13 +208,13 @@ async def _replay(settings: Settings, requester: str, from_seq: int, to_seq: int
         await nc.close()
 
 
-async def _check(settings: Settings, sample: int) -> int:
+async def _check(settings: Settings, sample: int, view: str) -> int:
     from myelin.subjects import RPC_FEATURES_CHECK
 
     nc = await bus.connect(settings, "cli", reconnect=False)
     try:
         res = msgspec.json.decode(
-            await bus.request(nc, RPC_FEATURES_CHECK, {"sample": sample}, timeout=120)
+            await bus.request(nc, RPC_FEATURES_CHECK, {"sample": sample, "view": view}, timeout=120)
         )
     finally:
         await nc.close()
@@ -214,6 +280,22 @@ def main(argv: list[str] | None = None) -> None:
         "check", help="online/offline consistency check on sampled entities (exit 1 on mismatch)"
     )
     ck.add_argument("--sample", type=int, default=100)
+    for p in (rp, ck):
+        p.add_argument("--view", default="", help="NAME@HASH or NAME (default: the served version)")
+    fs.add_parser("views", help="feature view versions, their positions and which is served")
+    rg = fs.add_parser(
+        "register", help="register a feature view definition (JSON); a new version backfills"
+    )
+    rg.add_argument("file", help="the definition, as `myelin features export` prints it")
+    for cmd, text in (
+        ("promote", "serve a version (asks governance; it must have caught up)"),
+        ("retire", "stop and delete a version that is not served"),
+    ):
+        pp = fs.add_parser(cmd, help=text)
+        pp.add_argument("view", help="NAME@HASH")
+        pp.add_argument("--requester", required=True, help="who asks (recorded in the audit trail)")
+    ex = fs.add_parser("export", help="print a version's definition as JSON")
+    ex.add_argument("view", help="NAME@HASH or NAME (the served version)")
     m = sub.add_parser("models", help="model registry")
     m.add_argument("action", choices=["list"])
     m.add_argument("name")
@@ -227,9 +309,13 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "status":
             code = asyncio.run(_status(settings))
         elif args.cmd == "features" and args.features_cmd == "check":
-            code = asyncio.run(_check(settings, args.sample))
+            code = asyncio.run(_check(settings, args.sample, args.view))
+        elif args.cmd == "features" and args.features_cmd == "replay":
+            code = asyncio.run(
+                _replay(settings, args.requester, args.from_seq, args.to_seq, args.view)
+            )
         elif args.cmd == "features":
-            code = asyncio.run(_replay(settings, args.requester, args.from_seq, args.to_seq))
+            code = asyncio.run(_views(settings, args))
         elif args.cmd == "contracts":
             code = asyncio.run(contracts_cli.run(args, settings))
         elif args.cmd == "sql":

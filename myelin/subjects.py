@@ -15,6 +15,7 @@ INFERENCES_STREAM = "MYELIN_INFERENCES"
 AUDIT_STREAM = "MYELIN_AUDIT"
 
 MODELS_BUCKET = "myelin_models"
+VIEWS_BUCKET = "myelin_views"  # feature view versions, key ``<view>.<hash>``, written once
 ARTIFACTS_BUCKET = "myelin_model_artifacts"
 
 RPC_INGEST_PUBLISH = "myelin.rpc.ingest.publish"
@@ -22,6 +23,7 @@ RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
 RPC_WAREHOUSE_QUERY = "myelin.rpc.warehouse.query"
 RPC_FEATURES_REPLAY = "myelin.rpc.features.replay"
 RPC_FEATURES_CHECK = "myelin.rpc.features.check"
+RPC_FEATURES_VIEWS = "myelin.rpc.features.views"  # list, register, promote, retire versions
 
 
 def health_subject(service: str) -> str:

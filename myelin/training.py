@@ -28,15 +28,23 @@ def clicked_impressions_sql(click_window_s: int = 60) -> str:
     GROUP BY i.event_id, i.entity_id, i.event_time"""
 
 
-def training_set_sql(view: str, features: list[str], labels_sql: str) -> str:
+_HASH = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def training_set_sql(view: str, features: list[str], labels_sql: str, version: str = "") -> str:
+    """``version``: the view version (content hash) to read; '' reads every version, which
+    is only right while the view has one."""
     if not _IDENT.match(view) or not all(_IDENT.match(f) for f in features):
         raise ValueError("view and feature names must be plain identifiers")
+    if version and not _HASH.match(version):
+        raise ValueError("a view version is a hex content hash")
+    pinned = f" AND view_hash = '{version}'" if version else ""
     cols = ",\n       ".join(f"f.values['{f}'] AS {f}" for f in features)
     return f"""
 SELECT l.entity_id AS entity_id, l.ts AS ts, l.label AS label, f.as_of AS features_as_of,
        {cols}
 FROM ({labels_sql}) AS l
 ASOF LEFT JOIN (SELECT entity_id, as_of, values FROM {DATABASE}.feature_values FINAL
-                WHERE view = '{view}') AS f
+                WHERE view = '{view}'{pinned}) AS f
   ON l.entity_id = f.entity_id AND l.ts > f.as_of
 ORDER BY ts, entity_id"""

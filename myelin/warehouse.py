@@ -48,7 +48,7 @@ DDL: tuple[str, ...] = (
         trace_id String,
         values Map(LowCardinality(String), Float64)
     ) ENGINE = ReplacingMergeTree
-    ORDER BY (view, entity_id, as_of, stream_seq)""",
+    ORDER BY (view, view_hash, entity_id, as_of, stream_seq)""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.inferences (
         request_id String,
         row UInt32,

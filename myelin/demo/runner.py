@@ -297,7 +297,9 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
             view_hash = health["view_hash"]
 
             print("Building a point-in-time training set from ClickHouse ...", file=out, flush=True)
-            query = training_set_sql(VIEW, FEATURES, clicked_impressions_sql(CLICK_WINDOW_S))
+            query = training_set_sql(
+                VIEW, FEATURES, clicked_impressions_sql(CLICK_WINDOW_S), version=view_hash
+            )
             table: pa.Table = await sql(nc, query, arrow=True)
             report.training_rows = table.num_rows
             report.entities = int(

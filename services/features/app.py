@@ -1,7 +1,8 @@
 """features composition root.
 
-Owns: the warehouse (chdb when no ClickHouse server is configured), the EVENTS pull
-consumer feeding the feature pipeline, and the drains of INFERENCES, AUDIT and DLQ.
+Owns: the warehouse (chdb when no ClickHouse server is configured), one EVENTS pull
+consumer per feature view version (each feeding its own pipeline), the drains of
+INFERENCES, AUDIT and DLQ, and the feature view registry.
 """
 
 from __future__ import annotations
@@ -10,72 +11,65 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from myelin import bus, telemetry
 from myelin.consume import PullLoop, ensure_consumer
+from myelin.contracts import ContractRegistry
 from myelin.contracts.store import ContractStore
 from myelin.decisions import GovernanceClient
-from myelin.errors import Poison
 from myelin.online import OnlineReader
 from myelin.settings import Settings
-from myelin.subjects import (
-    AUDIT_STREAM,
-    DLQ_STREAM,
-    EVENTS_STREAM,
-    INFERENCES_STREAM,
-    RPC_FEATURES_CHECK,
-    RPC_FEATURES_REPLAY,
-)
+from myelin.subjects import AUDIT_STREAM, DLQ_STREAM, EVENTS_STREAM, INFERENCES_STREAM
 from myelin.warehouse import open_warehouse
-from services.features.consistency import CheckRequest, check
 from services.features.drains import audit_drain, dlq_drain, inference_drain
 from services.features.late_sink import late_publisher
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
-from services.features.replay import Replayer, ReplayRequest
+from services.features.replay import Replayer
+from services.features.rpc import serve_check, serve_replay, serve_views
 from services.features.sql_api import serve_sql
-from services.features.views import USER_ACTIVITY
+from services.features.versions import (
+    PromotionRefused,
+    UnknownVersion,
+    VersionError,
+    VersionState,
+    parse_ref,
+    promotion_input,
+)
+from services.features.view_registry import ViewRegistry
+from services.features.views import VIEWS, FeatureView, view_doc, view_from_doc
 from services.features.warehouse_sink import WarehouseSink
 
 log = logging.getLogger(__name__)
 
 
-async def serve_replay(nc: NATS, replayer: Replayer) -> Any:
-    """Inbound adapter: start a replay (``myelin features replay``); progress is in the status."""
-    decode = msgspec.json.Decoder(ReplayRequest)
+@dataclass
+class VersionRunner:
+    """One feature view version: its pipeline, online store and consumer."""
 
-    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-        try:
-            req = decode.decode(data)
-        except msgspec.MsgspecError as exc:
-            raise Poison(f"bad replay request: {exc}") from None
-        await replayer.start(req)
-        return replayer.snapshot()
+    view: FeatureView
+    store: OnlineStore
+    pipeline: FeaturePipeline
+    loop: PullLoop
+    task: asyncio.Task[None]
+    served: bool = False  # kept current by this process, the only one that promotes
 
-    return await bus.serve(nc, RPC_FEATURES_REPLAY, handle)
+    @property
+    def durable(self) -> str:
+        return consumer_name(self.view)
 
 
-async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
-    """Inbound adapter: the online/offline consistency check (``myelin features check``)."""
-    decode = msgspec.json.Decoder(CheckRequest)
-
-    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-        try:
-            req = decode.decode(data or b"{}")
-        except msgspec.MsgspecError as exc:
-            raise Poison(f"bad check request: {exc}") from None
-        assert app.pipeline is not None and app.sink is not None and app.reader is not None
-        # the engine holds configuration only (no entity state): the live one is reused
-        return await check(req, app.pipeline.engine, app.pipeline.registry, app.reader, app.sink)
-
-    return await bus.serve(nc, RPC_FEATURES_CHECK, handle)
+def consumer_name(view: FeatureView) -> str:
+    return f"features-{view.name}-{view.content_hash}"
 
 
 class FeaturesApp:
@@ -84,14 +78,20 @@ class FeaturesApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
         self._redis: aioredis.Redis | None = None
         self.sink: WarehouseSink | None = None
-        self.pipeline: FeaturePipeline | None = None
-        self.loops: list[PullLoop] = []
+        self.versions: dict[str, VersionRunner] = {}  # by content hash
+        self.loops: list[PullLoop] = []  # the drains
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
         self.replayer: Replayer | None = None
         self.reader: OnlineReader | None = None
+        self.view_registry: ViewRegistry | None = None
+        self._contracts: ContractStore | None = None
+        self.registry: ContractRegistry | None = None
+        self.primary = VIEWS[0].name  # the view the top-level status fields describe
+        self._lock = asyncio.Lock()  # one registration / promotion / retirement at a time
 
     async def start(self) -> None:
         s = self.settings
@@ -99,35 +99,14 @@ class FeaturesApp:
         self._redis = aioredis.Redis.from_url(s.redis_url)
         await self._redis.ping()
         self._nc = await bus.connect(s, self.name)
-        js = bus.jetstream(self._nc, s)
-        view = USER_ACTIVITY
-        contracts = ContractStore(js)
-        self.pipeline = FeaturePipeline(
-            WindowEngine(view),
-            await contracts.registry(),
-            OnlineStore(self._redis, view, s.online_ttl_s),
-            self.sink,
-            reload_registry=contracts.registry,
-            late_sink=late_publisher(bus.Publisher(js, s)),
-        )
-        position = await self.pipeline.start()
-        durable = f"features-{view.name}"
-        # Redis holds the committed position; the consumer is re-created to start right after it.
-        await ensure_consumer(
-            js,
-            EVENTS_STREAM,
-            durable,
-            "myelin.events.>",
-            max_ack_pending=s.features_batch * 2,
-            ack_wait_s=s.features_ack_wait_s,
-            start_seq=position + 1,
-        )
-        log.info(
-            "view %s (%s) resumes after stream sequence %d", view.name, view.content_hash, position
-        )
-        self.loops.append(
-            PullLoop(js, EVENTS_STREAM, durable, self._on_events, batch=s.features_batch)
-        )
+        js = self._js = bus.jetstream(self._nc, s)
+        self._contracts = ContractStore(js)
+        self.registry = await self._contracts.registry()
+        self.view_registry = ViewRegistry(js)
+        for view in VIEWS:  # views declared in code; a changed definition is a new version
+            await self.view_registry.register(view)
+        for view in await self.view_registry.versions():
+            await self._run_version(view)
         for stream, name, handler in (
             (INFERENCES_STREAM, "warehouse-inferences", inference_drain(self.sink)),
             (AUDIT_STREAM, "warehouse-audit", audit_drain(self.sink)),
@@ -140,23 +119,178 @@ class FeaturesApp:
         self.replayer = Replayer(
             js,
             self.sink,
-            WindowEngine(view),
-            self.pipeline.registry,
+            self.registry,
             GovernanceClient(self._nc),
+            self.engine_for,
             batch=s.features_batch,
         )
         self._subs.append(await serve_replay(self._nc, self.replayer))
         self.reader = OnlineReader(self._redis)
         self._subs.append(await serve_check(self._nc, self))
+        self._subs.append(await serve_views(self._nc, self))
 
-    async def _on_events(self, msgs: list[Msg]) -> None:
-        assert self.pipeline is not None
-        first = msgs[0]
-        ctx = telemetry.extract(dict(first.headers or {}))
-        with telemetry.tracer("myelin.features").start_as_current_span(
-            "features batch", context=ctx, attributes={"messaging.batch.message_count": len(msgs)}
-        ):
-            await self.pipeline.process([(m.metadata.sequence.stream, m.data) for m in msgs])
+    async def _run_version(self, view: FeatureView) -> VersionRunner:
+        assert self._js is not None and self._redis is not None and self.sink is not None
+        assert self._contracts is not None and self.registry is not None
+        s, js = self.settings, self._js
+        store = OnlineStore(self._redis, view, s.online_ttl_s)
+        pipeline = FeaturePipeline(
+            WindowEngine(view),
+            self.registry,
+            store,
+            self.sink,
+            reload_registry=self._contracts.registry,
+            late_sink=late_publisher(bus.Publisher(js, s)),
+        )
+        position = await pipeline.start()
+        durable = consumer_name(view)
+        # Redis holds the committed position; the consumer is re-created to start right after
+        # it (a new version starts at the beginning of the stream: its backfill).
+        await ensure_consumer(
+            js,
+            EVENTS_STREAM,
+            durable,
+            "myelin.events.>",
+            max_ack_pending=s.features_batch * 2,
+            ack_wait_s=s.features_ack_wait_s,
+            start_seq=position + 1,
+        )
+        log.info("view %s resumes after stream sequence %d", view.ref, position)
+
+        async def on_events(msgs: list[Msg]) -> None:
+            ctx = telemetry.extract(dict(msgs[0].headers or {}))
+            with telemetry.tracer("myelin.features").start_as_current_span(
+                "features batch",
+                context=ctx,
+                attributes={"messaging.batch.message_count": len(msgs), "myelin.view": view.ref},
+            ):
+                await pipeline.process([(m.metadata.sequence.stream, m.data) for m in msgs])
+
+        loop = PullLoop(js, EVENTS_STREAM, durable, on_events, batch=s.features_batch)
+        runner = VersionRunner(
+            view, store, pipeline, loop, asyncio.create_task(loop.run(), name=durable)
+        )
+        runner.served = await store.served() == view.content_hash
+        self.versions[view.content_hash] = runner
+        return runner
+
+    # -- versions -------------------------------------------------------------------------
+
+    async def runner_for(self, ref: str) -> VersionRunner:
+        """``name@hash``, or ``name`` for its served version."""
+        name, version = parse_ref(ref or self.primary)
+        if not version:
+            assert self._redis is not None
+            candidates = [r for r in self.versions.values() if r.view.name == name]
+            if not candidates:
+                raise UnknownVersion(f"no feature view {name!r}; see `myelin features views`")
+            version = await candidates[0].store.served()
+        runner = self.versions.get(version)
+        if runner is None or runner.view.name != name:
+            raise UnknownVersion(f"no version {name}@{version}; see `myelin features views`")
+        return runner
+
+    async def engine_for(self, ref: str) -> WindowEngine:
+        return (await self.runner_for(ref)).pipeline.engine
+
+    async def list_versions(self) -> dict[str, Any]:
+        assert self._js is not None
+        last = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
+        out = []
+        served: dict[str, str] = {}
+        for r in sorted(self.versions.values(), key=lambda r: (r.view.name, r.view.content_hash)):
+            if r.view.name not in served:
+                served[r.view.name] = await r.store.served()
+            st = r.pipeline.stats
+            out.append(
+                {
+                    "view": r.view.name,
+                    "version": r.view.content_hash,
+                    "served": served[r.view.name] == r.view.content_hash,
+                    "position": st.position,
+                    "lag_messages": max(0, last - st.position),
+                    "events": st.events,
+                    "applied": st.applied,
+                    "late": st.late,
+                    "features": list(r.view.feature_names),
+                    "definition": view_doc(r.view),
+                }
+            )
+        return {"stream_last_seq": last, "versions": out}
+
+    async def register_version(self, definition: Any) -> dict[str, Any]:
+        assert self.view_registry is not None
+        view = view_from_doc(definition)
+        async with self._lock:
+            created = await self.view_registry.register(view)
+            if view.content_hash not in self.versions:
+                await self._run_version(view)
+        runner = self.versions[view.content_hash]
+        return {
+            "view": view.name,
+            "version": view.content_hash,
+            "created": created,
+            "served": await runner.store.served() == view.content_hash,
+        }
+
+    async def promote_version(self, ref: str, requester: str) -> dict[str, Any]:
+        assert self._js is not None and self._nc is not None
+        name, version = parse_ref(ref)
+        if not version:
+            raise VersionError(f"{ref!r}: promote a version, NAME@HASH")
+        async with self._lock:
+            runner = await self.runner_for(ref)
+            served_hash = await runner.store.served()
+            if served_hash == version:
+                return {"view": name, "version": version, "previous": version, "decision_id": ""}
+            old = self.versions.get(served_hash)
+            last = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
+            doc = promotion_input(
+                VersionState(runner.view, runner.pipeline.stats.position, False),
+                VersionState(old.view, old.pipeline.stats.position, True) if old else None,
+                last,
+                requester,
+            )
+            verdict = await GovernanceClient(self._nc).decide("serve_view", runner.view.ref, doc)
+            if not verdict.allow:
+                raise PromotionRefused(
+                    f"serving {runner.view.ref} denied by policy: " + "; ".join(verdict.reasons),
+                    decision_id=verdict.decision_id,
+                )
+            previous = await runner.store.promote()
+            for r in self.versions.values():
+                if r.view.name == name:
+                    r.served = r is runner
+        log.info("view %s is served now (was %s), by %s", runner.view.ref, previous, requester)
+        return {
+            "view": name,
+            "version": version,
+            "previous": previous,
+            "decision_id": verdict.decision_id,
+        }
+
+    async def retire_version(self, ref: str, requester: str) -> dict[str, Any]:
+        assert self._js is not None and self.view_registry is not None
+        name, version = parse_ref(ref)
+        if not version or not requester:
+            raise VersionError("retire a version, NAME@HASH, and say who asks (--requester)")
+        async with self._lock:
+            runner = await self.runner_for(ref)
+            if await runner.store.served() == version:
+                raise VersionError(
+                    f"{ref} is the served version: promote another version of {name} first"
+                )
+            runner.loop.stop()
+            await asyncio.gather(runner.task, return_exceptions=True)
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_consumer(EVENTS_STREAM, runner.durable)
+            await runner.store.drop()
+            await self.view_registry.retire(runner.view)
+            del self.versions[version]
+        log.info("view %s retired by %s (offline rows are kept)", ref, requester)
+        return {"view": name, "version": version, "retired": True}
+
+    # -- lifecycle --------------------------------------------------------------------------
 
     async def stop(self) -> None:
         # Stop intake (queries, then consumers), let in-flight batches finish, close sinks.
@@ -166,10 +300,12 @@ class FeaturesApp:
         self._subs.clear()
         if self.replayer is not None:
             await self.replayer.stop()
-        for loop in self.loops:
+        loops = self.loops + [r.loop for r in self.versions.values()]
+        for loop in loops:
             loop.stop()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = self._tasks + [r.task for r in self.versions.values()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._tasks.clear()
         if self._nc is not None:
             with contextlib.suppress(Exception):
@@ -182,12 +318,20 @@ class FeaturesApp:
             await self._redis.aclose()
             self._redis = None
 
+    def _primary_runner(self) -> VersionRunner | None:
+        """The served version of the primary view (the newest-positioned if unknown)."""
+        runners = [r for r in self.versions.values() if r.view.name == self.primary]
+        served = [r for r in runners if r.served]
+        pick = served or sorted(runners, key=lambda r: -r.pipeline.stats.position)
+        return pick[0] if pick else None
+
     def status(self) -> dict[str, Any]:
-        p = self.pipeline
-        st = p.stats if p else None
+        r = self._primary_runner()
+        st = r.pipeline.stats if r else None
+        loops = self.loops + [v.loop for v in self.versions.values()]
         return {
-            "view": p.view.name if p else "",
-            "view_hash": p.view.content_hash if p else "",
+            "view": r.view.name if r else "",
+            "view_hash": r.view.content_hash if r else "",
             "position": st.position if st else 0,
             "events": st.events if st else 0,
             "applied": st.applied if st else 0,
@@ -195,8 +339,19 @@ class FeaturesApp:
             "late": st.late if st else 0,
             "undecodable": st.undecodable if st else 0,
             "feature_rows": st.feature_rows if st else 0,
-            "idle": all(loop.idle for loop in self.loops),
-            "drained": {loop.durable: loop.messages for loop in self.loops},
+            "versions": [
+                {
+                    "view": v.view.name,
+                    "version": v.view.content_hash,
+                    "served": v.served,
+                    "position": v.pipeline.stats.position,
+                    "events": v.pipeline.stats.events,
+                    "late": v.pipeline.stats.late,
+                }
+                for v in self.versions.values()
+            ],
+            "idle": all(loop.idle for loop in loops),
+            "drained": {loop.durable: loop.messages for loop in loops},
             "replay": self.replayer.snapshot() if self.replayer else {},
             "ts_ms": int(time.time() * 1000),
         }

@@ -22,6 +22,7 @@ from services.features.warehouse_sink import WarehouseSink
 class CheckRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sample: int = 100
     tolerance: float = 1e-9
+    view: str = ""  # NAME@HASH, NAME (its served version) or '' (the primary view)
 
 
 def _same(a: float, b: float, tol: float) -> bool:

@@ -84,6 +84,31 @@ class OnlineStore:
             await self._r.hset(key, mapping=cast(Any, version_meta(v)))
         await self._r.hsetnx(online.view_key(v.name), "served", self.version)
 
+    async def served(self) -> str:
+        """The view's served version ('' if none)."""
+        raw = await self._r.hget(online.view_key(self.view.name), "served")
+        return raw.decode() if isinstance(raw, bytes) else (raw or "")
+
+    async def promote(self) -> str:
+        """Serve this version from now on (one atomic pointer swap); returns the previous."""
+        key = online.view_key(self.view.name)
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hget(key, "served")
+            pipe.hset(key, "served", self.version)
+            previous, _ = await pipe.execute()
+        return previous.decode() if isinstance(previous, bytes) else (previous or "")
+
+    async def drop(self) -> None:
+        """Delete this version's online data (never the served version's: the caller checks)."""
+        name, v = self.view.name, self.version
+        await self._r.delete(
+            self._entities,
+            self._expiry,
+            online.position_key(name, v),
+            online.watermarks_key(name, v),
+            online.version_key(name, v),
+        )
+
     async def position(self) -> int:
         raw = await self._r.get(online.position_key(self.view.name, self.version))
         return int(raw) if raw else 0
@@ -167,6 +192,8 @@ class StateStore(Protocol):
         self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int]
     ) -> int: ...
 
+    async def sweep(self, now_ms: int) -> int: ...
+
 
 class MemoryStateStore:
     """States kept in this process only: used to recompute the offline store by replay
@@ -197,3 +224,6 @@ class MemoryStateStore:
             self._states[u.entity] = u.state
         self._position = max(self._position, last_seq)
         return len(updates)
+
+    async def sweep(self, now_ms: int) -> int:
+        return 0

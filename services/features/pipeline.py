@@ -12,6 +12,7 @@ A crash between any two steps replays the batch with the same outcome.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ _decode_events = msgspec.msgpack.Decoder(list[StreamEvent])
 # Every event gets an ``event_seq`` = stream sequence x SEQ_STRIDE + its index in the message
 # (a message carries up to 100 events): the unit of the per-entity apply-once guard.
 SEQ_STRIDE = 1000
+SWEEP_EVERY_S = 30.0  # how often expired entities are deleted from the online store
 
 
 @dataclass
@@ -91,6 +93,7 @@ class FeaturePipeline:
         self.stats = PipelineStats()
         self.watermarks: dict[int, int] = {}  # partition -> newest event time seen
         self._lateness_ms = self.view.allowed_lateness_s * 1000
+        self._last_sweep = time.monotonic()
 
     async def start(self) -> int:
         await self.online.register_view()
@@ -225,6 +228,10 @@ class FeaturePipeline:
         self.watermarks = wms
         for e, st in work.items():
             cache.put(e, st)
+        now = time.monotonic()
+        if now - self._last_sweep > SWEEP_EVERY_S:  # between batches: never races an apply
+            self._last_sweep = now
+            await self.online.sweep(int(time.time() * 1000))
         s = self.stats
         s.events += len(decoded)
         s.messages += len(batch)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -44,6 +45,7 @@ class ReplayDenied(MyelinError):
 
 class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     requester: str = ""
+    view: str = ""  # NAME@HASH, NAME (its served version) or '' (the primary view)
     from_seq: int = 1
     to_seq: int = 0  # 0: the stream's last sequence now
 
@@ -67,14 +69,14 @@ class Replayer:
         self,
         js: JetStreamContext,
         sink: WarehouseSink,
-        engine: WindowEngine,
         registry: ContractRegistry,
         governance: GovernanceClient,
+        engines: Callable[[str], Awaitable[WindowEngine]],
         batch: int = 200,
     ) -> None:
         self._js = js
         self._sink = sink
-        self._engine = engine
+        self._engines = engines
         self._registry = registry
         self._gov = governance
         self._batch = batch
@@ -95,15 +97,17 @@ class Replayer:
                 f"no messages in [{req.from_seq}, {req.to_seq or 'last'}]; the stream holds "
                 f"{info.state.first_seq}..{info.state.last_seq}"
             )
+        engine = await self._engines(req.view)
         times = await self._event_times(first) + await self._event_times(last)
         days = (max(times) - min(times)) / 86_400_000 if times else 0.0
         mode = "rebuild" if first <= max(1, info.state.first_seq) else "raw"
         verdict = await self._gov.decide(
             "backfill",
-            f"{self._engine.view.name}:{first}-{last}",
+            f"{engine.view.ref}:{first}-{last}",
             {
                 "requester": req.requester,
-                "view": self._engine.view.name,
+                "view": engine.view.name,
+                "version": engine.view.content_hash,
                 "from_seq": first,
                 "to_seq": last,
                 "mode": mode,
@@ -124,13 +128,13 @@ class Replayer:
             decision_id=verdict.decision_id,
             started_ms=int(time.time() * 1000),
         )
-        self._task = asyncio.create_task(self._run(first, last, mode), name="replay")
+        self._task = asyncio.create_task(self._run(engine, first, last, mode), name="replay")
         return self.status
 
-    async def _run(self, first: int, last: int, mode: str) -> None:
+    async def _run(self, engine: WindowEngine, first: int, last: int, mode: str) -> None:
         st = self.status
         pipeline = FeaturePipeline(
-            self._engine,
+            engine,
             self._registry,
             MemoryStateStore(),
             self._sink,

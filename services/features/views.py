@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
+
+import msgspec
+
+from myelin.errors import MyelinError
 
 AggKind = Literal["count", "sum", "mean", "min", "max", "last", "stddev", "distinct", "ratio"]
 WindowKind = Literal["sliding", "tumbling", "session"]
@@ -54,7 +59,14 @@ class FeatureView:
     allowed_lateness_s: int = 3600
 
     def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"view name {self.name!r}: use a-z, 0-9 and _, starting with a letter")
+        if not self.features:
+            raise ValueError(f"view {self.name}: no features")
         names = [f.name for f in self.features]
+        bad = [n for n in names if not _NAME.match(n)]
+        if bad:
+            raise ValueError(f"view {self.name}: feature names {bad} are not plain identifiers")
         if len(set(names)) != len(names):
             raise ValueError(f"view {self.name}: duplicate feature names")
         for f in self.features:
@@ -71,6 +83,16 @@ class FeatureView:
                 raise ValueError(f"{where}: a {f.kind} needs a field")
             if f.window == "session" and (f.gap_s <= 0 or f.gap_s % self.bucket_s):
                 raise ValueError(f"{where}: a session window needs gap_s, a multiple of bucket_s")
+        if self.ttl_s < self.max_window_s:
+            raise ValueError(
+                f"view {self.name}: ttl_s {self.ttl_s} is shorter than its longest window "
+                f"({self.max_window_s} s)"
+            )
+
+    @property
+    def ref(self) -> str:
+        """``name@hash``: one version of the view."""
+        return f"{self.name}@{self.content_hash}"
 
     @property
     def content_hash(self) -> str:
@@ -84,6 +106,59 @@ class FeatureView:
     @property
     def max_window_s(self) -> int:
         return max(f.window_s for f in self.features if f.kind != "ratio")
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class _FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    kind: AggKind
+    window_s: int = 0
+    source: str = ""
+    field: str = ""
+    numerator: str = ""
+    denominator: str = ""
+    window: WindowKind = "sliding"
+    gap_s: int = 0
+
+
+class _ViewSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    entity: str
+    sources: list[str]
+    features: list[_FeatureSpec]
+    bucket_s: int = 60
+    ttl_s: int = 24 * 3600
+    freshness_s: int = 15 * 60
+    allowed_lateness_s: int = 3600
+
+
+class InvalidView(MyelinError):
+    code = "invalid_view"
+
+
+def view_doc(view: FeatureView) -> dict[str, Any]:
+    """The definition as JSON-ready builtins (what ``view_from_doc`` reads back)."""
+    return asdict(view)
+
+
+def view_from_doc(doc: Any) -> FeatureView:
+    """A definition from JSON builtins, with a specific error for anything wrong in it."""
+    try:
+        spec = msgspec.convert(doc, _ViewSpec)
+        return FeatureView(
+            name=spec.name,
+            entity=spec.entity,
+            sources=tuple(spec.sources),
+            features=tuple(Feature(**msgspec.structs.asdict(f)) for f in spec.features),
+            bucket_s=spec.bucket_s,
+            ttl_s=spec.ttl_s,
+            freshness_s=spec.freshness_s,
+            allowed_lateness_s=spec.allowed_lateness_s,
+        )
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise InvalidView(f"invalid feature view: {exc}") from None
 
 
 USER_ACTIVITY = FeatureView(

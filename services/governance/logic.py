@@ -12,8 +12,8 @@ import msgspec
 
 from myelin.records import AuditRecord
 
-Action = Literal["serve", "promote", "backfill", "pii_read"]
-ACTIONS: tuple[str, ...] = ("serve", "promote", "backfill", "pii_read")
+Action = Literal["serve", "promote", "backfill", "pii_read", "serve_view"]
+ACTIONS: tuple[str, ...] = ("serve", "promote", "backfill", "pii_read", "serve_view")
 
 
 class DecisionRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

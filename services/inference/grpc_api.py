@@ -22,7 +22,7 @@ from myelin.models import ModelNotFound, RegistryError
 from myelin.online import UnknownView
 from services.inference.logic import TensorError, decode_input, encode_output
 from services.inference.model_host import ModelDenied
-from services.inference.predictor import NotFeatureAware, Predictor
+from services.inference.predictor import FeaturesUnavailable, NotFeatureAware, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (TensorError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelDenied, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFeatureAware, grpc.StatusCode.FAILED_PRECONDITION),
+    (FeaturesUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (UnknownView, grpc.StatusCode.FAILED_PRECONDITION),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Retryable, grpc.StatusCode.UNAVAILABLE),
@@ -163,7 +164,7 @@ class PredictorServicer(mp_grpc.PredictorServicer):
                 await _abort(context, exc)
                 raise
             prov = r.model.mv.provenance
-            view_hash = prov.feature_views[0].partition("@")[2] if prov.feature_views else ""
+            view_hash = r.vectors[0].version if r.vectors else ""  # the version actually read
             return mp.PredictResponse(
                 model_name=request.model_name,
                 model_version=r.model.version,

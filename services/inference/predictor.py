@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from myelin import telemetry
 from myelin.errors import MyelinError
-from myelin.online import EntityVector, OnlineReader
+from myelin.online import EntityVector, OnlineReader, UnknownView
 from myelin.records import InferenceRecord, Prediction
 from services.inference.logic import TensorError, feature_matrix, positive_scores
 from services.inference.model_host import LoadedModel, ModelHost
@@ -23,6 +23,19 @@ MAX_ENTITIES = 10_000
 
 class NotFeatureAware(MyelinError):
     code = "not_feature_aware"
+
+
+class FeaturesUnavailable(MyelinError):
+    code = "features_unavailable"
+
+
+def pinned_version(view: str, refs: list[str]) -> str:
+    """The hash ``view@hash`` in a model's provenance pins for ``view`` ('' if none)."""
+    for ref in refs:
+        name, _, version = ref.partition("@")
+        if name == view and version:
+            return version
+    return ""
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class Predictor:
             raise NotFeatureAware(
                 f"model {name} v{model.version} has no feature view in its provenance; use ModelInfer"
             )
-        vectors = await self.reader.read(prov.feature_view, entity_ids, list(prov.features))
+        vectors = await self._read(name, model, entity_ids)
         x = feature_matrix([v.values for v in vectors], len(prov.features))
         outputs = model.ort.run_one(x)
         scores = positive_scores(_probabilities(model, outputs))
@@ -92,6 +105,24 @@ class Predictor:
         self.requests += 1
         self.predictions += len(entity_ids)
         return PredictResult(model, alias, rid, vectors, scores, list(prov.features), trace_id)
+
+    async def _read(
+        self, name: str, model: LoadedModel, entity_ids: list[str]
+    ) -> list[EntityVector]:
+        """Features from the view version the model was trained on (its provenance pins
+        ``view@hash``): a newer served version of the view never skews an older model."""
+        prov = model.mv.provenance
+        pinned = pinned_version(prov.feature_view, prov.feature_views)
+        try:
+            return await self.reader.read(
+                prov.feature_view, entity_ids, list(prov.features), version=pinned or None
+            )
+        except UnknownView as exc:
+            raise FeaturesUnavailable(
+                f"model {name} v{model.version} reads {prov.feature_view}"
+                + (f"@{pinned}" if pinned else "")
+                + f", which the online store does not have: {exc}"
+            ) from None
 
     async def infer(
         self,

@@ -1,0 +1,78 @@
+"""Inbound adapters: the features service's request-reply endpoints over NATS."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+from nats.aio.client import Client as NATS
+
+from myelin import bus
+from myelin.errors import Poison
+from myelin.subjects import RPC_FEATURES_CHECK, RPC_FEATURES_REPLAY, RPC_FEATURES_VIEWS
+from services.features.consistency import CheckRequest, check
+from services.features.replay import Replayer, ReplayRequest
+
+if TYPE_CHECKING:
+    from services.features.app import FeaturesApp
+
+
+class ViewsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    op: Literal["list", "register", "promote", "retire"] = "list"
+    view: str = ""  # NAME@HASH for promote / retire
+    requester: str = ""
+    definition: dict[str, Any] = {}  # for register
+
+
+async def serve_replay(nc: NATS, replayer: Replayer) -> Any:
+    """Start a replay (``myelin features replay``); progress is in the status."""
+    decode = msgspec.json.Decoder(ReplayRequest)
+
+    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+        try:
+            req = decode.decode(data)
+        except msgspec.MsgspecError as exc:
+            raise Poison(f"bad replay request: {exc}") from None
+        await replayer.start(req)
+        return replayer.snapshot()
+
+    return await bus.serve(nc, RPC_FEATURES_REPLAY, handle)
+
+
+async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
+    """The online/offline consistency check (``myelin features check``)."""
+    decode = msgspec.json.Decoder(CheckRequest)
+
+    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+        try:
+            req = decode.decode(data or b"{}")
+        except msgspec.MsgspecError as exc:
+            raise Poison(f"bad check request: {exc}") from None
+        assert app.sink is not None and app.reader is not None
+        runner = await app.runner_for(req.view)
+        # the engine holds configuration only (no entity state): the live one is reused
+        return await check(
+            req, runner.pipeline.engine, runner.pipeline.registry, app.reader, app.sink
+        )
+
+    return await bus.serve(nc, RPC_FEATURES_CHECK, handle)
+
+
+async def serve_views(nc: NATS, app: FeaturesApp) -> Any:
+    """Feature view versions (``myelin features views|register|promote|retire``)."""
+    decode = msgspec.json.Decoder(ViewsRequest)
+
+    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+        try:
+            req = decode.decode(data or b"{}")
+        except msgspec.MsgspecError as exc:
+            raise Poison(f"bad views request: {exc}") from None
+        if req.op == "register":
+            return await app.register_version(req.definition)
+        if req.op == "promote":
+            return await app.promote_version(req.view, req.requester)
+        if req.op == "retire":
+            return await app.retire_version(req.view, req.requester)
+        return await app.list_versions()
+
+    return await bus.serve(nc, RPC_FEATURES_VIEWS, handle)
