@@ -87,15 +87,17 @@ def decode_entity(blob: bytes) -> EntityDoc:
 
 
 # KEYS[1] = the view key; ARGV[1] = version ('' = the served one), ARGV[2] = the view's
-# entities key without version, ARGV[3..] = entity ids. Returns {version, records}: the
+# entities key and ARGV[3] its version key, both without the version, ARGV[4..] = entity
+# ids. Returns {version, records}, or {'', version} when there is no such version: the
 # served version and its records are read in one atomic step, so a promotion never mixes
-# versions within a read.
+# versions within a read, and a retired version is an error, not a page of misses.
 _READ_LUA = """
 local v = ARGV[1]
 if v == '' then v = redis.call('HGET', KEYS[1], 'served') end
-if not v then return {''} end
-if #ARGV < 3 then return {v, {}} end
-return {v, redis.call('HMGET', ARGV[2] .. v, unpack(ARGV, 3))}
+if not v then return {'', ''} end
+if redis.call('EXISTS', ARGV[3] .. v) == 0 then return {'', v} end
+if #ARGV < 4 then return {v, {}} end
+return {v, redis.call('HMGET', ARGV[2] .. v, unpack(ARGV, 4))}
 """
 READ_CHUNK = 4000  # entity ids per script call (Lua's unpack is bounded by its C stack)
 
@@ -198,13 +200,21 @@ class OnlineReader:
             # later chunks pin the version the first one resolved
             reply = await self._mget(
                 keys=[view_key(view)],
-                args=[got, f"{PREFIX}:entities:{view}:", *entities[at : at + READ_CHUNK]],
+                args=[
+                    got,
+                    f"{PREFIX}:entities:{view}:",
+                    f"{PREFIX}:version:{view}:",
+                    *entities[at : at + READ_CHUNK],
+                ],
             )
-            got = _text(reply[0])
-            if not got:
+            if not _text(reply[0]):
+                absent = _text(reply[1])
                 raise UnknownView(
-                    f"feature view {view!r} has no served version in the online store"
+                    f"feature view {view}@{absent} is not in the online store (retired?)"
+                    if absent
+                    else f"feature view {view!r} has no served version in the online store"
                 )
+            got = _text(reply[0])
             records.extend(reply[1])
         meta = await self.meta(view, got)
         if features:

@@ -86,6 +86,24 @@ async def test_request_without_responder_is_retryable(nc: NATS) -> None:
         ("myelin.backfill", {"requester": "", "range_days": 3}, False, "needs a requester"),
         ("myelin.pii_read", {"role": "privacy_officer", "purpose": ""}, False, "stated purpose"),
         ("myelin.pii_read", {"role": "analyst", "purpose": "x"}, False, "role analyst"),
+        (
+            "myelin.serve_view",
+            {"requester": "ops", "lag_messages": 3, "behind_served_messages": 0},
+            True,
+            None,
+        ),
+        (
+            "myelin.serve_view",
+            {"requester": "ops", "lag_messages": 5000, "behind_served_messages": 4990},
+            False,
+            "5000 messages behind the stream",
+        ),
+        (
+            "myelin.serve_view",
+            {"requester": "", "lag_messages": 0, "behind_served_messages": 0},
+            False,
+            "needs a requester",
+        ),
     ],
 )
 async def test_rego_policies(
