@@ -41,6 +41,7 @@ class Stack:
         self.procs: dict[str, ManagedProcess] = {}
         self.metrics: dict[str, int] = {}  # process name -> Prometheus port
         self._closed = False
+        self._metrics_next = 0
 
     @property
     def logs_dir(self) -> Path:
@@ -64,30 +65,33 @@ class Stack:
             await bus.provision(bus.jetstream(nc, s), s)
         finally:
             await nc.drain()
-        env = s.to_env()
-        metrics_port = s.metrics_port  # when set: consecutive ports, one per process
+        self._metrics_next = s.metrics_port  # when set: consecutive ports, one per process
         for service in self.services:
-            workers = s.ingest_workers if service == "ingest" else 1
-            for k in range(1, workers + 1):
-                name = service if k == 1 else f"{service}-{k}"
-                proc = ManagedProcess(
-                    name,
-                    [sys.executable, "-m", f"services.{service}"],
-                    self.logs_dir / f"{name}.log",
-                    {
-                        **env,
-                        "MYELIN_INSTANCE": str(k),
-                        "MYELIN_METRICS_PORT": str(metrics_port) if metrics_port else "0",
-                    },
-                )
-                if metrics_port:
-                    self.metrics[name] = metrics_port
-                    metrics_port += 1
-                self.procs[name] = proc
-                proc.start()
-                await self.wait_ready(name)
-                extra = f", metrics :{self.metrics[name]}/metrics" if name in self.metrics else ""
-                self._log(f"{name:<13} ready (pid {proc.pid}, log {proc.log_path}{extra})")
+            await self.start_service(service)
+
+    async def start_service(self, service: str) -> None:
+        """Start a service's processes (``MYELIN_INGEST_WORKERS`` for ingest) and wait for
+        each to report ready."""
+        s = self.settings
+        env = s.to_env()
+        workers = s.ingest_workers if service == "ingest" else 1
+        for k in range(1, workers + 1):
+            name = service if k == 1 else f"{service}-{k}"
+            port = self._metrics_next
+            proc = ManagedProcess(
+                name,
+                [sys.executable, "-m", f"services.{service}"],
+                self.logs_dir / f"{name}.log",
+                {**env, "MYELIN_INSTANCE": str(k), "MYELIN_METRICS_PORT": str(port or 0)},
+            )
+            if port:
+                self.metrics[name] = port
+                self._metrics_next = port + 1
+            self.procs[name] = proc
+            proc.start()
+            await self.wait_ready(name)
+            extra = f", metrics :{self.metrics[name]}/metrics" if name in self.metrics else ""
+            self._log(f"{name:<13} ready (pid {proc.pid}, log {proc.log_path}{extra})")
 
     async def wait_ready(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
         proc = self.procs[name]
