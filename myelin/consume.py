@@ -84,6 +84,8 @@ class PullLoop:
         self.messages = 0
         self.failures = 0
         self.idle = True
+        self.position = 0  # stream sequence of the last message handled and acked
+        self.pending = 0  # messages left in the consumer after that one (at fetch time)
 
     async def run(self) -> None:
         psub: JetStreamContext.PullSubscription | None = None
@@ -121,6 +123,8 @@ class PullLoop:
                     await msgs[-1].ack()
                 self.batches += 1
                 self.messages += len(msgs)
+                meta = msgs[-1].metadata
+                self.position, self.pending = meta.sequence.stream, meta.num_pending
         if psub is not None:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()

@@ -1,4 +1,5 @@
-"""Records published on the INFERENCES and AUDIT streams (msgpack). Append-only evolution."""
+"""Records published on the FEATURES, INFERENCES, AUDIT and DLQ streams (msgpack).
+Append-only evolution."""
 
 from __future__ import annotations
 
@@ -55,3 +56,23 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     ts_ms: int
     detail: dict[str, str] = {}
     payload: str = ""  # original event text (PII already tokenized, when it could be parsed)
+
+
+class FeatureRow(msgspec.Struct, frozen=True, array_like=True):
+    """An entity's feature vector right after one of its events was applied."""
+
+    entity_id: str
+    as_of: int  # the entity's event-time watermark, ms
+    stream_seq: int  # the event's sequence (stream sequence x 1000 + index in its message)
+    trace_id: str
+    values: list[float]  # in the message's ``features`` order
+
+
+class FeatureRows(msgspec.Struct, frozen=True, kw_only=True):
+    """Offline feature values of one view version (a message on the FEATURES stream),
+    drained into ClickHouse ``feature_values`` by the warehouse."""
+
+    view: str
+    version: str  # the view's content hash
+    features: list[str]
+    rows: list[FeatureRow]

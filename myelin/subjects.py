@@ -13,6 +13,7 @@ DLQ_STREAM = "MYELIN_DLQ"
 LATE_STREAM = "MYELIN_LATE"  # events too late for a view's windows (still in ClickHouse history)
 INFERENCES_STREAM = "MYELIN_INFERENCES"
 AUDIT_STREAM = "MYELIN_AUDIT"
+FEATURES_STREAM = "MYELIN_FEATURES"  # offline feature values, drained into ClickHouse
 
 MODELS_BUCKET = "myelin_models"
 VIEWS_BUCKET = "myelin_views"  # feature view versions, key ``<view>.<hash>``, written once
@@ -21,6 +22,7 @@ ARTIFACTS_BUCKET = "myelin_model_artifacts"
 RPC_INGEST_PUBLISH = "myelin.rpc.ingest.publish"
 RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
 RPC_WAREHOUSE_QUERY = "myelin.rpc.warehouse.query"
+RPC_WAREHOUSE_REWIND = "myelin.rpc.warehouse.rewind"  # re-drain EVENTS from a sequence
 RPC_FEATURES_REPLAY = "myelin.rpc.features.replay"
 RPC_FEATURES_CHECK = "myelin.rpc.features.check"
 RPC_FEATURES_VIEWS = "myelin.rpc.features.views"  # list, register, promote, retire versions
@@ -49,6 +51,10 @@ def late_subject(view: str) -> str:
     return f"myelin.late.{view}"
 
 
+def feature_subject(view: str, version: str) -> str:
+    return f"myelin.features.{view}.{version}"
+
+
 def inference_subject(model: str) -> str:
     return f"myelin.inferences.{model}"
 
@@ -73,4 +79,8 @@ def stream_specs(duplicate_window_s: float) -> list[StreamSpec]:
         StreamSpec(LATE_STREAM, ("myelin.late.>",), duplicate_window_s),
         StreamSpec(INFERENCES_STREAM, ("myelin.inferences.>",), duplicate_window_s),
         StreamSpec(AUDIT_STREAM, ("myelin.audit.>",), duplicate_window_s),
+        # derived data: rebuilt by replay, so a week of it is kept
+        StreamSpec(
+            FEATURES_STREAM, ("myelin.features.>",), duplicate_window_s, max_age_s=7 * 86400.0
+        ),
     ]

@@ -1,7 +1,7 @@
 """The offline / warm store: ClickHouse, embedded (chdb) or a server (clickhouse-connect).
 
 One small interface, two implementations, the same DDL and SQL on both. In embedded
-mode chdb locks its data directory, so exactly one process (the features service) opens
+mode chdb locks its data directory, so exactly one process (the warehouse service) opens
 it; everyone else reaches it with :data:`~myelin.subjects.RPC_WAREHOUSE_QUERY`.
 Tables are ReplacingMergeTree keyed on deterministic ids, so a replayed batch is not
 double-counted: read with ``FINAL`` (or argMax) for exact counts.
@@ -36,7 +36,7 @@ DDL: tuple[str, ...] = (
         stream_seq UInt64,
         late UInt8,
         data String
-    ) ENGINE = ReplacingMergeTree
+    ) ENGINE = ReplacingMergeTree(late)
     PARTITION BY toYYYYMM(event_time)
     ORDER BY (type, entity_id, event_time, event_id)""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.feature_values (

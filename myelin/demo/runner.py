@@ -29,9 +29,10 @@ from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
 from myelin.models import ModelRegistry, PromotionDenied, Provenance
 from myelin.settings import Settings
+from myelin.sql_client import wait_stored
 from myelin.stack.process import free_port
 from myelin.stack.supervisor import Stack, with_ports
-from myelin.subjects import EVENTS_STREAM, RPC_WAREHOUSE_QUERY, health_subject
+from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, RPC_WAREHOUSE_QUERY, health_subject
 from myelin.training import clicked_impressions_sql, training_set_sql
 from myelin.warehouse import ipc_to_arrow
 
@@ -165,6 +166,9 @@ async def wait_features(
         seen = h["position"]
         if seen >= last:
             prog.close()
+            # ... and the warehouse has stored the raw events and the feature values
+            features_last = (await js.stream_info(FEATURES_STREAM)).state.last_seq
+            await wait_stored(nc, events_seq=last, features_seq=features_last, timeout=timeout_s)
             return h
         if time.monotonic() > deadline:
             raise TimeoutError(f"features reached {seen} of {last} in {timeout_s}s")

@@ -1,6 +1,6 @@
-"""``myelin up``: engines, provisioning, the four services, readiness and an ordered stop.
+"""``myelin up``: engines, provisioning, the five services, readiness and an ordered stop.
 
-Start order: nats-server, redis-server, provisioning, then governance, features,
+Start order: nats-server, redis-server, provisioning, then governance, warehouse, features,
 inference, ingest (intake last). Stop order is the reverse (intake first).
 """
 
@@ -24,7 +24,7 @@ from myelin.stack.engines import NatsServer, RedisServer
 from myelin.stack.process import ManagedProcess, ProcessError
 from myelin.subjects import health_subject
 
-SERVICES = ("governance", "features", "inference", "ingest")
+SERVICES = ("governance", "warehouse", "features", "inference", "ingest")
 
 
 class Stack:

@@ -1,8 +1,8 @@
 """features composition root.
 
-Owns: the warehouse (chdb when no ClickHouse server is configured), one EVENTS pull
-consumer per feature view version (each feeding its own pipeline), the drains of
-INFERENCES, AUDIT and DLQ, and the feature view registry.
+Owns: one EVENTS pull consumer per feature view version (each feeding its own pipeline:
+online values to Redis, offline values to the FEATURES stream), the feature view
+registry, replays and the consistency check. ClickHouse belongs to the warehouse service.
 """
 
 from __future__ import annotations
@@ -27,16 +27,14 @@ from myelin.contracts.store import ContractStore
 from myelin.decisions import GovernanceClient
 from myelin.online import OnlineReader
 from myelin.settings import Settings
-from myelin.subjects import AUDIT_STREAM, DLQ_STREAM, EVENTS_STREAM, INFERENCES_STREAM
-from myelin.warehouse import open_warehouse
-from services.features.drains import audit_drain, dlq_drain, inference_drain
+from myelin.subjects import EVENTS_STREAM
+from services.features.feature_rows import RowsSink, rows_publisher
 from services.features.late_sink import late_publisher
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
 from services.features.replay import Replayer
 from services.features.rpc import serve_check, serve_replay, serve_views
-from services.features.sql_api import serve_sql
 from services.features.versions import (
     PromotionRefused,
     UnknownVersion,
@@ -47,7 +45,6 @@ from services.features.versions import (
 )
 from services.features.view_registry import ViewRegistry
 from services.features.views import VIEWS, FeatureView, view_doc, view_from_doc
-from services.features.warehouse_sink import WarehouseSink
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +77,7 @@ class FeaturesApp:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._redis: aioredis.Redis | None = None
-        self.sink: WarehouseSink | None = None
         self.versions: dict[str, VersionRunner] = {}  # by content hash
-        self.loops: list[PullLoop] = []  # the drains
-        self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
         self.replayer: Replayer | None = None
         self.reader: OnlineReader | None = None
@@ -95,7 +89,6 @@ class FeaturesApp:
 
     async def start(self) -> None:
         s = self.settings
-        self.sink = WarehouseSink(await asyncio.to_thread(open_warehouse, s))
         self._redis = aioredis.Redis.from_url(s.redis_url)
         await self._redis.ping()
         self._nc = await bus.connect(s, self.name)
@@ -107,18 +100,10 @@ class FeaturesApp:
             await self.view_registry.register(view)
         for view in await self.view_registry.versions():
             await self._run_version(view)
-        for stream, name, handler in (
-            (INFERENCES_STREAM, "warehouse-inferences", inference_drain(self.sink)),
-            (AUDIT_STREAM, "warehouse-audit", audit_drain(self.sink)),
-            (DLQ_STREAM, "warehouse-dlq", dlq_drain(self.sink)),
-        ):
-            await ensure_consumer(js, stream, name, ">", max_ack_pending=10_000, ack_wait_s=30.0)
-            self.loops.append(PullLoop(js, stream, name, handler, batch=1000))
-        self._tasks = [asyncio.create_task(loop.run(), name=loop.durable) for loop in self.loops]
-        self._subs.append(await serve_sql(self._nc, self.sink))
         self.replayer = Replayer(
+            self._nc,
             js,
-            self.sink,
+            self.rows_sink,
             self.registry,
             GovernanceClient(self._nc),
             self.engine_for,
@@ -129,8 +114,12 @@ class FeaturesApp:
         self._subs.append(await serve_check(self._nc, self))
         self._subs.append(await serve_views(self._nc, self))
 
+    def rows_sink(self, id_prefix: str = "fv") -> RowsSink:
+        assert self._js is not None
+        return rows_publisher(bus.Publisher(self._js, self.settings), id_prefix)
+
     async def _run_version(self, view: FeatureView) -> VersionRunner:
-        assert self._js is not None and self._redis is not None and self.sink is not None
+        assert self._js is not None and self._redis is not None
         assert self._contracts is not None and self.registry is not None
         s, js = self.settings, self._js
         store = OnlineStore(self._redis, view, s.online_ttl_s)
@@ -138,7 +127,7 @@ class FeaturesApp:
             WindowEngine(view),
             self.registry,
             store,
-            self.sink,
+            self.rows_sink(),
             reload_registry=self._contracts.registry,
             late_sink=late_publisher(bus.Publisher(js, s)),
         )
@@ -300,20 +289,13 @@ class FeaturesApp:
         self._subs.clear()
         if self.replayer is not None:
             await self.replayer.stop()
-        loops = self.loops + [r.loop for r in self.versions.values()]
-        for loop in loops:
-            loop.stop()
-        tasks = self._tasks + [r.task for r in self.versions.values()]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._tasks.clear()
+        for r in self.versions.values():
+            r.loop.stop()
+        await asyncio.gather(*(r.task for r in self.versions.values()), return_exceptions=True)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
             self._nc = None
-        if self.sink is not None:
-            await asyncio.to_thread(self.sink.close)
-            self.sink = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -328,7 +310,7 @@ class FeaturesApp:
     def status(self) -> dict[str, Any]:
         r = self._primary_runner()
         st = r.pipeline.stats if r else None
-        loops = self.loops + [v.loop for v in self.versions.values()]
+        loops = [v.loop for v in self.versions.values()]
         return {
             "view": r.view.name if r else "",
             "view_hash": r.view.content_hash if r else "",

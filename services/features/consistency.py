@@ -8,15 +8,18 @@ at, recompute the same view offline from ClickHouse's raw history up to that seq
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import pyarrow as pa
 
 from myelin.contracts import ContractRegistry
 from myelin.online import OnlineReader, Status
 from myelin.warehouse import DATABASE
 from services.features.logic import EntityState, WindowEngine
-from services.features.warehouse_sink import WarehouseSink
+
+Query = Callable[[str], Awaitable[pa.Table]]
 
 
 class CheckRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -36,14 +39,16 @@ async def check(
     engine: WindowEngine,
     registry: ContractRegistry,
     reader: OnlineReader,
-    sink: WarehouseSink,
+    query: Query,
+    wait_stored: Callable[[int], Awaitable[None]],
 ) -> dict[str, Any]:
+    """``wait_stored(stream_seq)`` returns once raw history is stored up to that sequence."""
     view = engine.view
     sources = ", ".join(f"'{s}'" for s in view.sources)
     sample = max(1, min(req.sample, 10_000))
     ents = (
         (
-            await sink.query(
+            await query(
                 f"SELECT entity_id FROM {DATABASE}.events FINAL WHERE type IN ({sources}) "
                 f"GROUP BY entity_id ORDER BY cityHash64(entity_id) LIMIT {sample}"
             )
@@ -56,9 +61,10 @@ async def check(
     vectors = {
         v.entity_id: v for v in await reader.read(view.name, ents, version=view.content_hash)
     }
+    await wait_stored(max(v.seq for v in vectors.values()) // 1000)  # event seq -> stream seq
     quoted = ", ".join("'" + e.replace("'", "''") + "'" for e in ents)
     rows = (
-        await sink.query(
+        await query(
             f"SELECT entity_id, type, schema_version, event_time, stream_seq, data FROM {DATABASE}.events FINAL "
             f"WHERE entity_id IN ({quoted}) AND type IN ({sources}) ORDER BY entity_id, stream_seq"
         )

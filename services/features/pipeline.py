@@ -1,12 +1,14 @@
 """The feature use case: a batch of stream events -> offline rows, then online state.
 
 Order of effects, for exactly-once results:
-1. raw events and per-event feature values -> ClickHouse (ReplacingMergeTree: a replay
-   writes identical rows, which collapse);
-2. entity states + online vectors + the view position -> Redis in one Lua call
-   (guarded by stream sequence);
+1. per-event feature values -> the FEATURES stream (ids from the batch's sequences; the
+   warehouse drains them into ReplacingMergeTree, where a replayed row collapses), and
+   late events -> the LATE stream;
+2. entity states + online vectors + the view position -> Redis in one transaction
+   (guarded by the position);
 3. only then is the batch acked (by the caller).
-A crash between any two steps replays the batch with the same outcome.
+A crash between any two steps replays the batch with the same outcome. Raw history is
+not this pipeline's: the warehouse drains EVENTS itself.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Any
 import msgspec
 
 from myelin.contracts import ContractRegistry, StreamEvent
+from myelin.records import FeatureRow
+from services.features.feature_rows import RowsSink
 from services.features.logic import EntityState, Outcome, WindowEngine
 from services.features.online_store import OnlineUpdate, StateStore
-from services.features.warehouse_sink import WarehouseSink, events_table, feature_values_table
 
 log = logging.getLogger(__name__)
 _decode_events = msgspec.msgpack.Decoder(list[StreamEvent])
@@ -75,20 +78,18 @@ class FeaturePipeline:
         engine: WindowEngine,
         registry: ContractRegistry,
         online: StateStore,
-        sink: WarehouseSink,
+        rows_sink: RowsSink,
         cache_items: int = 200_000,
         reload_registry: Callable[[], Awaitable[ContractRegistry]] | None = None,
         late_sink: Callable[[str, list[tuple[int, StreamEvent]]], Awaitable[None]] | None = None,
-        write_features: bool = True,
     ) -> None:
-        self.write_features = write_features  # False: raw history only (a partial replay)
         self._reload = reload_registry
         self._late_sink = late_sink
         self.engine = engine
         self.view = engine.view
         self.registry = registry
         self.online = online
-        self.sink = sink
+        self.rows_sink = rows_sink
         self.cache = StateCache(cache_items)
         self.stats = PipelineStats()
         self.watermarks: dict[int, int] = {}  # partition -> newest event time seen
@@ -169,8 +170,7 @@ class FeaturePipeline:
         late_events: list[tuple[int, StreamEvent]] = []
         touched: dict[str, tuple[list[float], str]] = {}
         late_seqs: set[int] = set()
-        fv_rows: list[tuple[str, int, int, str]] = []  # entity, as_of, event seq, trace
-        fv_values: list[float] = []
+        fv_rows: list[FeatureRow] = []
         applied = dup = 0
         wms = dict(self.watermarks)
         engine = self.engine
@@ -197,8 +197,7 @@ class FeaturePipeline:
                 applied += 1
                 values = engine.values(st)
                 touched[entity] = (values, ev.trace_id)
-                fv_rows.append((entity, st.watermark, seq, ev.trace_id))
-                fv_values.extend(values)
+                fv_rows.append(FeatureRow(entity, st.watermark, seq, ev.trace_id, values))
             elif outcome == Outcome.LATE:
                 late_seqs.add(seq)
                 late_events.append((seq, ev))
@@ -206,18 +205,8 @@ class FeaturePipeline:
             else:
                 dup += 1
 
-        await self.sink.insert("events", events_table(decoded, late_seqs))
-        if fv_rows and self.write_features:
-            await self.sink.insert(
-                "feature_values",
-                feature_values_table(
-                    self.view.name,
-                    self.view.content_hash,
-                    self.view.feature_names,
-                    fv_rows,
-                    fv_values,
-                ),
-            )
+        if fv_rows:
+            await self.rows_sink(self.view, fv_rows, batch[0][0], batch[-1][0])
         if late_events and self._late_sink is not None:
             await self._late_sink(self.view.name, late_events)  # stored before the batch commits
         last_seq = batch[-1][0]

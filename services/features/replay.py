@@ -1,13 +1,16 @@
 """Replay the EVENTS stream into the offline store (ClickHouse), asking governance first.
 
-- From sequence 1 (a *rebuild*): raw events and feature values are recomputed with the
-  same pipeline code as the live path, on states kept in memory, so every row is
-  identical to the live one and collapses with it (ReplacingMergeTree): replaying twice,
-  or over rows that survived, changes nothing. Use it after losing the warehouse.
+- Raw history: the warehouse is asked to re-drain EVENTS from the first sequence.
+- From sequence 1 (a *rebuild*) feature values too: they are recomputed with the same
+  pipeline code as the live path, on states kept in memory, and published to the FEATURES
+  stream like live rows, so every row is identical to the live one and collapses with it
+  (ReplacingMergeTree): replaying twice, or over rows that survived, changes nothing. Use
+  it after losing the warehouse.
 - From a later sequence: raw history only (window states before that point are not
   known, and approximate feature rows would replace exact ones).
-The online store (already at the stream head) is never touched. One replay at a time;
-progress is in the features status.
+The replay is done when the warehouse has stored all of it. The online store (already
+at the stream head) is never touched. One replay at a time; progress is in the features
+status.
 """
 
 from __future__ import annotations
@@ -20,16 +23,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
+from myelin import bus
 from myelin.contracts import ContractRegistry, StreamEvent
 from myelin.decisions import GovernanceClient
 from myelin.errors import MyelinError
-from myelin.subjects import EVENTS_STREAM
+from myelin.sql_client import NotStored, wait_stored
+from myelin.subjects import (
+    EVENTS_STREAM,
+    FEATURES_STREAM,
+    RPC_WAREHOUSE_REWIND,
+    health_subject,
+)
+from services.features.feature_rows import RowsSink
 from services.features.logic import WindowEngine
 from services.features.online_store import MemoryStateStore
 from services.features.pipeline import FeaturePipeline
-from services.features.warehouse_sink import WarehouseSink
 
 log = logging.getLogger(__name__)
 _events = msgspec.msgpack.Decoder(list[StreamEvent])
@@ -51,7 +62,7 @@ class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ReplayStatus(msgspec.Struct):
-    state: str = "idle"  # idle | running | done | failed
+    state: str = "idle"  # idle | running | storing | done | failed
     mode: str = ""  # rebuild | raw
     from_seq: int = 0
     to_seq: int = 0
@@ -67,15 +78,19 @@ class ReplayStatus(msgspec.Struct):
 class Replayer:
     def __init__(
         self,
+        nc: NATS,
         js: JetStreamContext,
-        sink: WarehouseSink,
+        rows_sink: Callable[[str], RowsSink],
         registry: ContractRegistry,
         governance: GovernanceClient,
         engines: Callable[[str], Awaitable[WindowEngine]],
         batch: int = 200,
+        timeout_s: float = 3600.0,
     ) -> None:
+        self._nc = nc
         self._js = js
-        self._sink = sink
+        self._rows_sink = rows_sink  # by message id prefix
+        self._timeout = timeout_s
         self._engines = engines
         self._registry = registry
         self._gov = governance
@@ -133,12 +148,27 @@ class Replayer:
 
     async def _run(self, engine: WindowEngine, first: int, last: int, mode: str) -> None:
         st = self.status
+        try:
+            await bus.request(self._nc, RPC_WAREHOUSE_REWIND, {"from_seq": first}, timeout=30)
+            if mode == "rebuild":
+                await self._recompute(engine, first, last)
+            st.state = "storing"  # waiting for the warehouse to store everything
+            features_last = (await self._js.stream_info(FEATURES_STREAM)).state.last_seq
+            await self._wait_stored(last, features_last if mode == "rebuild" else 0)
+            st.state = "done"
+        except Exception as exc:
+            log.exception("replay failed")
+            st.state, st.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            st.finished_ms = int(time.time() * 1000)
+
+    async def _recompute(self, engine: WindowEngine, first: int, last: int) -> None:
+        st = self.status
         pipeline = FeaturePipeline(
             engine,
             self._registry,
             MemoryStateStore(),
-            self._sink,
-            write_features=mode == "rebuild",
+            self._rows_sink(f"replay-{st.decision_id[:12]}"),
         )
         cfg = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -161,14 +191,30 @@ class Replayer:
                     else st.messages_total
                 )
                 st.events = pipeline.stats.events
-            st.state = "done"
-        except Exception as exc:
-            log.exception("replay failed")
-            st.state, st.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
-            st.finished_ms = int(time.time() * 1000)
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
+
+    async def _wait_stored(self, events_last: int, features_last: int) -> None:
+        """Until the warehouse's drains are past what this replay needs stored."""
+        st = self.status
+        deadline = time.monotonic() + self._timeout
+        while True:
+            h = msgspec.json.decode(
+                await bus.request(self._nc, health_subject("warehouse"), {}, timeout=10)
+            )
+            stored = h["positions"]["warehouse-events"]
+            if st.mode == "raw":  # progress is the warehouse's
+                st.messages_done = max(0, min(st.messages_total, stored - st.from_seq + 1))
+            try:
+                await wait_stored(
+                    self._nc, events_seq=events_last, features_seq=features_last, timeout=0
+                )
+                return
+            except NotStored:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
         if self._task is not None:

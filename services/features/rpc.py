@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+import pyarrow as pa
 from nats.aio.client import Client as NATS
 
-from myelin import bus
+from myelin import bus, sql_client
 from myelin.errors import Poison
 from myelin.subjects import RPC_FEATURES_CHECK, RPC_FEATURES_REPLAY, RPC_FEATURES_VIEWS
 from services.features.consistency import CheckRequest, check
@@ -48,11 +49,18 @@ async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
             req = decode.decode(data or b"{}")
         except msgspec.MsgspecError as exc:
             raise Poison(f"bad check request: {exc}") from None
-        assert app.sink is not None and app.reader is not None
+        assert app.reader is not None
         runner = await app.runner_for(req.view)
+
+        async def query(sql: str) -> pa.Table:
+            return await sql_client.query(nc, sql)
+
+        async def stored(stream_seq: int) -> None:
+            await sql_client.wait_stored(nc, events_seq=stream_seq, timeout=60)
+
         # the engine holds configuration only (no entity state): the live one is reused
         return await check(
-            req, runner.pipeline.engine, runner.pipeline.registry, app.reader, app.sink
+            req, runner.pipeline.engine, runner.pipeline.registry, app.reader, query, stored
         )
 
     return await bus.serve(nc, RPC_FEATURES_CHECK, handle)

@@ -60,9 +60,9 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
                 )  # loopback by default
         import urllib.request
 
-        # governance, features, inference, ingest get consecutive Prometheus ports
+        # governance, warehouse, features, inference, ingest get consecutive Prometheus ports
         ingest_metrics = (
-            urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 3}/metrics", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 4}/metrics", timeout=5)
             .read()
             .decode()
         )
@@ -71,7 +71,7 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
             and "myelin_ingest_in_flight" in ingest_metrics
         )
         features_metrics = (
-            urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 1}/metrics", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 2}/metrics", timeout=5)
             .read()
             .decode()
         )

@@ -14,9 +14,11 @@ import pytest
 from myelin import bus, online
 from myelin.errors import RemoteError
 from myelin.settings import Settings
+from myelin.sql_client import wait_stored
 from myelin.stack.supervisor import Stack
 from myelin.subjects import (
     EVENTS_STREAM,
+    FEATURES_STREAM,
     RPC_FEATURES_CHECK,
     RPC_FEATURES_REPLAY,
     RPC_WAREHOUSE_QUERY,
@@ -77,14 +79,18 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
                 if (await health(nc))["position"] >= last:
                     break
                 await asyncio.sleep(0.1)
+            features_last = (
+                await bus.jetstream(nc, settings).stream_info(FEATURES_STREAM)
+            ).state.last_seq
+            await wait_stored(nc, events_seq=last, features_seq=features_last)
             before = await fingerprint(nc)
             assert before["events"] == 4000 and before["fv"] == 4000
         finally:
             await nc.close()
 
-        await stack.procs["features"].stop()
+        await stack.procs["warehouse"].stop()
         shutil.rmtree(settings.warehouse_dir)  # the warehouse is lost; Redis and the stream are not
-        await stack.restart_service("features")
+        await stack.restart_service("warehouse")
         nc = await bus.connect(settings, "test")
         try:
             assert (await fingerprint(nc))["events"] == 0

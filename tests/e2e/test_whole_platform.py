@@ -161,8 +161,10 @@ async def test_ingest_to_online_across_repeated_features_crashes(settings: Setti
     import aiohttp
     import msgspec
 
+    from myelin.sql_client import wait_stored
     from myelin.subjects import (
         EVENTS_STREAM,
+        FEATURES_STREAM,
         RPC_FEATURES_CHECK,
         RPC_WAREHOUSE_QUERY,
         health_subject,
@@ -212,6 +214,8 @@ async def test_ingest_to_online_across_repeated_features_crashes(settings: Setti
                     break
                 await asyncio.sleep(0.1)
             assert h["position"] == last
+            features_last = (await bus.jetstream(nc, s).stream_info(FEATURES_STREAM)).state.last_seq
+            await wait_stored(nc, events_seq=last, features_seq=features_last)
             q = (
                 "SELECT (SELECT count() FROM myelin.events FINAL) AS events, "
                 "(SELECT count() FROM myelin.feature_values FINAL) AS fv"

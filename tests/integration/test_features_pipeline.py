@@ -11,15 +11,15 @@ from nats.aio.client import Client as NATS
 from myelin import bus
 from myelin.contracts import StreamEvent, default_registry
 from myelin.online import OnlineReader, Status
+from myelin.records import FeatureRows
 from myelin.settings import Settings
-from myelin.subjects import LATE_STREAM
-from myelin.warehouse import Warehouse
-from services.features.late_sink import late_publisher
+from myelin.subjects import FEATURES_STREAM, LATE_STREAM
+from services.features.feature_rows import rows_publisher
+from services.features.late_sink import SEQS_HEADER, late_publisher
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
 from services.features.views import USER_ACTIVITY
-from services.features.warehouse_sink import WarehouseSink
 
 pytestmark = pytest.mark.integration
 MIN = 60_000
@@ -47,17 +47,31 @@ def event(seq: int, typ: str, user: str, t: int, **data: Any) -> tuple[int, byte
     )
 
 
-def pipeline(redis_client: aioredis.Redis, warehouse: Warehouse) -> FeaturePipeline:
+def pipeline(redis_client: aioredis.Redis, nc: NATS, settings: Settings) -> FeaturePipeline:
     return FeaturePipeline(
         WindowEngine(USER_ACTIVITY),
         default_registry(),
         OnlineStore(redis_client, USER_ACTIVITY, 3600),
-        WarehouseSink(warehouse),
+        rows_publisher(bus.Publisher(bus.jetstream(nc, settings), settings)),
     )
 
 
+async def published_rows(nc: NATS, settings: Settings) -> list[FeatureRows]:
+    """Every message on the FEATURES stream (what the warehouse drains)."""
+    js = bus.jetstream(nc, settings)
+    n = (await js.stream_info(FEATURES_STREAM)).state.messages
+    if not n:
+        return []
+    sub = await js.pull_subscribe("myelin.features.>", stream=FEATURES_STREAM)
+    msgs = await sub.fetch(n, timeout=2)
+    for m in msgs:
+        await m.ack()
+    await sub.unsubscribe()
+    return [msgspec.msgpack.decode(m.data, type=FeatureRows) for m in msgs]
+
+
 async def test_batches_apply_once_and_land_in_both_stores(
-    redis_client: aioredis.Redis, warehouse: Warehouse
+    redis_client: aioredis.Redis, nc: NATS, settings: Settings
 ) -> None:
     now = int(time.time() * 1000)
     t0 = now - 30 * MIN
@@ -68,12 +82,12 @@ async def test_batches_apply_once_and_land_in_both_stores(
         event(4, "purchase", "b", t0 + 3, amount=12.5),
         event(5, "impression", "a", t0 + 20 * MIN),
     ]
-    p = pipeline(redis_client, warehouse)
+    p = pipeline(redis_client, nc, settings)
     assert await p.start() == 0
     await p.process(batch[:3])
     await p.process(batch)  # a redelivery overlapping the first batch
     # a fresh process (empty cache) replays everything: nothing changes
-    p2 = pipeline(redis_client, warehouse)
+    p2 = pipeline(redis_client, nc, settings)
     assert await p2.start() == 5
     await p2.process(batch)
     p2.stats.position = 0  # even past the position guard, the per-entity sequence guard holds
@@ -93,27 +107,25 @@ async def test_batches_apply_once_and_land_in_both_stores(
     assert vb["spend_1h"] == 12.5 and b.status == Status.STALE  # 30 min old > 15 min freshness SLO
     assert c.status == Status.MISSING
 
-    rows = warehouse.query_arrow(
-        "SELECT count() AS n, uniqExact(event_id) AS u FROM myelin.events FINAL"
-    ).to_pylist()[0]
-    assert rows == {"n": 5, "u": 5}
-    fv = warehouse.query_arrow(
-        "SELECT stream_seq, values['impressions_1h'] AS imp FROM myelin.feature_values FINAL "
-        "WHERE entity_id = 'a' ORDER BY stream_seq"
-    ).to_pylist()
-    assert [(r["stream_seq"], r["imp"]) for r in fv] == [
-        (1000, 1.0),
-        (2000, 2.0),
-        (3000, 2.0),
-        (5000, 3.0),
-    ]
+    # offline values: one row per applied event, published once (the redeliveries above
+    # applied nothing, so they published nothing)
+    published = await published_rows(nc, settings)
+    assert {(b.view, b.version) for b in published} == {
+        ("user_activity", USER_ACTIVITY.content_hash)
+    }
+    imp = USER_ACTIVITY.feature_names.index("impressions_1h")
+    rows_a = sorted(
+        (r.stream_seq, r.values[imp]) for b in published for r in b.rows if r.entity_id == "a"
+    )
+    assert rows_a == [(1000, 1.0), (2000, 2.0), (3000, 2.0), (5000, 3.0)]
+    assert sum(len(b.rows) for b in published) == 5
 
 
 async def test_expired_values_are_not_served(
-    redis_client: aioredis.Redis, warehouse: Warehouse
+    redis_client: aioredis.Redis, nc: NATS, settings: Settings
 ) -> None:
     now = int(time.time() * 1000)
-    p = pipeline(redis_client, warehouse)
+    p = pipeline(redis_client, nc, settings)
     await p.start()
     await p.process([event(1, "click", "old", now - 2 * 86_400_000 + MIN)])
     [v] = await OnlineReader(redis_client).read("user_activity", ["old"], now_ms=now)
@@ -121,20 +133,16 @@ async def test_expired_values_are_not_served(
     assert all(x != x for x in v.values)  # NaN: TTL is enforced on read
 
 
-async def test_late_events_are_counted_kept_in_history_and_sent_to_the_late_stream(
-    redis_client: aioredis.Redis, warehouse: Warehouse, nc: NATS, settings: Settings
+async def test_late_events_are_counted_and_sent_to_the_late_stream(
+    redis_client: aioredis.Redis, nc: NATS, settings: Settings
 ) -> None:
     now = int(time.time() * 1000)
-    p = pipeline(redis_client, warehouse)
+    p = pipeline(redis_client, nc, settings)
     p._late_sink = late_publisher(bus.Publisher(bus.jetstream(nc, settings), settings))
     batch = [event(1, "click", "a", now), event(2, "click", "a", now - 3 * 3600_000)]
     await p.start()
     await p.process(batch)
     assert p.stats.late == 1
-    late = warehouse.query_arrow(
-        "SELECT event_id FROM myelin.events FINAL WHERE late = 1"
-    ).to_pylist()
-    assert late == [{"event_id": "e2"}]
     p.stats.position = 0
     p.cache.clear()
     await p.process(batch)  # a replay publishes the LATE message once (same id)
@@ -144,13 +152,14 @@ async def test_late_events_are_counted_kept_in_history_and_sent_to_the_late_stre
     [msg] = await sub.fetch(1, timeout=2)
     assert msg.subject == "myelin.late.user_activity"
     assert [e.event_id for e in msgspec.msgpack.decode(msg.data, type=list[StreamEvent])] == ["e2"]
+    assert (msg.headers or {})[SEQS_HEADER] == "2000"  # where it sits in raw history
 
 
 async def test_lateness_is_judged_by_the_partition_watermark(
-    redis_client: aioredis.Redis, warehouse: Warehouse
+    redis_client: aioredis.Redis, nc: NATS, settings: Settings
 ) -> None:
     now = int(time.time() * 1000)
-    p = pipeline(redis_client, warehouse)
+    p = pipeline(redis_client, nc, settings)
     await p.start()
     # entity "a" moves partition 0's watermark to now; "b" (new, same partition) arrives
     # 90 minutes behind it: beyond the view's allowed lateness (1 h), so late, although b
@@ -164,7 +173,7 @@ async def test_lateness_is_judged_by_the_partition_watermark(
     )
     assert p.stats.late == 1 and p.stats.applied == 2
     assert await p.online.watermarks() == {0: now}  # stored with the batch
-    p2 = pipeline(redis_client, warehouse)
+    p2 = pipeline(redis_client, nc, settings)
     await p2.start()
     assert p2.watermarks == {0: now}  # a restart resumes with the partition watermarks
     b, c = await OnlineReader(redis_client).read("user_activity", ["b", "c"], now_ms=now)

@@ -24,12 +24,11 @@ from myelin.models import ModelRegistry, PromotionDenied
 from myelin.records import InferenceRecord
 from myelin.settings import Settings
 from myelin.subjects import INFERENCES_STREAM
-from myelin.warehouse import Warehouse
+from services.features.feature_rows import rows_publisher
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
 from services.features.views import USER_ACTIVITY
-from services.features.warehouse_sink import WarehouseSink
 from services.governance.app import GovernanceApp
 from services.inference.app import InferenceApp
 from tests.helpers import FEATURES, register, tiny_model
@@ -40,7 +39,7 @@ _mp = msgspec.msgpack.Encoder()
 
 @pytest.fixture
 async def stack(
-    nc: NATS, settings: Settings, redis_client: aioredis.Redis, warehouse: Warehouse
+    nc: NATS, settings: Settings, redis_client: aioredis.Redis
 ) -> AsyncIterator[Settings]:
     s = replace(settings, policy_cache_ttl_s=2.0)
     gov = GovernanceApp(s)
@@ -51,7 +50,7 @@ async def stack(
         WindowEngine(USER_ACTIVITY),
         default_registry(),
         OnlineStore(redis_client, USER_ACTIVITY, 3600),
-        WarehouseSink(warehouse),
+        rows_publisher(bus.Publisher(bus.jetstream(nc, s), s)),
     )
     await p.start()
     batch = []

@@ -7,6 +7,7 @@ loop never blocks on it and calls never interleave.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -14,13 +15,14 @@ import msgspec
 import pyarrow as pa
 
 from myelin.contracts import StreamEvent
-from myelin.records import AuditRecord, DeadLetter, InferenceRecord
+from myelin.records import AuditRecord, DeadLetter, FeatureRow, FeatureRows, InferenceRecord
 from myelin.warehouse import DATABASE, Warehouse
 
 T = TypeVar("T")
 TS = pa.timestamp("ms", tz="UTC")
 FMAP = pa.map_(pa.string(), pa.float64())
 _json = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Decoder()
 
 
 class WarehouseSink:
@@ -43,11 +45,12 @@ class WarehouseSink:
         self.wh.close()
 
 
-def events_table(decoded: list[tuple[int, StreamEvent, Any]], late: set[int]) -> pa.Table:
-    """Raw history, one row per ``(event_seq, event, payload)``; ``late`` holds event seqs."""
-    evs = [ev for _, ev, _ in decoded]
-    seqs = [seq for seq, _, _ in decoded]
-    json = _json.encode
+def events_table(events: list[tuple[int, StreamEvent]], late: bool = False) -> pa.Table:
+    """Raw history, one row per ``(event_seq, event)``. The payload (msgpack, validated by
+    ingest against its contract) is stored as JSON; ``late`` marks events a view found too
+    late for its windows (the row version: a late copy replaces the plain one)."""
+    evs = [ev for _, ev in events]
+    n = len(evs)
     return pa.table(
         {
             "event_id": pa.array([e.event_id for e in evs], pa.string()),
@@ -59,38 +62,46 @@ def events_table(decoded: list[tuple[int, StreamEvent, Any]], late: set[int]) ->
             "producer_id": pa.array([e.producer_id for e in evs], pa.string()),
             "trace_id": pa.array([e.trace_id for e in evs], pa.string()),
             "partition": pa.array([e.partition for e in evs], pa.uint16()),
-            "stream_seq": pa.array(seqs, pa.uint64()),
-            "late": pa.array(
-                [1 if s in late else 0 for s in seqs] if late else [0] * len(seqs), pa.uint8()
-            ),
-            "data": pa.array([json(d).decode() for _, _, d in decoded], pa.string()),
+            "stream_seq": pa.array([seq for seq, _ in events], pa.uint64()),
+            "late": pa.array([int(late)] * n, pa.uint8()),
+            "data": pa.array([_payload_json(e.data) for e in evs], pa.string()),
         }
     )
 
 
-def feature_values_table(
-    view: str,
-    view_hash: str,
-    names: tuple[str, ...],
-    rows: list[tuple[str, int, int, str]],
-    values: list[float],
-) -> pa.Table:
-    """One row per ``(entity, as_of, event seq, trace)``; ``values`` holds each row's
-    vector, in ``names`` order, back to back."""
-    n, width = len(rows), len(names)
-    offsets = pa.array(range(0, n * width + 1, width), pa.int32())
-    keys = pa.DictionaryArray.from_arrays(
-        pa.array(list(range(width)) * n, pa.int32()), pa.array(names, pa.string())
-    ).cast(pa.string())
+def _payload_json(raw: msgspec.Raw) -> str:
+    try:
+        return _json.encode(_msgpack.decode(raw)).decode()
+    except (msgspec.MsgspecError, RecursionError):
+        return ""  # ingest validated it; an undecodable payload is kept as an empty document
+
+
+def feature_values_table(batches: list[FeatureRows]) -> pa.Table:
+    """One row per feature vector, from FEATURES stream messages."""
+    views: list[str] = []
+    hashes: list[str] = []
+    rows: list[FeatureRow] = []
+    keys: list[pa.Array] = []
+    for b in batches:
+        views.extend([b.view] * len(b.rows))
+        hashes.extend([b.version] * len(b.rows))
+        rows.extend(b.rows)
+        names = pa.array(b.features, pa.string())
+        index = pa.array([i for r in b.rows for i in range(len(r.values))], pa.int32())
+        keys.append(names.take(index))
+    lengths = [len(r.values) for r in rows]
+    offsets = pa.array([0, *itertools.accumulate(lengths)], pa.int32())
+    flat = pa.array([v for r in rows for v in r.values], pa.float64())
+    key_array = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
     return pa.table(
         {
-            "view": pa.array([view] * n, pa.string()),
-            "view_hash": pa.array([view_hash] * n, pa.string()),
-            "entity_id": pa.array([r[0] for r in rows], pa.string()),
-            "as_of": pa.array([r[1] for r in rows], TS),
-            "stream_seq": pa.array([r[2] for r in rows], pa.uint64()),
-            "trace_id": pa.array([r[3] for r in rows], pa.string()),
-            "values": pa.MapArray.from_arrays(offsets, keys, pa.array(values, pa.float64())),
+            "view": pa.array(views, pa.string()),
+            "view_hash": pa.array(hashes, pa.string()),
+            "entity_id": pa.array([r.entity_id for r in rows], pa.string()),
+            "as_of": pa.array([r.as_of for r in rows], TS),
+            "stream_seq": pa.array([r.stream_seq for r in rows], pa.uint64()),
+            "trace_id": pa.array([r.trace_id for r in rows], pa.string()),
+            "values": pa.MapArray.from_arrays(offsets, key_array, flat),
         }
     )
 

@@ -14,7 +14,7 @@ from myelin import bus
 from myelin.errors import Poison
 from myelin.subjects import RPC_WAREHOUSE_QUERY
 from myelin.warehouse import QueryRejected, arrow_to_ipc, read_only_sql
-from services.features.warehouse_sink import WarehouseSink
+from services.warehouse.sink import WarehouseSink
 
 MAX_REPLY_BYTES = 12 * 1024 * 1024
 

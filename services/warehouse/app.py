@@ -1,0 +1,154 @@
+"""warehouse composition root: chdb (or a ClickHouse server), the stream drains, SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from myelin import bus
+from myelin.consume import PullLoop, ensure_consumer
+from myelin.errors import Poison
+from myelin.settings import Settings
+from myelin.subjects import (
+    AUDIT_STREAM,
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    FEATURES_STREAM,
+    INFERENCES_STREAM,
+    LATE_STREAM,
+    RPC_WAREHOUSE_REWIND,
+)
+from myelin.warehouse import open_warehouse
+from services.warehouse.drains import (
+    audit_drain,
+    dlq_drain,
+    events_drain,
+    features_drain,
+    inference_drain,
+    late_drain,
+)
+from services.warehouse.sink import WarehouseSink
+from services.warehouse.sql_api import serve_sql
+
+log = logging.getLogger(__name__)
+EVENTS_DRAIN = "warehouse-events"
+
+
+class RewindRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    from_seq: int = 1
+
+
+class WarehouseApp:
+    name = "warehouse"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self.sink: WarehouseSink | None = None
+        self.loops: dict[str, PullLoop] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._subs: list[Any] = []
+        self._handlers: dict[str, tuple[str, Callable[[list[Msg]], Awaitable[None]], int]] = {}
+
+    async def start(self) -> None:
+        s = self.settings
+        self.sink = WarehouseSink(await asyncio.to_thread(open_warehouse, s))
+        self._nc = await bus.connect(s, self.name)
+        self._js = bus.jetstream(self._nc, s)
+        big = s.features_batch  # EVENTS messages hold up to 100 events each
+        self._handlers = {
+            EVENTS_DRAIN: (EVENTS_STREAM, events_drain(self.sink), big),
+            "warehouse-late": (LATE_STREAM, late_drain(self.sink), 1000),
+            "warehouse-features": (FEATURES_STREAM, features_drain(self.sink), 50),
+            "warehouse-inferences": (INFERENCES_STREAM, inference_drain(self.sink), 1000),
+            "warehouse-audit": (AUDIT_STREAM, audit_drain(self.sink), 1000),
+            "warehouse-dlq": (DLQ_STREAM, dlq_drain(self.sink), 1000),
+        }
+        for durable, (stream, _, batch) in self._handlers.items():
+            await ensure_consumer(
+                self._js, stream, durable, ">", max_ack_pending=batch * 2, ack_wait_s=30.0
+            )
+            self._start_loop(durable)
+        self._subs.append(await serve_sql(self._nc, self.sink))
+        self._subs.append(await self._serve_rewind())
+
+    def _start_loop(self, durable: str) -> None:
+        assert self._js is not None
+        stream, handler, batch = self._handlers[durable]
+        loop = PullLoop(self._js, stream, durable, handler, batch=batch)
+        self.loops[durable] = loop
+        self._tasks[durable] = asyncio.create_task(loop.run(), name=durable)
+
+    async def rewind_events(self, from_seq: int) -> int:
+        """Re-drain EVENTS from ``from_seq`` (raw history lost or partial): idempotent, the
+        rows collapse with any that survived. Returns the sequence it restarts at."""
+        assert self._js is not None
+        if from_seq < 1:
+            raise Poison("from_seq starts at 1")
+        loop = self.loops[EVENTS_DRAIN]
+        loop.stop()
+        await asyncio.gather(self._tasks[EVENTS_DRAIN], return_exceptions=True)
+        _, _, batch = self._handlers[EVENTS_DRAIN]
+        await ensure_consumer(
+            self._js,
+            EVENTS_STREAM,
+            EVENTS_DRAIN,
+            ">",
+            max_ack_pending=batch * 2,
+            ack_wait_s=30.0,
+            start_seq=from_seq,
+        )
+        self._start_loop(EVENTS_DRAIN)
+        log.info("raw history re-drains EVENTS from sequence %d", from_seq)
+        return from_seq
+
+    async def _serve_rewind(self) -> Any:
+        assert self._nc is not None
+        decode = msgspec.json.Decoder(RewindRequest)
+
+        async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+            try:
+                req = decode.decode(data or b"{}")
+            except msgspec.MsgspecError as exc:
+                raise Poison(f"bad rewind request: {exc}") from None
+            return {"from_seq": await self.rewind_events(req.from_seq)}
+
+        return await bus.serve(self._nc, RPC_WAREHOUSE_REWIND, handle)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        for loop in self.loops.values():
+            loop.stop()
+        if self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            self._tasks.clear()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+            self._nc = None
+        if self.sink is not None:
+            await asyncio.to_thread(self.sink.close)
+            self.sink = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "idle": all(loop.idle for loop in self.loops.values()),
+            "drained": {name: loop.messages for name, loop in self.loops.items()},
+            # stream sequence each drain has stored, and what was left behind it
+            "positions": {name: loop.position for name, loop in self.loops.items()},
+            "pending": {name: loop.pending for name, loop in self.loops.items()},
+            "ts_ms": int(time.time() * 1000),
+        }
