@@ -13,9 +13,8 @@ two definitions of one view live side by side:
   time (ms), its trace id, the vector (array of float64, one per feature) and the window
   state (opaque to readers). One hash per version: a batch is one HSET and a read one
   HMGET, whatever the number of entities.
-- ``myelin:v3:expiry:{view}:{version}``          sorted set: entity id scored by ``as_of``;
-  the features service deletes entities older than the view's TTL from both keys (reads
-  enforce the TTL themselves, whether or not the sweep has run).
+  The features service deletes entities older than the view's TTL (reads enforce the
+  TTL themselves, whether or not that sweep has run).
 - ``myelin:v3:position:{view}:{version}``         string: last stream sequence fully applied
 - ``myelin:v3:watermarks:{view}:{version}``       hash: partition -> event-time watermark (ms)
 
@@ -63,10 +62,6 @@ def version_key(view: str, version: str) -> str:
 
 def entities_key(view: str, version: str) -> str:
     return f"{PREFIX}:entities:{view}:{version}"
-
-
-def expiry_key(view: str, version: str) -> str:
-    return f"{PREFIX}:expiry:{view}:{version}"
 
 
 def position_key(view: str, version: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -59,6 +60,16 @@ async def serve_health(nc: NATS, app: ServiceApp) -> Any:
     return await bus.serve(nc, health_subject(instance_name(app)), health)
 
 
+def tune_gc() -> None:
+    """Services hold many long-lived objects (window states, caches, registries) and make
+    few reference cycles: the default collector thresholds made the features pipeline
+    spend a third of its time in generational collections. Objects alive after start-up
+    are frozen out of collection, and collections run 70x less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:
     """Start ``app``, answer health checks, and stop it cleanly on SIGTERM / SIGINT."""
     telemetry.setup_tracing(app.name, settings)
@@ -68,6 +79,7 @@ async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log = logging.getLogger(app.name)
     await app.start()
+    tune_gc()
     telemetry.setup_metrics(instance_name(app).replace("-", "_"), settings, app.status)
     health_nc = await bus.connect(settings, f"{app.name}-health")
     sub = await serve_health(health_nc, app)

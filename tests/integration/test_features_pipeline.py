@@ -133,6 +133,18 @@ async def test_expired_values_are_not_served(
     assert all(x != x for x in v.values)  # NaN: TTL is enforced on read
 
 
+async def test_the_ttl_sweep_deletes_only_expired_entities(
+    redis_client: aioredis.Redis, nc: NATS, settings: Settings
+) -> None:
+    now = int(time.time() * 1000)
+    p = pipeline(redis_client, nc, settings)
+    await p.start()
+    await p.process([event(1, "click", "old", now - 2 * 86_400_000), event(2, "click", "new", now)])
+    assert await p.online.sweep(now) == 1
+    old, new = await OnlineReader(redis_client).read("user_activity", ["old", "new"], now_ms=now)
+    assert old.status == Status.MISSING and new.status == Status.FRESH
+
+
 async def test_late_events_are_counted_and_sent_to_the_late_stream(
     redis_client: aioredis.Redis, nc: NATS, settings: Settings
 ) -> None:
