@@ -65,7 +65,7 @@ class EntityState:
 
     def to_list(self) -> list[Any]:
         """The state as msgpack-ready builtins."""
-        return [STATE_FORMAT, self.seq, self.watermark, self.late, sorted(self.buckets.items())]
+        return [STATE_FORMAT, self.seq, self.watermark, self.late, list(self.buckets.items())]
 
     @classmethod
     def from_list(cls, doc: list[Any]) -> EntityState:
@@ -113,59 +113,122 @@ def _distinct(hashes: list[int]) -> float:
     return float((KMV_K - 1) / ((hashes[-1] + 1) / 2**32))
 
 
-def _reader(kind: str, at: int) -> Callable[[list[tuple[Any, ...]]], float]:
-    """How a feature's value is read from a window's columns (``cols[at:]`` is its slot)."""
-    if kind == "count":
-        return lambda c: float(sum(c[at]))
-    if kind == "sum":
-        return lambda c: float(sum(c[at + 1]))
-    if kind == "mean":
+def _mean(n: int, total: float) -> float:
+    return float(total / n) if n else math.nan
 
-        def mean(c: list[tuple[Any, ...]]) -> float:
-            n = sum(c[at])
-            return float(sum(c[at + 1]) / n) if n else math.nan
 
-        return mean
-    if kind == "stddev":
+def _stddev(n: int, total: float, squares: float) -> float:
+    if not n:
+        return math.nan
+    mu = total / n
+    return math.sqrt(max(squares / n - mu * mu, 0.0))
 
-        def stddev(c: list[tuple[Any, ...]]) -> float:
-            n = sum(c[at])
-            if not n:
-                return math.nan
-            mu = sum(c[at + 1]) / n
-            return math.sqrt(max(sum(c[at + 2]) / n - mu * mu, 0.0))
 
-        return stddev
-    if kind == "min":
+def _low(col: tuple[Any, ...]) -> float:
+    x = min((v for v in col if v is not None), default=None)
+    return math.nan if x is None else float(x)
 
-        def low(c: list[tuple[Any, ...]]) -> float:
-            x = min((v for v in c[at] if v is not None), default=None)
-            return math.nan if x is None else float(x)
 
-        return low
-    if kind == "max":
+def _high(col: tuple[Any, ...]) -> float:
+    x = max((v for v in col if v is not None), default=None)
+    return math.nan if x is None else float(x)
 
-        def high(c: list[tuple[Any, ...]]) -> float:
-            x = max((v for v in c[at + 1] if v is not None), default=None)
-            return math.nan if x is None else float(x)
 
-        return high
-    if kind == "last":
+def _last(times: tuple[Any, ...], vals: tuple[Any, ...]) -> float:
+    v = vals[times.index(max(times))]
+    return math.nan if v is None else float(v)
 
-        def last(c: list[tuple[Any, ...]]) -> float:
-            t = c[at]
-            v = c[at + 1][t.index(max(t))]
-            return math.nan if v is None else float(v)
 
-        return last
+def _distinct_of(slots: tuple[list[int], ...]) -> float:
+    if len(slots) == 1:
+        return _distinct(slots[0])
+    return _distinct(sorted(set().union(*slots))[:KMV_K])
 
-    def distinct(c: list[tuple[Any, ...]]) -> float:
-        slots = c[at]
-        if len(slots) == 1:
-            return _distinct(slots[0])
-        return _distinct(sorted(set().union(*slots))[:KMV_K])
 
-    return distinct
+def _session_start(keys: list[int], current: int, gap: int, nb: int) -> int:
+    """Back from the newest bucket while the gaps stay within ``gap`` (and the window)."""
+    i, prev = len(keys), current
+    while i > 0:
+        b = keys[i - 1]
+        if prev - b > gap or current - b >= nb:
+            break
+        i -= 1
+        prev = b
+    return i
+
+
+_EXPR = {
+    "count": "float(sum({c}[{at}]))",
+    "sum": "float(sum({c}[{at1}]))",
+    "mean": "_mean(sum({c}[{at}]), sum({c}[{at1}]))",
+    "stddev": "_stddev(sum({c}[{at}]), sum({c}[{at1}]), sum({c}[{at2}]))",
+    "min": "_low({c}[{at}])",
+    "max": "_high({c}[{at1}])",
+    "last": "_last({c}[{at}], {c}[{at1}])",
+    "distinct": "_distinct_of({c}[{at}])",
+}
+
+
+def compile_values(
+    view: FeatureView, offsets: dict[tuple[str, str, str], int], empty: list[tuple[Any, ...]]
+) -> Callable[[EntityState], list[float]]:
+    """The view's feature vector as one generated function: straight-line Python with no
+    per-feature dispatch (a hot path: it runs once per applied event). Every window ends
+    at the current bucket and buckets are kept in time order, so a window is a suffix of
+    them; windows that start at the same bucket share one transpose of the rows."""
+    lines = [
+        "def values(st):",
+        "    keys = list(st.buckets)",
+        "    rows = list(st.buckets.values())",
+        "    n = len(rows)",
+        f"    current = st.watermark // {view.bucket_s * 1000}",
+    ]
+    windows: list[tuple[str, int, int]] = []
+    for f in view.features:
+        if f.kind != "ratio":
+            w = (f.window, f.window_s // view.bucket_s, f.gap_s // view.bucket_s)
+            if w not in windows:
+                windows.append(w)
+    for i, (kind, nb, gap) in enumerate(windows):
+        if kind == "sliding":
+            start = f"_bisect_right(keys, current - {nb})"
+        elif kind == "tumbling":
+            start = f"_bisect_left(keys, (current // {nb}) * {nb})"
+        else:
+            start = f"_session_start(keys, current, {gap}, {nb})"
+        lines.append(f"    s{i} = {start}")
+        same = " else ".join(f"c{j} if s{i} == s{j}" for j in range(i))
+        fresh = f"(list(zip(*rows[s{i}:])) if s{i} < n else EMPTY)"
+        lines.append(f"    c{i} = {same + ' else ' + fresh if same else fresh}")
+    names = view.feature_names
+    for k, f in enumerate(view.features):
+        if f.kind == "ratio":
+            continue
+        wi = windows.index((f.window, f.window_s // view.bucket_s, f.gap_s // view.bucket_s))
+        at = offsets[WindowEngine._slot_key(f)]
+        expr = _EXPR[f.kind].format(c=f"c{wi}", at=at, at1=at + 1, at2=at + 2)
+        lines.append(f"    v{k} = {expr}")
+    for k, f in enumerate(view.features):
+        if f.kind == "ratio":
+            num, den = names.index(f.numerator), names.index(f.denominator)
+            lines.append(f"    v{k} = v{num} / v{den} if v{den} else 0.0")
+    lines.append("    return [" + ", ".join(f"v{k}" for k in range(len(names))) + "]")
+    scope: dict[str, Any] = {
+        "_bisect_left": bisect_left,
+        "_bisect_right": bisect_right,
+        "_session_start": _session_start,
+        "_mean": _mean,
+        "_stddev": _stddev,
+        "_low": _low,
+        "_high": _high,
+        "_last": _last,
+        "_distinct_of": _distinct_of,
+        "EMPTY": empty,
+    }
+    exec(compile("\n".join(lines), f"<view {view.ref}>", "exec"), scope)  # noqa: S102 - generated from a validated definition
+    fn: Callable[[EntityState], list[float]] = scope["values"]
+    fn.__doc__ = "\n".join(lines)  # the generated source, for whoever debugs it
+    return fn
 
 
 class WindowEngine:
@@ -189,20 +252,11 @@ class WindowEngine:
         for (src, fld, fam), at in offsets.items():
             self.by_source.setdefault(src, []).append((at, fld, fam))
         self._names = view.feature_names
-        # features grouped by window: (window, window buckets, gap buckets) -> [(index, reader)]
-        self._windows: dict[tuple[str, int, int], list[tuple[int, Any]]] = {}
-        at_name = {n: i for i, n in enumerate(self._names)}
-        for i, f in enumerate(view.features):
-            if f.kind != "ratio":
-                wkey = (f.window, f.window_s // view.bucket_s, f.gap_s // view.bucket_s)
-                reader = _reader(f.kind, offsets[self._slot_key(f)])
-                self._windows.setdefault(wkey, []).append((i, reader))
-        self._ratios = [
-            (i, at_name[f.numerator], at_name[f.denominator])
-            for i, f in enumerate(view.features)
-            if f.kind == "ratio"
-        ]
-        self._empty_cols = [(x,) for x in self._new_row()]
+        self._offsets = offsets
+        self.values: Callable[[EntityState], list[float]] = compile_values(
+            view, offsets, [(x,) for x in self._new_row()]
+        )
+        """Feature values as of the entity's watermark, in the view's feature order."""
 
     @staticmethod
     def _slot_key(f: Feature) -> tuple[str, str, str]:
@@ -273,45 +327,6 @@ class WindowEngine:
         st.late += 1
         return Outcome.LATE
 
-    @staticmethod
-    def _window_start(kind: str, nb: int, gap: int, keys: list[int], current: int) -> int:
-        """Every window ends at the current bucket, and buckets are kept in time order, so
-        a window is a suffix of them: the index where it starts."""
-        if kind == "sliding":
-            return bisect_right(keys, current - nb)
-        if kind == "tumbling":
-            return bisect_left(keys, (current // nb) * nb)
-        # session: back from the newest bucket while the gaps stay within ``gap``
-        i, prev = len(keys), current
-        while i > 0:
-            b = keys[i - 1]
-            if prev - b > gap or current - b >= nb:
-                break
-            i -= 1
-            prev = b
-        return i
-
     def vector(self, st: EntityState) -> dict[str, float]:
         """Feature values as of the entity's watermark, by name."""
         return dict(zip(self._names, self.values(st), strict=True))
-
-    def values(self, st: EntityState) -> list[float]:
-        """Feature values as of the entity's watermark, in the view's feature order."""
-        current = st.watermark // self.bucket_ms
-        keys = list(st.buckets)
-        rows = list(st.buckets.values())
-        out: list[float] = [0.0] * len(self._names)
-        by_start: dict[int, list[tuple[Any, ...]]] = {}
-        for (kind, nb, gap), feats in self._windows.items():
-            start = self._window_start(kind, nb, gap, keys, current)
-            cols = by_start.get(start)
-            if cols is None:
-                cols = by_start[start] = (
-                    list(zip(*rows[start:], strict=True)) if start < len(rows) else self._empty_cols
-                )
-            for i, read in feats:
-                out[i] = read(cols)
-        for i, num, den in self._ratios:
-            d = out[den]
-            out[i] = out[num] / d if d else 0.0
-        return out
