@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 import redis.asyncio as aioredis
 
 from bench._common import pct, table
@@ -142,40 +144,33 @@ async def throughput(stack: Stack, nc: Any, js: Any, n: int) -> tuple[float, flo
 async def freshness(
     nc: Any, js: Any, reader: OnlineReader, rate: int, seconds: float
 ) -> tuple[list[float], float]:
-    """A producer at ``rate`` events/s (one message of 100 every 100/rate s); every 50 ms a
-    message carries a probe event, whose visibility in the online read is timed."""
+    """A producer at ``rate`` events/s (one message of 100 every 100/rate s, built before
+    the run with the event times of their sending slots, so building them does not load
+    the machine during the run); every 50 ms a message carries a probe event, whose
+    visibility in the online read is timed from just before its publish."""
     period = PER_MSG / rate
+    count = int(seconds / period)
+    every = max(1, round(0.05 / period))
+    base = time.time() + 1.0 + count * PER_MSG * 4e-6  # after the build below
+    payloads: list[tuple[bytes, str]] = []
+    for k in range(count):
+        t_ms = int((base + k * period) * 1000)
+        probe = f"probe-{k}" if k % every == 0 else ""
+        evs = [
+            stream_event(
+                f"f{k}-{j}",
+                "click" if j % 5 == 0 else "impression",
+                probe if (j == 0 and probe) else f"u{(k * PER_MSG + j) % USERS}",
+                t_ms,
+            )
+            for j in range(PER_MSG)
+        ]
+        payloads.append((_mp.encode(evs), probe))
+    await asyncio.sleep(max(0.0, base - time.time()))
+
     probes: asyncio.Queue[tuple[float, int, str]] = asyncio.Queue()
     lat: list[float] = []
-    sent = 0
-    stop_at = time.monotonic() + seconds
     warmup_until = time.monotonic() + 1.0
-
-    async def produce() -> None:
-        nonlocal sent
-        k = 0
-        next_t = time.monotonic()
-        every = max(1, round(0.05 / period))
-        while time.monotonic() < stop_at:
-            t_ms = int(time.time() * 1000)
-            probe = f"probe-{k}" if k % every == 0 else ""
-            evs = [
-                stream_event(
-                    f"f{k}-{j}",
-                    "click" if j % 5 == 0 else "impression",
-                    probe if (j == 0 and probe) else f"u{(k * PER_MSG + j) % USERS}",
-                    t_ms,
-                )
-                for j in range(PER_MSG)
-            ]
-            t_pub = time.perf_counter()
-            ack = await js.publish("myelin.events.0", _mp.encode(evs))
-            sent += PER_MSG
-            if probe:
-                probes.put_nowait((t_pub, ack.seq, probe))
-            k += 1
-            next_t += period
-            await asyncio.sleep(max(0.0, next_t - time.monotonic()))
 
     async def probe_loop() -> None:
         while True:
@@ -183,20 +178,49 @@ async def freshness(
             while True:
                 [v] = await reader.read("user_activity", [entity])
                 if v.seq >= seq * 1000:
-                    if t_pub > 0 and time.monotonic() > warmup_until:
+                    if time.monotonic() > warmup_until:
                         lat.append((time.perf_counter() - t_pub) * 1000)
                     break
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.002)
 
-    t0 = time.perf_counter()
     prober = asyncio.create_task(probe_loop())
-    await produce()
-    offered = sent / (time.perf_counter() - t0)
+    cpu0 = cpu_times()
+    t0 = time.perf_counter()
+    start = time.monotonic()
+    for k, (payload, probe) in enumerate(payloads):
+        await asyncio.sleep(max(0.0, start + k * period - time.monotonic()))
+        t_pub = time.perf_counter()
+        ack = await js.publish("myelin.events.0", payload)
+        if probe:
+            probes.put_nowait((t_pub, ack.seq, probe))
+    offered = count * PER_MSG / (time.perf_counter() - t0)
+    busy = {k: (v - cpu0.get(k, 0.0)) / (time.perf_counter() - t0) for k, v in cpu_times().items()}
+    print(
+        "CPU during the freshness run (cores): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(busy.items(), key=lambda kv: -kv[1])),
+        flush=True,
+    )
     while not probes.empty():  # noqa: ASYNC110 - let the last probes land
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.5)
     prober.cancel()
+    if os.environ.get("MYELIN_BENCH_TRACE"):
+        print(" ".join(f"{x:.0f}" for x in lat))
     return lat, offered
+
+
+def cpu_times() -> dict[str, float]:
+    """CPU seconds used so far by this process and each child (by service name)."""
+    me = psutil.Process()
+    out = {"bench": sum(me.cpu_times()[:2])}
+    for child in me.children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            name = cmd.split("services.")[-1] if "services." in cmd else child.name()
+            out[name] = out.get(name, 0.0) + sum(child.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return out
 
 
 async def reads(

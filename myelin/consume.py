@@ -71,7 +71,10 @@ class PullLoop:
         batch: int,
         fetch_timeout_s: float = 0.5,
         max_backoff_s: float = 5.0,
+        linger_s: float = 0.0,
     ) -> None:
+        """``linger_s``: after a short fetch, keep collecting for up to this long before
+        handling (for sinks that pay per call, like ClickHouse inserts)."""
         self._js = js
         self.stream = stream
         self.durable = durable
@@ -79,6 +82,7 @@ class PullLoop:
         self._batch = batch
         self._fetch_timeout = fetch_timeout_s
         self._max_backoff = max_backoff_s
+        self._linger = linger_s
         self._stopping = asyncio.Event()
         self.batches = 0
         self.messages = 0
@@ -117,6 +121,8 @@ class PullLoop:
                 continue
             if not msgs:
                 continue
+            if self._linger and len(msgs) < self._batch:
+                msgs += await self._collect(psub, self._batch - len(msgs))
             self.idle = False
             if await self._handle(msgs):
                 with contextlib.suppress(Exception):  # a lost ack only causes a harmless redelivery
@@ -128,6 +134,23 @@ class PullLoop:
         if psub is not None:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
+
+    async def _collect(self, psub: JetStreamContext.PullSubscription, room: int) -> list[Msg]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._linger
+        more: list[Msg] = []
+        while len(more) < room and not self._stopping.is_set():
+            left = deadline - loop.time()
+            if left <= 0.001:
+                break
+            try:
+                more += await psub.fetch(room - len(more), timeout=left)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            except Exception as exc:  # noqa: BLE001 - handle what we have; the loop recovers
+                log.warning("%s: fetch while lingering failed: %r", self.durable, exc)
+                break
+        return more
 
     async def _handle(self, msgs: list[Msg]) -> bool:
         delay = 0.1

@@ -65,11 +65,13 @@ class WarehouseApp:
         self.sink = WarehouseSink(await asyncio.to_thread(open_warehouse, s))
         self._nc = await bus.connect(s, self.name)
         self._js = bus.jetstream(self._nc, s)
-        big = s.features_batch  # EVENTS messages hold up to 100 events each
+        # Each ClickHouse insert costs milliseconds and leaves a part to merge, whatever its
+        # size: drains linger to insert at most about once a second per table.
+        big = 5 * s.features_batch  # EVENTS messages hold up to 100 events each
         self._handlers = {
             EVENTS_DRAIN: (EVENTS_STREAM, events_drain(self.sink), big),
             "warehouse-late": (LATE_STREAM, late_drain(self.sink), 1000),
-            "warehouse-features": (FEATURES_STREAM, features_drain(self.sink), 50),
+            "warehouse-features": (FEATURES_STREAM, features_drain(self.sink), 100),
             "warehouse-inferences": (INFERENCES_STREAM, inference_drain(self.sink), 1000),
             "warehouse-audit": (AUDIT_STREAM, audit_drain(self.sink), 1000),
             "warehouse-dlq": (DLQ_STREAM, dlq_drain(self.sink), 1000),
@@ -85,7 +87,14 @@ class WarehouseApp:
     def _start_loop(self, durable: str) -> None:
         assert self._js is not None
         stream, handler, batch = self._handlers[durable]
-        loop = PullLoop(self._js, stream, durable, handler, batch=batch)
+        loop = PullLoop(
+            self._js,
+            stream,
+            durable,
+            handler,
+            batch=batch,
+            linger_s=self.settings.warehouse_linger_s,
+        )
         self.loops[durable] = loop
         self._tasks[durable] = asyncio.create_task(loop.run(), name=durable)
 
