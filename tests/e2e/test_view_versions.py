@@ -18,9 +18,11 @@ from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
 from myelin.online import OnlineReader, Status, UnknownView
 from myelin.settings import Settings
+from myelin.sql_client import wait_stored
 from myelin.stack.supervisor import Stack
 from myelin.subjects import (
     EVENTS_STREAM,
+    FEATURES_STREAM,
     RPC_FEATURES_CHECK,
     RPC_FEATURES_VIEWS,
     RPC_WAREHOUSE_QUERY,
@@ -161,6 +163,12 @@ async def test_a_new_version_backfills_beside_the_served_one_and_is_promoted_wit
                 assert resp.feature_view_hash == OLD and resp.model_version == str(model_version)
 
                 # offline: both versions hold a row per applied event, side by side
+                js = bus.jetstream(nc, settings)
+                await wait_stored(
+                    nc,
+                    events_seq=(await js.stream_info(EVENTS_STREAM)).state.last_seq,
+                    features_seq=(await js.stream_info(FEATURES_STREAM)).state.last_seq,
+                )
                 rows = msgspec.json.decode(
                     await bus.request(
                         nc,
