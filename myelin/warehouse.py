@@ -4,7 +4,8 @@ One small interface, two implementations, the same DDL and SQL on both. In embed
 mode chdb locks its data directory, so exactly one process (the warehouse service) opens
 it; everyone else reaches it with :data:`~myelin.subjects.RPC_WAREHOUSE_QUERY`.
 Tables are ReplacingMergeTree keyed on deterministic ids, so a replayed batch is not
-double-counted: read with ``FINAL`` (or argMax) for exact counts.
+double-counted: read with ``FINAL`` (or argMax) for exact counts. In ``events`` the
+``late`` flag is the row version: the copy a view marked late replaces the plain one.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""features: event stream -> windowed per-entity features (Redis online, ClickHouse offline).
+"""features: event stream -> windowed per-entity features.
 
-This service also owns the embedded warehouse (chdb): it drains EVENTS, INFERENCES,
-AUDIT and the DLQ into ClickHouse tables and answers read-only SQL over NATS.
+Online values and window states go to Redis; offline values (one row per applied event)
+to the FEATURES stream, which the warehouse service drains into ClickHouse. Feature view
+versions run side by side and are promoted through governance.
 """
