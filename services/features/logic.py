@@ -62,6 +62,9 @@ class EntityState:
     watermark: int = 0
     late: int = 0
     buckets: dict[int, list[Any]] = field(default_factory=dict)
+    # Transient (never stored or compared): each window's aggregate of every bucket but the
+    # newest, valid while events only land in the newest bucket (see ``compile_values``).
+    rest: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     def to_list(self) -> list[Any]:
         """The state as msgpack-ready builtins."""
@@ -124,25 +127,39 @@ def _stddev(n: int, total: float, squares: float) -> float:
     return math.sqrt(max(squares / n - mu * mu, 0.0))
 
 
-def _low(col: tuple[Any, ...]) -> float:
-    x = min((v for v in col if v is not None), default=None)
+def _min_present(col: list[Any]) -> Any:
+    return min((v for v in col if v is not None), default=None)
+
+
+def _max_present(col: list[Any]) -> Any:
+    return max((v for v in col if v is not None), default=None)
+
+
+def _low2(rest: Any, cur: Any) -> float:
+    x = rest if cur is None else cur if rest is None else min(rest, cur)
     return math.nan if x is None else float(x)
 
 
-def _high(col: tuple[Any, ...]) -> float:
-    x = max((v for v in col if v is not None), default=None)
+def _high2(rest: Any, cur: Any) -> float:
+    x = rest if cur is None else cur if rest is None else max(rest, cur)
     return math.nan if x is None else float(x)
 
 
-def _last(times: tuple[Any, ...], vals: tuple[Any, ...]) -> float:
-    v = vals[times.index(max(times))]
-    return math.nan if v is None else float(v)
+def _last_pair(times: list[Any], vals: list[Any]) -> tuple[Any, Any]:
+    """The newest (time, value) of the rest; the first one on a tie (like ``_last``)."""
+    if not times:
+        return (-2, None)
+    i = times.index(max(times))
+    return (times[i], vals[i])
 
 
-def _distinct_of(slots: tuple[list[int], ...]) -> float:
-    if len(slots) == 1:
-        return _distinct(slots[0])
-    return _distinct(sorted(set().union(*slots))[:KMV_K])
+def _last2(rest: tuple[Any, Any], t: Any, v: Any) -> float:
+    x = v if t > rest[0] else rest[1]
+    return math.nan if x is None else float(x)
+
+
+def _kmv_union(slots: list[list[int]]) -> list[int]:
+    return sorted(set().union(*slots))[:KMV_K]
 
 
 def _session_start(keys: list[int], current: int, gap: int, nb: int) -> int:
@@ -157,38 +174,86 @@ def _session_start(keys: list[int], current: int, gap: int, nb: int) -> int:
     return i
 
 
-_EXPR = {
-    "count": "float(sum({c}[{at}]))",
-    "sum": "float(sum({c}[{at1}]))",
-    "mean": "_mean(sum({c}[{at}]), sum({c}[{at1}]))",
-    "stddev": "_stddev(sum({c}[{at}]), sum({c}[{at1}]), sum({c}[{at2}]))",
-    "min": "_low({c}[{at}])",
-    "max": "_high({c}[{at1}])",
-    "last": "_last({c}[{at}], {c}[{at1}])",
-    "distinct": "_distinct_of({c}[{at}])",
+# How a feature's window aggregate over the *rest* (every bucket but the newest) is
+# computed (``R`` = those rows), and how the newest bucket's row ``cur`` is folded in.
+# Python's ``sum`` adds left to right, so ``sum(rest) + cur`` is bit-identical to the sum
+# of the whole window: the fast path changes no value, not even in the last bit.
+_REST = {
+    "sum": "sum([r[{c}] for r in R])",
+    "min": "_min_present([r[{c}] for r in R])",
+    "max": "_max_present([r[{c}] for r in R])",
+    "last": "_last_pair([r[{c}] for r in R], [r[{c1}] for r in R])",
+    "kmv": "_kmv_union([r[{c}] for r in R])",
+}
+_NEEDS: dict[str, list[tuple[str, int]]] = {  # (rest aggregate, column offset in the slot)
+    "count": [("sum", 0)],
+    "sum": [("sum", 1)],
+    "mean": [("sum", 0), ("sum", 1)],
+    "stddev": [("sum", 0), ("sum", 1), ("sum", 2)],
+    "min": [("min", 0)],
+    "max": [("max", 1)],
+    "last": [("last", 0)],
+    "distinct": [("kmv", 0)],
+}
+_COMBINE = {  # a{k} = the rest aggregates the feature needs, in _NEEDS order
+    "count": "float({a0} + cur[{at}])",
+    "sum": "float({a0} + cur[{at1}])",
+    "mean": "_mean({a0} + cur[{at}], {a1} + cur[{at1}])",
+    "stddev": "_stddev({a0} + cur[{at}], {a1} + cur[{at1}], {a2} + cur[{at2}])",
+    "min": "_low2({a0}, cur[{at}])",
+    "max": "_high2({a0}, cur[{at1}])",
+    "last": "_last2({a0}, cur[{at}], cur[{at1}])",
+    "distinct": "_distinct(_kmv_union([{a0}, cur[{at}]]))",
 }
 
 
 def compile_values(
-    view: FeatureView, offsets: dict[tuple[str, str, str], int], empty: list[tuple[Any, ...]]
+    view: FeatureView, offsets: dict[tuple[str, str, str], int], fresh_row: list[Any]
 ) -> Callable[[EntityState], list[float]]:
-    """The view's feature vector as one generated function: straight-line Python with no
-    per-feature dispatch (a hot path: it runs once per applied event). Every window ends
-    at the current bucket and buckets are kept in time order, so a window is a suffix of
-    them; windows that start at the same bucket share one transpose of the rows."""
-    lines = [
-        "def values(st):",
-        "    keys = list(st.buckets)",
-        "    rows = list(st.buckets.values())",
-        "    n = len(rows)",
-        f"    current = st.watermark // {view.bucket_s * 1000}",
-    ]
+    """The view's feature vector as one function generated from its definition: straight
+    Python with no per-feature dispatch (it runs once per applied event).
+
+    Every window ends at the current (newest) bucket, and buckets are kept in time order,
+    so a window is a suffix of them. The aggregates of each window over all buckets but
+    the newest are cached on the state (``EntityState.rest``) and the newest bucket is
+    folded in on every call: while events land in the current minute, as live traffic
+    does, the cost does not grow with the number of buckets in the window."""
     windows: list[tuple[str, int, int]] = []
     for f in view.features:
         if f.kind != "ratio":
             w = (f.window, f.window_s // view.bucket_s, f.gap_s // view.bucket_s)
             if w not in windows:
                 windows.append(w)
+    aggs: list[tuple[int, str, int]] = []  # (window, rest aggregate, column)
+    uses: list[tuple[int, str, list[int], int]] = []  # (feature index, kind, agg indexes, at)
+    for k, f in enumerate(view.features):
+        if f.kind == "ratio":
+            continue
+        wi = windows.index((f.window, f.window_s // view.bucket_s, f.gap_s // view.bucket_s))
+        at = offsets[WindowEngine._slot_key(f)]
+        idx = []
+        for op, off in _NEEDS[f.kind]:
+            key = (wi, op, at + off)
+            if key not in aggs:
+                aggs.append(key)
+            idx.append(aggs.index(key))
+        uses.append((k, f.kind, idx, at))
+    lines = [
+        "def values(st):",
+        "    buckets = st.buckets",
+        "    if not buckets:",
+        "        cur, rest = FRESH_ROW, EMPTY_REST",
+        "    else:",
+        "        cur = next(reversed(buckets.values()))",
+        "        rest = st.rest",
+        "    if rest is None:",
+        "        keys = list(buckets)",
+        "        rows = list(buckets.values())",
+        f"        current = st.watermark // {view.bucket_s * 1000}",
+        "        tail = len(rows) - 1",
+        "        if keys[-1] != current:  # not expected: then no bucket is 'the newest'",
+        "            cur, tail = FRESH_ROW, len(rows)",
+    ]
     for i, (kind, nb, gap) in enumerate(windows):
         if kind == "sliding":
             start = f"_bisect_right(keys, current - {nb})"
@@ -196,38 +261,54 @@ def compile_values(
             start = f"_bisect_left(keys, (current // {nb}) * {nb})"
         else:
             start = f"_session_start(keys, current, {gap}, {nb})"
-        lines.append(f"    s{i} = {start}")
-        same = " else ".join(f"c{j} if s{i} == s{j}" for j in range(i))
-        fresh = f"(list(zip(*rows[s{i}:])) if s{i} < n else EMPTY)"
-        lines.append(f"    c{i} = {same + ' else ' + fresh if same else fresh}")
-    names = view.feature_names
+        lines.append(f"        s{i} = {start}")
+    by_window: dict[int, list[int]] = {}
+    for j, (wi, _, _) in enumerate(aggs):
+        by_window.setdefault(wi, []).append(j)
+    for wi, js in by_window.items():
+        lines.append(f"        R = rows[s{wi}:tail]")
+        for j in js:
+            _, op, col = aggs[j]
+            lines.append(f"        g{j} = {_REST[op].format(c=col, c1=col + 1)}")
+    names = ", ".join(f"g{j}" for j in range(len(aggs)))
+    lines.append(f"        st.rest = rest = ({names},)")
+    lines.append("        if tail == len(rows):")
+    lines.append("            st.rest = None  # not cacheable")
+    lines.append(f"    {names}, = rest")
+    for k, kind, idx, at in uses:
+        a = {f"a{n}": f"g{j}" for n, j in enumerate(idx)}
+        lines.append(f"    v{k} = " + _COMBINE[kind].format(at=at, at1=at + 1, at2=at + 2, **a))
+    feature_names = view.feature_names
     for k, f in enumerate(view.features):
         if f.kind == "ratio":
-            continue
-        wi = windows.index((f.window, f.window_s // view.bucket_s, f.gap_s // view.bucket_s))
-        at = offsets[WindowEngine._slot_key(f)]
-        expr = _EXPR[f.kind].format(c=f"c{wi}", at=at, at1=at + 1, at2=at + 2)
-        lines.append(f"    v{k} = {expr}")
-    for k, f in enumerate(view.features):
-        if f.kind == "ratio":
-            num, den = names.index(f.numerator), names.index(f.denominator)
+            num, den = feature_names.index(f.numerator), feature_names.index(f.denominator)
             lines.append(f"    v{k} = v{num} / v{den} if v{den} else 0.0")
-    lines.append("    return [" + ", ".join(f"v{k}" for k in range(len(names))) + "]")
+    lines.append("    return [" + ", ".join(f"v{k}" for k in range(len(feature_names))) + "]")
     scope: dict[str, Any] = {
         "_bisect_left": bisect_left,
         "_bisect_right": bisect_right,
         "_session_start": _session_start,
         "_mean": _mean,
         "_stddev": _stddev,
-        "_low": _low,
-        "_high": _high,
-        "_last": _last,
-        "_distinct_of": _distinct_of,
-        "EMPTY": empty,
+        "_low2": _low2,
+        "_high2": _high2,
+        "_last2": _last2,
+        "_last_pair": _last_pair,
+        "_min_present": _min_present,
+        "_max_present": _max_present,
+        "_kmv_union": _kmv_union,
+        "_distinct": _distinct,
+        "FRESH_ROW": fresh_row,
     }
-    exec(compile("\n".join(lines), f"<view {view.ref}>", "exec"), scope)  # noqa: S102 - generated from a validated definition
+    # every aggregate over no rows (an entity with no events yet)
+    scope["EMPTY_REST"] = tuple(
+        eval(_REST[op].format(c=col, c1=col + 1), scope, {"R": []})  # noqa: S307 - our template
+        for _, op, col in aggs
+    )
+    source = "\n".join(lines)
+    exec(compile(source, f"<view {view.ref}>", "exec"), scope)  # noqa: S102 - generated from a validated definition
     fn: Callable[[EntityState], list[float]] = scope["values"]
-    fn.__doc__ = "\n".join(lines)  # the generated source, for whoever debugs it
+    fn.__doc__ = source  # the generated code, for whoever debugs it
     return fn
 
 
@@ -254,7 +335,7 @@ class WindowEngine:
         self._names = view.feature_names
         self._offsets = offsets
         self.values: Callable[[EntityState], list[float]] = compile_values(
-            view, offsets, [(x,) for x in self._new_row()]
+            view, offsets, self._new_row()
         )
         """Feature values as of the entity's watermark, in the view's feature order."""
 
@@ -282,6 +363,8 @@ class WindowEngine:
             return Outcome.LATE
         # Every event of the view's sources marks its bucket as activity (session windows).
         row = st.buckets.get(bucket)
+        if row is None or bucket != current:
+            st.rest = None  # the buckets before the newest change: window aggregates too
         if row is None:
             row = st.buckets[bucket] = self._new_row()
             if len(st.buckets) > 1 and bucket < max(st.buckets):
