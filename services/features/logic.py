@@ -127,11 +127,11 @@ def _stddev(n: int, total: float, squares: float) -> float:
     return math.sqrt(max(squares / n - mu * mu, 0.0))
 
 
-def _min_present(col: list[Any]) -> Any:
+def _min_present(col: tuple[Any, ...]) -> Any:
     return min((v for v in col if v is not None), default=None)
 
 
-def _max_present(col: list[Any]) -> Any:
+def _max_present(col: tuple[Any, ...]) -> Any:
     return max((v for v in col if v is not None), default=None)
 
 
@@ -145,7 +145,7 @@ def _high2(rest: Any, cur: Any) -> float:
     return math.nan if x is None else float(x)
 
 
-def _last_pair(times: list[Any], vals: list[Any]) -> tuple[Any, Any]:
+def _last_pair(times: tuple[Any, ...], vals: tuple[Any, ...]) -> tuple[Any, Any]:
     """The newest (time, value) of the rest; the first one on a tie (like ``_last``)."""
     if not times:
         return (-2, None)
@@ -158,7 +158,7 @@ def _last2(rest: tuple[Any, Any], t: Any, v: Any) -> float:
     return math.nan if x is None else float(x)
 
 
-def _kmv_union(slots: list[list[int]]) -> list[int]:
+def _kmv_union(slots: Any) -> list[int]:
     return sorted(set().union(*slots))[:KMV_K]
 
 
@@ -178,12 +178,12 @@ def _session_start(keys: list[int], current: int, gap: int, nb: int) -> int:
 # computed (``R`` = those rows), and how the newest bucket's row ``cur`` is folded in.
 # Python's ``sum`` adds left to right, so ``sum(rest) + cur`` is bit-identical to the sum
 # of the whole window: the fast path changes no value, not even in the last bit.
-_REST = {
-    "sum": "sum([r[{c}] for r in R])",
-    "min": "_min_present([r[{c}] for r in R])",
-    "max": "_max_present([r[{c}] for r in R])",
-    "last": "_last_pair([r[{c}] for r in R], [r[{c1}] for r in R])",
-    "kmv": "_kmv_union([r[{c}] for r in R])",
+_REST = {  # T = the rest's rows transposed (one tuple per column)
+    "sum": "sum(T[{c}])",
+    "min": "_min_present(T[{c}])",
+    "max": "_max_present(T[{c}])",
+    "last": "_last_pair(T[{c}], T[{c1}])",
+    "kmv": "_kmv_union(T[{c}])",
 }
 _NEEDS: dict[str, list[tuple[str, int]]] = {  # (rest aggregate, column offset in the slot)
     "count": [("sum", 0)],
@@ -265,8 +265,13 @@ def compile_values(
     by_window: dict[int, list[int]] = {}
     for j, (wi, _, _) in enumerate(aggs):
         by_window.setdefault(wi, []).append(j)
+    done: list[int] = []
     for wi, js in by_window.items():
-        lines.append(f"        R = rows[s{wi}:tail]")
+        # windows that start at the same bucket share one transpose
+        same = " else ".join(f"T{d} if s{wi} == s{d}" for d in done)
+        fresh = f"(list(zip(*rows[s{wi}:tail])) if s{wi} < tail else EMPTY_COLS)"
+        lines.append(f"        T{wi} = T = {same + ' else ' + fresh if same else fresh}")
+        done.append(wi)
         for j in js:
             _, op, col = aggs[j]
             lines.append(f"        g{j} = {_REST[op].format(c=col, c1=col + 1)}")
@@ -299,10 +304,11 @@ def compile_values(
         "_kmv_union": _kmv_union,
         "_distinct": _distinct,
         "FRESH_ROW": fresh_row,
+        "EMPTY_COLS": [() for _ in fresh_row],
     }
     # every aggregate over no rows (an entity with no events yet)
     scope["EMPTY_REST"] = tuple(
-        eval(_REST[op].format(c=col, c1=col + 1), scope, {"R": []})  # noqa: S307 - our template
+        eval(_REST[op].format(c=col, c1=col + 1), scope, {"T": scope["EMPTY_COLS"]})  # noqa: S307 - our template
         for _, op, col in aggs
     )
     source = "\n".join(lines)
