@@ -162,6 +162,15 @@ def _kmv_union(slots: Any) -> list[int]:
     return sorted(set().union(*slots))[:KMV_K]
 
 
+def _distinct_with(rest: list[int], cur: list[int]) -> float:
+    """Distinct count of the rest's sketch plus the newest bucket's (both sorted)."""
+    if not cur:
+        return _distinct(rest)
+    if not rest:
+        return _distinct(cur)
+    return _distinct(sorted(set(rest).union(cur))[:KMV_K])
+
+
 def _session_start(keys: list[int], current: int, gap: int, nb: int) -> int:
     """Back from the newest bucket while the gaps stay within ``gap`` (and the window)."""
     i, prev = len(keys), current
@@ -203,7 +212,7 @@ _COMBINE = {  # a{k} = the rest aggregates the feature needs, in _NEEDS order
     "min": "_low2({a0}, cur[{at}])",
     "max": "_high2({a0}, cur[{at1}])",
     "last": "_last2({a0}, cur[{at}], cur[{at1}])",
-    "distinct": "_distinct(_kmv_union([{a0}, cur[{at}]]))",
+    "distinct": "_distinct_with({a0}, cur[{at}])",
 }
 
 
@@ -302,7 +311,7 @@ def compile_values(
         "_min_present": _min_present,
         "_max_present": _max_present,
         "_kmv_union": _kmv_union,
-        "_distinct": _distinct,
+        "_distinct_with": _distinct_with,
         "FRESH_ROW": fresh_row,
         "EMPTY_COLS": [() for _ in fresh_row],
     }

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,23 +49,23 @@ class PipelineStats:
 
 
 class StateCache:
-    """Hot entity states, bounded (LRU). Redis holds the durable copy."""
+    """Hot entity states, bounded: the least recently *updated* go first (every state a
+    batch touches is put back, so reads need no bookkeeping). Redis holds the durable
+    copy."""
 
     def __init__(self, max_items: int) -> None:
         self.max_items = max_items
-        self._items: OrderedDict[str, EntityState] = OrderedDict()
+        self._items: dict[str, EntityState] = {}
 
     def get(self, entity: str) -> EntityState | None:
-        st = self._items.get(entity)
-        if st is not None:
-            self._items.move_to_end(entity)
-        return st
+        return self._items.get(entity)
 
     def put(self, entity: str, st: EntityState) -> None:
-        self._items[entity] = st
-        self._items.move_to_end(entity)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        items = self._items
+        items.pop(entity, None)
+        items[entity] = st  # to the end: dicts keep insertion order
+        while len(items) > self.max_items:
+            del items[next(iter(items))]
 
     def clear(self) -> None:
         self._items.clear()
