@@ -118,6 +118,7 @@ async def throughput(stack: Stack, nc: Any, js: Any, n: int) -> tuple[float, flo
     # chdb opening are not pipeline time) until Redis *and* ClickHouse hold everything.
     await stack.start_service("warehouse")
     await stack.start_service("features")
+    cpu0 = cpu_times()
     first: tuple[float, int] | None = None
     while True:
         pos = (await status(nc))["position"]
@@ -132,6 +133,12 @@ async def throughput(stack: Stack, nc: Any, js: Any, n: int) -> tuple[float, flo
     await wait_stored(nc, events_seq=last, features_seq=features_last, timeout=600)
     stored = time.perf_counter()
     assert first is not None
+    busy = {k: v - cpu0.get(k, 0.0) for k, v in cpu_times().items()}
+    print(
+        "CPU seconds during the throughput run: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(busy.items(), key=lambda kv: -kv[1])),
+        flush=True,
+    )
     done = (last - first[1]) * PER_MSG
     print(
         f"online store done after {online_done - first[0]:.2f} s, ClickHouse after "
