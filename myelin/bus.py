@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -23,11 +23,12 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError, TooManyStalledMsgsError
 
 from myelin import telemetry
-from myelin.errors import MyelinError, Overloaded, RemoteError, Retryable
+from myelin.errors import MyelinError, Overloaded, Poison, RemoteError, Retryable
 from myelin.settings import Settings
 from myelin.subjects import ARTIFACTS_BUCKET, MODELS_BUCKET, StreamSpec, stream_specs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MSG_ID = "Nats-Msg-Id"
 
@@ -73,10 +74,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     """Streams, KV buckets and object stores the platform needs; idempotent."""
     for spec in stream_specs(settings.duplicate_window_s):
         await ensure_stream(js, spec)
-    try:
-        await js.key_value(MODELS_BUCKET)
-    except (NotFoundError, BadRequestError):
-        await js.create_key_value(bucket=MODELS_BUCKET, history=16)
+    await kv_bucket(js, MODELS_BUCKET, history=16)
     try:
         await js.object_store(ARTIFACTS_BUCKET)
     except (NotFoundError, BadRequestError):
@@ -87,6 +85,22 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     # The contracts that ship in code are published to the registry (idempotent; a changed
     # built-in version is refused, as any incompatible or conflicting registration is).
     await ContractStore(js).publish(default_registry().specs())
+
+
+async def kv_bucket(js: JetStreamContext, bucket: str, history: int = 1) -> Any:
+    """A KV bucket, created on first use (idempotent across processes)."""
+    try:
+        return await js.key_value(bucket)
+    except (NotFoundError, BadRequestError):
+        return await js.create_key_value(bucket=bucket, history=history)
+
+
+def decode_request(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
+    """A request body, or a :class:`Poison` error that says what was wrong with it."""
+    try:
+        return decoder.decode(data or b"{}")
+    except msgspec.MsgspecError as exc:
+        raise Poison(f"bad {what} request: {exc}") from None
 
 
 async def kv_keys(js: JetStreamContext, bucket: str) -> list[str]:

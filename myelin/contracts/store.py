@@ -11,13 +11,11 @@ from typing import Any
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import (
-    BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NotFoundError,
 )
 
-from myelin.bus import kv_keys
+from myelin.bus import kv_bucket, kv_keys
 from myelin.contracts.compat import Incompatibility, check
 from myelin.contracts.registry import ContractRegistry
 from myelin.contracts.schema import ContractSpec, validate_spec
@@ -55,10 +53,7 @@ class ContractStore:
 
     async def _bucket(self) -> Any:
         if self._kv is None:
-            try:
-                self._kv = await self._js.key_value(CONTRACTS_BUCKET)
-            except (NotFoundError, BadRequestError):
-                self._kv = await self._js.create_key_value(bucket=CONTRACTS_BUCKET, history=1)
+            self._kv = await kv_bucket(self._js, CONTRACTS_BUCKET)
         return self._kv
 
     async def specs(self) -> list[ContractSpec]:

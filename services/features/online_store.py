@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any, Protocol, cast
 
 import hiredis
@@ -28,7 +27,7 @@ import redis.asyncio as aioredis
 
 from myelin import online
 from services.features.logic import EntityState
-from services.features.views import FeatureView
+from services.features.views import FeatureView, view_doc
 
 
 class ConcurrentWriter(RuntimeError):
@@ -72,7 +71,7 @@ def version_meta(view: FeatureView) -> dict[str, str]:
         "features": ",".join(view.feature_names),
         "ttl_s": str(view.ttl_s),
         "freshness_s": str(view.freshness_s),
-        "definition": json.dumps(asdict(view), sort_keys=True),
+        "definition": json.dumps(view_doc(view), sort_keys=True),
         "registered_ms": str(int(time.time() * 1000)),
     }
 

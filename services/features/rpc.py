@@ -9,7 +9,6 @@ import pyarrow as pa
 from nats.aio.client import Client as NATS
 
 from myelin import bus, sql_client
-from myelin.errors import Poison
 from myelin.subjects import RPC_FEATURES_CHECK, RPC_FEATURES_REPLAY, RPC_FEATURES_VIEWS
 from services.features.consistency import CheckRequest, check
 from services.features.replay import Replayer, ReplayRequest
@@ -30,10 +29,7 @@ async def serve_replay(nc: NATS, replayer: Replayer) -> Any:
     decode = msgspec.json.Decoder(ReplayRequest)
 
     async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-        try:
-            req = decode.decode(data)
-        except msgspec.MsgspecError as exc:
-            raise Poison(f"bad replay request: {exc}") from None
+        req = bus.decode_request(decode, data, "replay")
         await replayer.start(req)
         return replayer.snapshot()
 
@@ -45,10 +41,7 @@ async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
     decode = msgspec.json.Decoder(CheckRequest)
 
     async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-        try:
-            req = decode.decode(data or b"{}")
-        except msgspec.MsgspecError as exc:
-            raise Poison(f"bad check request: {exc}") from None
+        req = bus.decode_request(decode, data, "check")
         assert app.reader is not None
         runner = await app.runner_for(req.view)
 
@@ -71,10 +64,7 @@ async def serve_views(nc: NATS, app: FeaturesApp) -> Any:
     decode = msgspec.json.Decoder(ViewsRequest)
 
     async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-        try:
-            req = decode.decode(data or b"{}")
-        except msgspec.MsgspecError as exc:
-            raise Poison(f"bad views request: {exc}") from None
+        req = bus.decode_request(decode, data, "views")
         if req.op == "register":
             return await app.register_version(req.definition)
         if req.op == "promote":

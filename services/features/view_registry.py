@@ -12,13 +12,11 @@ from typing import Any
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import (
-    BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NotFoundError,
 )
 
-from myelin.bus import kv_keys
+from myelin.bus import kv_bucket, kv_keys
 from myelin.subjects import VIEWS_BUCKET
 from services.features.views import FeatureView, view_doc, view_from_doc
 
@@ -32,10 +30,7 @@ class ViewRegistry:
 
     async def _bucket(self) -> Any:
         if self._kv is None:
-            try:
-                self._kv = await self._js.key_value(VIEWS_BUCKET)
-            except (NotFoundError, BadRequestError):
-                self._kv = await self._js.create_key_value(bucket=VIEWS_BUCKET, history=1)
+            self._kv = await kv_bucket(self._js, VIEWS_BUCKET)
         return self._kv
 
     async def register(self, view: FeatureView) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -20,8 +19,7 @@ WindowKind = Literal["sliding", "tumbling", "session"]
 NEEDS_FIELD = ("sum", "mean", "min", "max", "last", "stddev", "distinct")
 
 
-@dataclass(frozen=True)
-class Feature:
+class Feature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An aggregation of ``source`` events (of their ``field`` where the kind needs one).
 
     Windows, in event time, with the view's bucket as resolution:
@@ -45,8 +43,7 @@ class Feature:
     gap_s: int = 0
 
 
-@dataclass(frozen=True)
-class FeatureView:
+class FeatureView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     entity: str
     sources: tuple[str, ...]
@@ -96,7 +93,7 @@ class FeatureView:
 
     @property
     def content_hash(self) -> str:
-        doc = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        doc = json.dumps(view_doc(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
     @property
@@ -111,53 +108,22 @@ class FeatureView:
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
-class _FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    name: str
-    kind: AggKind
-    window_s: int = 0
-    source: str = ""
-    field: str = ""
-    numerator: str = ""
-    denominator: str = ""
-    window: WindowKind = "sliding"
-    gap_s: int = 0
-
-
-class _ViewSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    name: str
-    entity: str
-    sources: list[str]
-    features: list[_FeatureSpec]
-    bucket_s: int = 60
-    ttl_s: int = 24 * 3600
-    freshness_s: int = 15 * 60
-    allowed_lateness_s: int = 3600
-
-
 class InvalidView(MyelinError):
     code = "invalid_view"
 
 
 def view_doc(view: FeatureView) -> dict[str, Any]:
     """The definition as JSON-ready builtins (what ``view_from_doc`` reads back)."""
-    return asdict(view)
+    doc: dict[str, Any] = msgspec.to_builtins(view)
+    return doc
 
 
 def view_from_doc(doc: Any) -> FeatureView:
-    """A definition from JSON builtins, with a specific error for anything wrong in it."""
+    """A definition from JSON builtins, with a specific error for anything wrong in it
+    (types and unknown fields by msgspec, the rules by ``FeatureView.__post_init__``)."""
     try:
-        spec = msgspec.convert(doc, _ViewSpec)
-        return FeatureView(
-            name=spec.name,
-            entity=spec.entity,
-            sources=tuple(spec.sources),
-            features=tuple(Feature(**msgspec.structs.asdict(f)) for f in spec.features),
-            bucket_s=spec.bucket_s,
-            ttl_s=spec.ttl_s,
-            freshness_s=spec.freshness_s,
-            allowed_lateness_s=spec.allowed_lateness_s,
-        )
-    except (msgspec.ValidationError, ValueError) as exc:
+        return msgspec.convert(doc, FeatureView)
+    except msgspec.ValidationError as exc:
         raise InvalidView(f"invalid feature view: {exc}") from None
 
 

@@ -8,7 +8,6 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from myelin import bus
-from myelin.errors import Poison
 from myelin.subjects import RPC_GOVERNANCE_DECIDE
 from services.governance.decider import Decider
 from services.governance.logic import DecisionRequest
@@ -18,10 +17,7 @@ _decode = msgspec.json.Decoder(DecisionRequest)
 
 async def serve_decisions(nc: NATS, decider: Decider) -> Any:
     async def handle(data: bytes, _headers: dict[str, str]) -> Any:
-        try:
-            req = _decode.decode(data)
-        except msgspec.DecodeError as exc:
-            raise Poison(f"bad decision request: {exc}") from None
+        req = bus.decode_request(_decode, data, "decision")
         return await decider.decide(req)
 
     return await bus.serve(nc, RPC_GOVERNANCE_DECIDE, handle, queue="governance", concurrency=64)

@@ -126,10 +126,7 @@ class WarehouseApp:
         decode = msgspec.json.Decoder(RewindRequest)
 
         async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-            try:
-                req = decode.decode(data or b"{}")
-            except msgspec.MsgspecError as exc:
-                raise Poison(f"bad rewind request: {exc}") from None
+            req = bus.decode_request(decode, data, "rewind")
             return {"from_seq": await self.rewind_events(req.from_seq)}
 
         return await bus.serve(self._nc, RPC_WAREHOUSE_REWIND, handle)

@@ -11,7 +11,6 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from myelin import bus
-from myelin.errors import Poison
 from myelin.subjects import RPC_WAREHOUSE_QUERY
 from myelin.warehouse import QueryRejected, arrow_to_ipc, read_only_sql
 from services.warehouse.sink import WarehouseSink
@@ -30,10 +29,7 @@ _dec = msgspec.json.Decoder(QueryRequest)
 
 async def serve_sql(nc: NATS, sink: WarehouseSink) -> Any:
     async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-        try:
-            req = _dec.decode(data)
-        except msgspec.MsgspecError as exc:
-            raise Poison(f"bad query request: {exc}") from None
+        req = bus.decode_request(_dec, data, "query")
         sql = read_only_sql(req.sql)
         table = await sink.query(sql)
         if table.num_rows > req.max_rows:
