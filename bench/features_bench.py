@@ -306,6 +306,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=300_000)
     ap.add_argument("--rate", type=int, default=20_000, help="freshness load, events/s")
-    ap.add_argument("--seconds", type=float, default=10.0, help="freshness run length")
+    ap.add_argument("--seconds", type=float, default=20.0, help="freshness run length")
     a = ap.parse_args()
     asyncio.run(main(a.events, a.rate, a.seconds))
