@@ -216,6 +216,23 @@ _COMBINE = {  # a{k} = the rest aggregates the feature needs, in _NEEDS order
 }
 
 
+_EXTEND = {  # the rest aggregate ``g`` extended by one more bucket row ``prev``
+    "sum": "{g} + prev[{c}]",
+    "min": "_low_of({g}, prev[{c}])",
+    "max": "_high_of({g}, prev[{c}])",
+    "last": "({g} if prev[{c}] <= {g}[0] else (prev[{c}], prev[{c1}]))",
+    "kmv": "_kmv_union(({g}, prev[{c}]))",
+}
+
+
+def _low_of(a: Any, b: Any) -> Any:
+    return a if b is None else b if a is None else min(a, b)
+
+
+def _high_of(a: Any, b: Any) -> Any:
+    return a if b is None else b if a is None else max(a, b)
+
+
 def compile_values(
     view: FeatureView, offsets: dict[tuple[str, str, str], int], fresh_row: list[Any]
 ) -> Callable[[EntityState], list[float]]:
@@ -223,10 +240,14 @@ def compile_values(
     Python with no per-feature dispatch (it runs once per applied event).
 
     Every window ends at the current (newest) bucket, and buckets are kept in time order,
-    so a window is a suffix of them. The aggregates of each window over all buckets but
-    the newest are cached on the state (``EntityState.rest``) and the newest bucket is
-    folded in on every call: while events land in the current minute, as live traffic
-    does, the cost does not grow with the number of buckets in the window."""
+    so a window is a suffix of them. Each window's aggregates over all buckets but the
+    newest (the *rest*) are cached on the state (``EntityState.rest``, with the newest
+    bucket and each window's first bucket), and the newest bucket is folded in on every
+    call. When a new minute opens a new newest bucket, the cache rolls forward: a window
+    that still starts at the same bucket extends its rest by the previous newest bucket;
+    only a window whose start moved is recomputed. The cost per event does not grow with
+    the number of buckets in the window, and the values are bit-identical to a full
+    recomputation (sums still add up left to right)."""
     windows: list[tuple[str, int, int]] = []
     for f in view.features:
         if f.kind != "ratio":
@@ -247,6 +268,58 @@ def compile_values(
                 aggs.append(key)
             idx.append(aggs.index(key))
         uses.append((k, f.kind, idx, at))
+    by_window: dict[int, list[int]] = {}
+    for j, (wi, _, _) in enumerate(aggs):
+        by_window.setdefault(wi, []).append(j)
+    nw = len(windows)
+    g_names = ", ".join(f"g{j}" for j in range(len(aggs)))
+    cache = f"(keys[-1], {', '.join(f'keys[s{i}]' for i in range(nw))}, {g_names})"
+    bucket_ms = view.bucket_s * 1000
+
+    def starts(indent: str) -> list[str]:
+        out = []
+        for i, (kind, nb, gap) in enumerate(windows):
+            if kind == "sliding":
+                start = f"_bisect_right(keys, current - {nb})"
+            elif kind == "tumbling":
+                start = f"_bisect_left(keys, (current // {nb}) * {nb})"
+            else:
+                start = f"_session_start(keys, current, {gap}, {nb})"
+            out.append(f"{indent}s{i} = {start}")
+        return out
+
+    def recompute(wi: int, indent: str, shared: list[int]) -> list[str]:
+        # windows that start at the same bucket share one transpose
+        same = " else ".join(f"T{d} if s{wi} == s{d}" for d in shared)
+        fresh = f"(list(zip(*rows[s{wi}:tail])) if s{wi} < tail else EMPTY_COLS)"
+        out = [f"{indent}T{wi} = T = {same + ' else ' + fresh if same else fresh}"]
+        for j in by_window[wi]:
+            _, op, col = aggs[j]
+            out.append(f"{indent}g{j} = {_REST[op].format(c=col, c1=col + 1)}")
+        return out
+
+    # roll(st, rest): the cache after one new newest bucket, or None
+    roll = [
+        "def roll(st, rest):",
+        "    keys = list(st.buckets)",
+        "    tail = len(keys) - 1",
+        f"    current = st.watermark // {bucket_ms}",
+        "    if tail < 1 or keys[tail - 1] != rest[0] or keys[tail] != current:",
+        "        return None",
+        "    rows = list(st.buckets.values())",
+        "    prev = rows[tail - 1]",
+        *starts("    "),
+        f"    {g_names}, = rest[{1 + nw}:]",
+    ]
+    for wi in by_window:
+        roll.append(f"    if keys[s{wi}] == rest[{1 + wi}]:")
+        for j in by_window[wi]:
+            _, op, col = aggs[j]
+            roll.append(f"        g{j} = {_EXTEND[op].format(g=f'g{j}', c=col, c1=col + 1)}")
+        roll.append("    else:")
+        roll += recompute(wi, "        ", [])
+    roll.append(f"    return {cache}")
+
     lines = [
         "def values(st):",
         "    buckets = st.buckets",
@@ -255,40 +328,28 @@ def compile_values(
         "    else:",
         "        cur = next(reversed(buckets.values()))",
         "        rest = st.rest",
-        "    if rest is None:",
-        "        keys = list(buckets)",
-        "        rows = list(buckets.values())",
-        f"        current = st.watermark // {view.bucket_s * 1000}",
-        "        tail = len(rows) - 1",
-        "        if keys[-1] != current:  # not expected: then no bucket is 'the newest'",
-        "            cur, tail = FRESH_ROW, len(rows)",
+        "        if rest is not None and rest[0] != next(reversed(buckets)):",
+        "            st.rest = rest = roll(st, rest)",
+        "        if rest is None:",
+        "            keys = list(buckets)",
+        "            rows = list(buckets.values())",
+        f"            current = st.watermark // {bucket_ms}",
+        "            tail = len(rows) - 1",
+        "            if keys[-1] != current:  # not expected: then no bucket is 'the newest'",
+        "                cur, tail = FRESH_ROW, len(rows)",
+        *starts("            "),
     ]
-    for i, (kind, nb, gap) in enumerate(windows):
-        if kind == "sliding":
-            start = f"_bisect_right(keys, current - {nb})"
-        elif kind == "tumbling":
-            start = f"_bisect_left(keys, (current // {nb}) * {nb})"
-        else:
-            start = f"_session_start(keys, current, {gap}, {nb})"
-        lines.append(f"        s{i} = {start}")
-    by_window: dict[int, list[int]] = {}
-    for j, (wi, _, _) in enumerate(aggs):
-        by_window.setdefault(wi, []).append(j)
     done: list[int] = []
-    for wi, js in by_window.items():
-        # windows that start at the same bucket share one transpose
-        same = " else ".join(f"T{d} if s{wi} == s{d}" for d in done)
-        fresh = f"(list(zip(*rows[s{wi}:tail])) if s{wi} < tail else EMPTY_COLS)"
-        lines.append(f"        T{wi} = T = {same + ' else ' + fresh if same else fresh}")
+    for wi in by_window:
+        lines += recompute(wi, "            ", done)
         done.append(wi)
-        for j in js:
-            _, op, col = aggs[j]
-            lines.append(f"        g{j} = {_REST[op].format(c=col, c1=col + 1)}")
-    names = ", ".join(f"g{j}" for j in range(len(aggs)))
-    lines.append(f"        st.rest = rest = ({names},)")
-    lines.append("        if tail == len(rows):")
-    lines.append("            st.rest = None  # not cacheable")
-    lines.append(f"    {names}, = rest")
+    lines += [
+        "            if tail == len(rows):",
+        f"                rest = ({', '.join(['None'] * (1 + nw))}, {g_names})  # not cacheable",
+        "            else:",
+        f"                st.rest = rest = {cache}",
+        f"    {g_names}, = rest[{1 + nw}:]",
+    ]
     for k, kind, idx, at in uses:
         a = {f"a{n}": f"g{j}" for n, j in enumerate(idx)}
         lines.append(f"    v{k} = " + _COMBINE[kind].format(at=at, at1=at + 1, at2=at + 2, **a))
@@ -310,17 +371,20 @@ def compile_values(
         "_last_pair": _last_pair,
         "_min_present": _min_present,
         "_max_present": _max_present,
+        "_low_of": _low_of,
+        "_high_of": _high_of,
         "_kmv_union": _kmv_union,
         "_distinct_with": _distinct_with,
         "FRESH_ROW": fresh_row,
         "EMPTY_COLS": [() for _ in fresh_row],
     }
     # every aggregate over no rows (an entity with no events yet)
-    scope["EMPTY_REST"] = tuple(
+    empty = tuple(
         eval(_REST[op].format(c=col, c1=col + 1), scope, {"T": scope["EMPTY_COLS"]})  # noqa: S307 - our template
         for _, op, col in aggs
     )
-    source = "\n".join(lines)
+    scope["EMPTY_REST"] = (None,) * (1 + nw) + empty
+    source = "\n".join(roll) + "\n\n\n" + "\n".join(lines)
     exec(compile(source, f"<view {view.ref}>", "exec"), scope)  # noqa: S102 - generated from a validated definition
     fn: Callable[[EntityState], list[float]] = scope["values"]
     fn.__doc__ = source  # the generated code, for whoever debugs it
@@ -378,8 +442,9 @@ class WindowEngine:
             return Outcome.LATE
         # Every event of the view's sources marks its bucket as activity (session windows).
         row = st.buckets.get(bucket)
-        if row is None or bucket != current:
-            st.rest = None  # the buckets before the newest change: window aggregates too
+        if bucket != current:
+            st.rest = None  # a bucket before the newest changes: so do the window aggregates
+        # (a new newest bucket keeps the cache: the vector rolls it forward)
         if row is None:
             row = st.buckets[bucket] = self._new_row()
             if len(st.buckets) > 1 and bucket < max(st.buckets):

@@ -171,33 +171,63 @@ def test_session_window_ends_at_a_gap() -> None:
     assert eng.vector(st)["s"] == 3
 
 
+ALL_KINDS = (
+    Feature("n10", "count", 600, "impression"),
+    Feature("sum1h", "sum", 3600, "purchase", field="amount"),
+    Feature("mean1h", "mean", 3600, "purchase", field="amount"),
+    Feature("sd20", "stddev", 1200, "purchase", field="amount"),
+    Feature("min30", "min", 1800, "purchase", field="amount"),
+    Feature("max1h", "max", 3600, "purchase", field="amount"),
+    Feature("last1h", "last", 3600, "purchase", field="amount"),
+    Feature("d1h", "distinct", 3600, "impression", field="item_id"),
+    Feature("hour", "count", 3600, "click", window="tumbling"),
+    Feature("sess", "count", 3600, "click", window="session", gap_s=300),
+    Feature("r", "ratio", numerator="hour", denominator="n10"),
+)
+
+
 def test_the_cached_vector_equals_a_recomputation_bit_for_bit() -> None:
-    """Window aggregates of all but the newest bucket are cached on the state; a restarted
-    state (no cache) must compute exactly the same floats, in any arrival order."""
+    """Window aggregates of all but the newest bucket are cached on the state and rolled
+    forward when a new bucket opens; a restarted state (no cache) must compute exactly the
+    same floats, for every aggregation and window kind, in any arrival order. min, max and
+    last are also checked against a brute-force reading of the events in the window."""
     import math
     import random
 
     rng = random.Random(7)
-    eng = WindowEngine(USER_ACTIVITY)
+    eng = view_of(*ALL_KINDS)
+    names = eng.view.feature_names
     states: dict[str, EntityState] = {}
+    applied: dict[str, list[tuple[int, float]]] = {}  # purchases: (event time, amount)
     cached = 0
     for i in range(20_000):
         user = f"u{rng.randrange(40)}"
         typ = rng.choice(["impression", "impression", "click", "purchase"])
+        amount = round(rng.random() * 100, 2)
         payload = (
-            buy(rng.random() * 100)
+            buy(amount)
             if typ == "purchase"
             else ImpressionV1(user_id=user, item_id=f"i{rng.randrange(300)}")
             if typ == "impression"
             else CLK
         )
-        t = T0 + i * 400 + rng.choice([0, 0, 0, -rng.randrange(3_000_000)])
+        t = T0 + i * 400 + rng.choice([0, 0, 0, 0, -rng.randrange(3_000_000)])
         st = states.setdefault(user, EntityState())
-        eng.apply(st, i + 1, typ, t, payload)
+        if eng.apply(st, i + 1, typ, t, payload) == Outcome.APPLIED and typ == "purchase":
+            applied.setdefault(user, []).append((t, amount))
         cached += st.rest is not None
         live = eng.values(st)
         again = eng.values(EntityState.decode(st.encode()))
         assert all(
             a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(live, again, strict=True)
-        )
+        ), (i, list(zip(names, live, again, strict=True)))
+        current = st.watermark // MIN
+        in_30 = [x for tt, x in applied.get(user, []) if current - tt // MIN < 30]
+        in_60 = [(tt, x) for tt, x in applied.get(user, []) if current - tt // MIN < 60]
+        v = dict(zip(names, live, strict=True))
+        assert v["min30"] == min(in_30) if in_30 else math.isnan(v["min30"])
+        assert v["max1h"] == max(x for _, x in in_60) if in_60 else math.isnan(v["max1h"])
+        if in_60:
+            newest = max(tt for tt, _ in in_60)
+            assert v["last1h"] in {x for tt, x in in_60 if tt == newest}
     assert cached > 5_000  # the fast path was exercised
