@@ -155,8 +155,10 @@ class ChdbWarehouse:
             return
         cols = ", ".join(f"`{c}`" for c in data.column_names)
         with self._lock:
+            # one thread: an insert burst must not take both cores from the feature pipeline
             self._run(
-                f"INSERT INTO {table} ({cols}) SELECT {cols} FROM Python(myelin_arrow_input)",
+                f"INSERT INTO {table} ({cols}) SELECT {cols} FROM Python(myelin_arrow_input) "
+                "SETTINGS max_threads = 1, max_insert_threads = 1",
                 "CSV",
                 data,
             )
