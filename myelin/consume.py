@@ -94,46 +94,66 @@ class PullLoop:
     async def run(self) -> None:
         psub: JetStreamContext.PullSubscription | None = None
         fetch_errors = 0
-        while not self._stopping.is_set():
-            if psub is None:
-                try:
-                    psub = await self._js.pull_subscribe_bind(
-                        durable=self.durable, stream=self.stream
-                    )
-                except Exception as exc:  # noqa: BLE001 - server restarting: try again
-                    log.warning("%s: cannot bind consumer: %r", self.durable, exc)
-                    await self._sleep(1.0)
-                    continue
+        ahead: asyncio.Task[list[Msg]] | None = None  # the next batch, fetched while handling
+        try:
+            while not self._stopping.is_set():
+                psub, fetch_errors, ahead = await self._step(psub, fetch_errors, ahead)
+        finally:
+            if ahead is not None:
+                ahead.cancel()  # its messages are redelivered: nothing was acked
+                with contextlib.suppress(BaseException):
+                    await ahead
+            if psub is not None:
+                with contextlib.suppress(Exception):
+                    await psub.unsubscribe()
+
+    async def _step(
+        self,
+        psub: JetStreamContext.PullSubscription | None,
+        fetch_errors: int,
+        ahead: asyncio.Task[list[Msg]] | None,
+    ) -> tuple[JetStreamContext.PullSubscription | None, int, asyncio.Task[list[Msg]] | None]:
+        """One fetch-handle-ack round; returns the loop's state for the next one."""
+        if psub is None:
             try:
+                psub = await self._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+            except Exception as exc:  # noqa: BLE001 - server restarting: try again
+                log.warning("%s: cannot bind consumer: %r", self.durable, exc)
+                await self._sleep(1.0)
+                return None, fetch_errors, None
+        try:
+            if ahead is not None:
+                msgs, ahead = await ahead, None
+            else:
                 msgs = await psub.fetch(self._batch, timeout=self._fetch_timeout)
-                fetch_errors = 0
-            except (TimeoutError, nats.errors.TimeoutError):
-                self.idle = True
-                continue
-            except Exception as exc:  # noqa: BLE001 - connection trouble
-                fetch_errors += 1
-                log.warning("%s: fetch failed (%d): %r", self.durable, fetch_errors, exc)
-                if fetch_errors >= 3:  # a stalled pull subscription: re-create it
-                    with contextlib.suppress(Exception):
-                        await psub.unsubscribe()
-                    psub = None
-                await self._sleep(min(0.2 * fetch_errors, 2.0))
-                continue
-            if not msgs:
-                continue
-            if self._linger and len(msgs) < self._batch:
-                msgs += await self._collect(psub, self._batch - len(msgs))
-            self.idle = False
-            if await self._handle(msgs):
-                with contextlib.suppress(Exception):  # a lost ack only causes a harmless redelivery
-                    await msgs[-1].ack()
-                self.batches += 1
-                self.messages += len(msgs)
-                meta = msgs[-1].metadata
-                self.position, self.pending = meta.sequence.stream, meta.num_pending
-        if psub is not None:
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+            fetch_errors = 0
+        except (TimeoutError, nats.errors.TimeoutError):
+            self.idle = True
+            return psub, fetch_errors, None
+        except Exception as exc:  # noqa: BLE001 - connection trouble
+            fetch_errors += 1
+            log.warning("%s: fetch failed (%d): %r", self.durable, fetch_errors, exc)
+            if fetch_errors >= 3:  # a stalled pull subscription: re-create it
+                with contextlib.suppress(Exception):
+                    await psub.unsubscribe()
+                psub = None
+            await self._sleep(min(0.2 * fetch_errors, 2.0))
+            return psub, fetch_errors, None
+        if not msgs:
+            return psub, fetch_errors, None
+        if self._linger and len(msgs) < self._batch:
+            msgs += await self._collect(psub, self._batch - len(msgs))
+        self.idle = False
+        if len(msgs) >= self._batch:  # behind: the next batch travels while this one is handled
+            ahead = asyncio.create_task(psub.fetch(self._batch, timeout=self._fetch_timeout))
+        if await self._handle(msgs):
+            with contextlib.suppress(Exception):  # a lost ack only causes a harmless redelivery
+                await msgs[-1].ack()
+            self.batches += 1
+            self.messages += len(msgs)
+            meta = msgs[-1].metadata
+            self.position, self.pending = meta.sequence.stream, meta.num_pending
+        return psub, fetch_errors, ahead
 
     async def _collect(self, psub: JetStreamContext.PullSubscription, room: int) -> list[Msg]:
         loop = asyncio.get_running_loop()
