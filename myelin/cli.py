@@ -169,7 +169,29 @@ async def _views(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _replay(settings: Settings, requester: str, from_seq: int, to_seq: int, view: str) -> int:
+def _time_ms(text: str) -> int:
+    """ISO 8601 (``2026-11-25T10:00:00Z``) or milliseconds since the epoch; '' is 0."""
+    if not text:
+        return 0
+    if text.isdigit():
+        return int(text)
+    from datetime import UTC, datetime
+
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise MyelinError(f"{text!r} is not a time: use ISO 8601 or epoch milliseconds") from None
+    return int((t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
+async def _replay(
+    settings: Settings,
+    requester: str,
+    from_seq: int,
+    to_seq: int,
+    view: str,
+    times: tuple[int, int] = (0, 0),
+) -> int:
     """Ask the features service to replay EVENTS into the offline store; show progress."""
     from myelin.demo.progress import Progress
     from myelin.subjects import RPC_FEATURES_REPLAY, health_subject
@@ -180,7 +202,14 @@ async def _replay(settings: Settings, requester: str, from_seq: int, to_seq: int
             await bus.request(
                 nc,
                 RPC_FEATURES_REPLAY,
-                {"requester": requester, "from_seq": from_seq, "to_seq": to_seq, "view": view},
+                {
+                    "requester": requester,
+                    "from_seq": from_seq,
+                    "to_seq": to_seq,
+                    "view": view,
+                    "from_time_ms": times[0],
+                    "to_time_ms": times[1],
+                },
             )
         )
         print(
@@ -276,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         help="1 rebuilds feature values too; later: raw history only",
     )
     rp.add_argument("--to-seq", type=int, default=0, help="default: the stream's last sequence")
+    rp.add_argument(
+        "--from-time",
+        default="",
+        help="instead of sequences: events that reached the stream from this time (ISO 8601)",
+    )
+    rp.add_argument("--to-time", default="", help="... until this time (exclusive)")
     ck = fs.add_parser(
         "check", help="online/offline consistency check on sampled entities (exit 1 on mismatch)"
     )
@@ -311,8 +346,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "features" and args.features_cmd == "check":
             code = asyncio.run(_check(settings, args.sample, args.view))
         elif args.cmd == "features" and args.features_cmd == "replay":
+            times = (_time_ms(args.from_time), _time_ms(args.to_time))
             code = asyncio.run(
-                _replay(settings, args.requester, args.from_seq, args.to_seq, args.view)
+                _replay(settings, args.requester, args.from_seq, args.to_seq, args.view, times)
             )
         elif args.cmd == "features":
             code = asyncio.run(_views(settings, args))

@@ -20,9 +20,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
@@ -59,6 +61,10 @@ class ReplayRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     view: str = ""  # NAME@HASH, NAME (its served version) or '' (the primary view)
     from_seq: int = 1
     to_seq: int = 0  # 0: the stream's last sequence now
+    # or a time range (ms since the epoch) of when events reached the stream; it is
+    # resolved to sequences before governance is asked
+    from_time_ms: int = 0
+    to_time_ms: int = 0
 
 
 class ReplayStatus(msgspec.Struct):
@@ -102,10 +108,44 @@ class Replayer:
         msg = await self._js.get_msg(EVENTS_STREAM, seq=seq)
         return [e.event_time for e in _events.decode(msg.data or b"")]
 
+    async def _seq_at(self, time_ms: int) -> int:
+        """The first stream sequence stored at or after ``time_ms`` (0: none)."""
+        cfg = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=datetime.fromtimestamp(time_ms / 1000, tz=UTC),
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=10.0,
+            filter_subject="myelin.events.>",
+        )
+        psub = await self._js.pull_subscribe("myelin.events.>", stream=EVENTS_STREAM, config=cfg)
+        try:
+            [msg] = await psub.fetch(1, timeout=2)
+            return int(msg.metadata.sequence.stream)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return 0
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+    async def _resolve_times(self, req: ReplayRequest, last_seq: int) -> ReplayRequest:
+        if not req.from_time_ms and not req.to_time_ms:
+            return req
+        if req.to_time_ms and req.to_time_ms <= req.from_time_ms:
+            raise ReplayError("the time range is empty: to_time must be after from_time")
+        first = await self._seq_at(req.from_time_ms) if req.from_time_ms else req.from_seq
+        if req.from_time_ms and not first:
+            raise ReplayError("no events reached the stream at or after from_time")
+        after = await self._seq_at(req.to_time_ms) if req.to_time_ms else 0
+        last = after - 1 if after else last_seq
+        return msgspec.structs.replace(
+            req, from_seq=first, to_seq=last, from_time_ms=0, to_time_ms=0
+        )
+
     async def start(self, req: ReplayRequest) -> ReplayStatus:
         if self._task is not None and not self._task.done():
             raise ReplayError("a replay is already running; wait for it (see `myelin status`)")
         info = await self._js.stream_info(EVENTS_STREAM)
+        req = await self._resolve_times(req, info.state.last_seq)
         first, last = max(req.from_seq, info.state.first_seq), req.to_seq or info.state.last_seq
         if last < first or last > info.state.last_seq:
             raise ReplayError(

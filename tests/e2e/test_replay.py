@@ -65,6 +65,7 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
         for i in range(4000)
     ]
     async with Stack(settings, log=lambda _m: None) as stack:
+        t_before = int(time.time() * 1000)
         async with aiohttp.ClientSession() as http:
             for i in range(0, 4000, 1000):
                 async with http.post(
@@ -72,6 +73,7 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
                     json=events[i : i + 1000],
                 ) as r:
                     assert r.status == 200
+        t_after = int(time.time() * 1000) + 1
         nc = await bus.connect(settings, "test")
         try:
             last = (await bus.jetstream(nc, settings).stream_info(EVENTS_STREAM)).state.last_seq
@@ -110,6 +112,27 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
                 assert st["state"] == "done", st
                 assert st["events"] == 4000
                 assert await fingerprint(nc) == before, f"replay {attempt}"
+            # a time range (when events reached the stream) resolves to the same sequences
+            started = msgspec.json.decode(
+                await bus.request(
+                    nc,
+                    RPC_FEATURES_REPLAY,
+                    {"requester": "ops", "from_time_ms": t_before, "to_time_ms": t_after},
+                )
+            )
+            assert (started["from_seq"], started["to_seq"]) == (1, last)
+            for _ in range(600):
+                st = (await health(nc))["replay"]
+                if st["state"] in ("done", "failed"):
+                    break
+                await asyncio.sleep(0.1)
+            assert st["state"] == "done" and await fingerprint(nc) == before
+            with pytest.raises(RemoteError, match="no events reached the stream"):
+                await bus.request(
+                    nc,
+                    RPC_FEATURES_REPLAY,
+                    {"requester": "ops", "from_time_ms": int(time.time() * 1000) + 3_600_000},
+                )
             audit = msgspec.json.decode(
                 await bus.request(
                     nc,

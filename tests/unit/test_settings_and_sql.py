@@ -56,3 +56,15 @@ def test_analyst_sql_gets_readonly_setting() -> None:
 def test_training_sql_refuses_odd_names() -> None:
     with pytest.raises(ValueError, match="identifiers"):
         training_set_sql("v'; DROP", ["a"], "SELECT 1")
+
+
+def test_replay_times_parse_iso_and_epoch_and_refuse_anything_else() -> None:
+    from myelin.cli import _time_ms
+    from myelin.errors import MyelinError
+
+    assert _time_ms("2026-11-25T10:00:00Z") == 1_795_600_800_000
+    assert _time_ms("2026-11-25T10:00:00") == 1_795_600_800_000  # no zone: UTC
+    assert _time_ms("1700000000000") == 1_700_000_000_000
+    assert _time_ms("") == 0
+    with pytest.raises(MyelinError, match="not a time"):
+        _time_ms("yesterday")
