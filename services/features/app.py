@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,38 +34,11 @@ from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
 from services.features.replay import Replayer
 from services.features.rpc import serve_check, serve_replay, serve_views
-from services.features.versions import (
-    PromotionRefused,
-    UnknownVersion,
-    VersionError,
-    VersionState,
-    parse_ref,
-    promotion_input,
-)
 from services.features.view_registry import ViewRegistry
-from services.features.views import VIEWS, FeatureView, view_doc, view_from_doc
+from services.features.view_versions import VersionRunner, ViewVersions, consumer_name
+from services.features.views import VIEWS, FeatureView
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VersionRunner:
-    """One feature view version: its pipeline, online store and consumer."""
-
-    view: FeatureView
-    store: OnlineStore
-    pipeline: FeaturePipeline
-    loop: PullLoop
-    task: asyncio.Task[None]
-    served: bool = False  # kept current by this process, the only one that promotes
-
-    @property
-    def durable(self) -> str:
-        return consumer_name(self.view)
-
-
-def consumer_name(view: FeatureView) -> str:
-    return f"features-{view.name}-{view.content_hash}"
 
 
 class FeaturesApp:
@@ -77,7 +49,7 @@ class FeaturesApp:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._redis: aioredis.Redis | None = None
-        self.versions: dict[str, VersionRunner] = {}  # by content hash
+        self.views: ViewVersions | None = None
         self._subs: list[Any] = []
         self.replayer: Replayer | None = None
         self.reader: OnlineReader | None = None
@@ -85,7 +57,6 @@ class FeaturesApp:
         self._contracts: ContractStore | None = None
         self.registry: ContractRegistry | None = None
         self.primary = VIEWS[0].name  # the view the top-level status fields describe
-        self._lock = asyncio.Lock()  # one registration / promotion / retirement at a time
 
     async def start(self) -> None:
         s = self.settings
@@ -96,17 +67,25 @@ class FeaturesApp:
         self._contracts = ContractStore(js)
         self.registry = await self._contracts.registry()
         self.view_registry = ViewRegistry(js)
+        self.views = ViewVersions(
+            self.view_registry,
+            GovernanceClient(self._nc),
+            self._start_version,
+            self._stop_version,
+            self._stream_last_seq,
+            self.primary,
+        )
         for view in VIEWS:  # views declared in code; a changed definition is a new version
             await self.view_registry.register(view)
         for view in await self.view_registry.versions():
-            await self._run_version(view)
+            await self.views.run(view)
         self.replayer = Replayer(
             self._nc,
             js,
             self.rows_sink,
             self.registry,
             GovernanceClient(self._nc),
-            self.engine_for,
+            self.views.engine_for,
             batch=s.features_batch,
         )
         self._subs.append(await serve_replay(self._nc, self.replayer))
@@ -118,7 +97,18 @@ class FeaturesApp:
         assert self._js is not None
         return rows_publisher(bus.Publisher(self._js, self.settings), id_prefix)
 
-    async def _run_version(self, view: FeatureView) -> VersionRunner:
+    async def _stream_last_seq(self) -> int:
+        assert self._js is not None
+        return int((await self._js.stream_info(EVENTS_STREAM)).state.last_seq)
+
+    async def _stop_version(self, runner: VersionRunner) -> None:
+        assert self._js is not None
+        runner.loop.stop()
+        await asyncio.gather(runner.task, return_exceptions=True)
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(EVENTS_STREAM, runner.durable)
+
+    async def _start_version(self, view: FeatureView) -> VersionRunner:
         assert self._js is not None and self._redis is not None
         assert self._contracts is not None and self.registry is not None
         s, js = self.settings, self._js
@@ -156,128 +146,9 @@ class FeaturesApp:
                 await pipeline.process([(m.metadata.sequence.stream, m.data) for m in msgs])
 
         loop = PullLoop(js, EVENTS_STREAM, durable, on_events, batch=s.features_batch)
-        runner = VersionRunner(
+        return VersionRunner(
             view, store, pipeline, loop, asyncio.create_task(loop.run(), name=durable)
         )
-        runner.served = await store.served() == view.content_hash
-        self.versions[view.content_hash] = runner
-        return runner
-
-    # -- versions -------------------------------------------------------------------------
-
-    async def runner_for(self, ref: str) -> VersionRunner:
-        """``name@hash``, or ``name`` for its served version."""
-        name, version = parse_ref(ref or self.primary)
-        if not version:
-            assert self._redis is not None
-            candidates = [r for r in self.versions.values() if r.view.name == name]
-            if not candidates:
-                raise UnknownVersion(f"no feature view {name!r}; see `myelin features views`")
-            version = await candidates[0].store.served()
-        runner = self.versions.get(version)
-        if runner is None or runner.view.name != name:
-            raise UnknownVersion(f"no version {name}@{version}; see `myelin features views`")
-        return runner
-
-    async def engine_for(self, ref: str) -> WindowEngine:
-        return (await self.runner_for(ref)).pipeline.engine
-
-    async def list_versions(self) -> dict[str, Any]:
-        assert self._js is not None
-        last = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
-        out = []
-        served: dict[str, str] = {}
-        for r in sorted(self.versions.values(), key=lambda r: (r.view.name, r.view.content_hash)):
-            if r.view.name not in served:
-                served[r.view.name] = await r.store.served()
-            st = r.pipeline.stats
-            out.append(
-                {
-                    "view": r.view.name,
-                    "version": r.view.content_hash,
-                    "served": served[r.view.name] == r.view.content_hash,
-                    "position": st.position,
-                    "lag_messages": max(0, last - st.position),
-                    "events": st.events,
-                    "applied": st.applied,
-                    "late": st.late,
-                    "features": list(r.view.feature_names),
-                    "definition": view_doc(r.view),
-                }
-            )
-        return {"stream_last_seq": last, "versions": out}
-
-    async def register_version(self, definition: Any) -> dict[str, Any]:
-        assert self.view_registry is not None
-        view = view_from_doc(definition)
-        async with self._lock:
-            created = await self.view_registry.register(view)
-            if view.content_hash not in self.versions:
-                await self._run_version(view)
-        runner = self.versions[view.content_hash]
-        return {
-            "view": view.name,
-            "version": view.content_hash,
-            "created": created,
-            "served": await runner.store.served() == view.content_hash,
-        }
-
-    async def promote_version(self, ref: str, requester: str) -> dict[str, Any]:
-        assert self._js is not None and self._nc is not None
-        name, version = parse_ref(ref)
-        if not version:
-            raise VersionError(f"{ref!r}: promote a version, NAME@HASH")
-        async with self._lock:
-            runner = await self.runner_for(ref)
-            served_hash = await runner.store.served()
-            if served_hash == version:
-                return {"view": name, "version": version, "previous": version, "decision_id": ""}
-            old = self.versions.get(served_hash)
-            last = (await self._js.stream_info(EVENTS_STREAM)).state.last_seq
-            doc = promotion_input(
-                VersionState(runner.view, runner.pipeline.stats.position, False),
-                VersionState(old.view, old.pipeline.stats.position, True) if old else None,
-                last,
-                requester,
-            )
-            verdict = await GovernanceClient(self._nc).decide("serve_view", runner.view.ref, doc)
-            if not verdict.allow:
-                raise PromotionRefused(
-                    f"serving {runner.view.ref} denied by policy: " + "; ".join(verdict.reasons),
-                    decision_id=verdict.decision_id,
-                )
-            previous = await runner.store.promote()
-            for r in self.versions.values():
-                if r.view.name == name:
-                    r.served = r is runner
-        log.info("view %s is served now (was %s), by %s", runner.view.ref, previous, requester)
-        return {
-            "view": name,
-            "version": version,
-            "previous": previous,
-            "decision_id": verdict.decision_id,
-        }
-
-    async def retire_version(self, ref: str, requester: str) -> dict[str, Any]:
-        assert self._js is not None and self.view_registry is not None
-        name, version = parse_ref(ref)
-        if not version or not requester:
-            raise VersionError("retire a version, NAME@HASH, and say who asks (--requester)")
-        async with self._lock:
-            runner = await self.runner_for(ref)
-            if await runner.store.served() == version:
-                raise VersionError(
-                    f"{ref} is the served version: promote another version of {name} first"
-                )
-            runner.loop.stop()
-            await asyncio.gather(runner.task, return_exceptions=True)
-            with contextlib.suppress(NotFoundError):
-                await self._js.delete_consumer(EVENTS_STREAM, runner.durable)
-            await runner.store.drop()
-            await self.view_registry.retire(runner.view)
-            del self.versions[version]
-        log.info("view %s retired by %s (offline rows are kept)", ref, requester)
-        return {"view": name, "version": version, "retired": True}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -289,9 +160,10 @@ class FeaturesApp:
         self._subs.clear()
         if self.replayer is not None:
             await self.replayer.stop()
-        for r in self.versions.values():
+        runners = list(self.views.runners.values()) if self.views else []
+        for r in runners:
             r.loop.stop()
-        await asyncio.gather(*(r.task for r in self.versions.values()), return_exceptions=True)
+        await asyncio.gather(*(r.task for r in runners), return_exceptions=True)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -302,7 +174,8 @@ class FeaturesApp:
 
     def _primary_runner(self) -> VersionRunner | None:
         """The served version of the primary view (the newest-positioned if unknown)."""
-        runners = [r for r in self.versions.values() if r.view.name == self.primary]
+        all_runners = self.views.runners.values() if self.views else []
+        runners = [r for r in all_runners if r.view.name == self.primary]
         served = [r for r in runners if r.served]
         pick = served or sorted(runners, key=lambda r: -r.pipeline.stats.position)
         return pick[0] if pick else None
@@ -310,7 +183,8 @@ class FeaturesApp:
     def status(self) -> dict[str, Any]:
         r = self._primary_runner()
         st = r.pipeline.stats if r else None
-        loops = [v.loop for v in self.versions.values()]
+        versions = list(self.views.runners.values()) if self.views else []
+        loops = [v.loop for v in versions]
         return {
             "view": r.view.name if r else "",
             "view_hash": r.view.content_hash if r else "",
@@ -330,7 +204,7 @@ class FeaturesApp:
                     "events": v.pipeline.stats.events,
                     "late": v.pipeline.stats.late,
                 }
-                for v in self.versions.values()
+                for v in versions
             ],
             "idle": all(loop.idle for loop in loops),
             "drained": {loop.durable: loop.messages for loop in loops},

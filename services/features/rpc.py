@@ -42,8 +42,8 @@ async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
 
     async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
         req = bus.decode_request(decode, data, "check")
-        assert app.reader is not None
-        runner = await app.runner_for(req.view)
+        assert app.reader is not None and app.views is not None
+        runner = await app.views.runner_for(req.view)
 
         async def query(sql: str) -> pa.Table:
             return await sql_client.query(nc, sql)
@@ -65,12 +65,13 @@ async def serve_views(nc: NATS, app: FeaturesApp) -> Any:
 
     async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
         req = bus.decode_request(decode, data, "views")
+        assert app.views is not None
         if req.op == "register":
-            return await app.register_version(req.definition)
+            return await app.views.register(req.definition)
         if req.op == "promote":
-            return await app.promote_version(req.view, req.requester)
+            return await app.views.promote(req.view, req.requester)
         if req.op == "retire":
-            return await app.retire_version(req.view, req.requester)
-        return await app.list_versions()
+            return await app.views.retire(req.view, req.requester)
+        return await app.views.list()
 
     return await bus.serve(nc, RPC_FEATURES_VIEWS, handle)
