@@ -52,7 +52,8 @@ async def wait_port(
 
 
 class ManagedProcess:
-    """Starts ``argv`` with its output in ``log_path``; ``stop`` is safe to call twice."""
+    """Starts ``argv`` with its output in ``log_path``; ``stop`` is safe to call twice, and
+    a stopped process can be started again."""
 
     def __init__(
         self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None
@@ -106,6 +107,7 @@ class ManagedProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+        self._proc = None  # it can be started again
         return proc.returncode
 
     def kill(self) -> None:

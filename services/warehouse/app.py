@@ -13,6 +13,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from myelin import bus
 from myelin.consume import PullLoop, ensure_consumer
@@ -77,8 +78,21 @@ class WarehouseApp:
             "warehouse-dlq": (DLQ_STREAM, dlq_drain(self.sink), 1000),
         }
         for durable, (stream, _, batch) in self._handlers.items():
+            # Resume right after the last acked batch: what a killed predecessor had fetched
+            # but not stored comes again now, not after the ack wait (rows collapse anyway).
+            try:
+                info = await self._js.consumer_info(stream, durable)
+                start: int | None = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+            except NotFoundError:
+                start = None
             await ensure_consumer(
-                self._js, stream, durable, ">", max_ack_pending=batch * 2, ack_wait_s=30.0
+                self._js,
+                stream,
+                durable,
+                ">",
+                max_ack_pending=batch * 2,
+                ack_wait_s=30.0,
+                start_seq=start,
             )
             self._start_loop(durable)
         self._subs.append(await serve_sql(self._nc, self.sink))

@@ -230,3 +230,92 @@ async def test_ingest_to_online_across_repeated_features_crashes(settings: Setti
             assert res["checked"] == 37 and res["mismatches"] == []
         finally:
             await nc.close()
+
+
+async def test_redis_restart_and_warehouse_kill_lose_and_double_count_nothing(
+    settings: Settings,
+) -> None:
+    """While events stream in: Redis is restarted (the features service retries its batch
+    against the reloaded state) and the warehouse is killed with SIGKILL and restarted
+    (its drains resume from their last acked batch). The end state is exact: one raw row
+    and one feature row per event, and online vectors equal their offline recomputation."""
+    import random
+    import time
+
+    import aiohttp
+    import msgspec
+
+    from myelin.sql_client import wait_stored
+    from myelin.subjects import (
+        EVENTS_STREAM,
+        FEATURES_STREAM,
+        RPC_FEATURES_CHECK,
+        RPC_WAREHOUSE_QUERY,
+        health_subject,
+    )
+
+    rng = random.Random()
+    s = replace(settings, features_batch=20)
+    n = 8_000
+    async with Stack(s, log=lambda _m: None) as stack:
+        url = f"http://127.0.0.1:{s.ingest_http_port}/v1/events"
+        now = int(time.time() * 1000)
+        events = [
+            {
+                "event_id": f"r{i}",
+                "type": ("click", "impression", "impression", "purchase")[i % 4],
+                "schema_version": 1,
+                "event_time": now - 1_800_000 + i * 100,
+                "data": {
+                    "user_id": f"u{i % 29}",
+                    "item_id": f"i{i % 7}",
+                    **({"amount": float(i % 40)} if i % 4 == 3 else {}),
+                },
+            }
+            for i in range(n)
+        ]
+
+        async def send() -> None:
+            async with aiohttp.ClientSession() as http:
+                for i in range(0, n, 400):
+                    async with http.post(url, json=events[i : i + 400]) as r:
+                        assert r.status == 200
+                    await asyncio.sleep(rng.uniform(0, 0.08))
+
+        sender = asyncio.create_task(send())
+        await asyncio.sleep(rng.uniform(0.3, 0.8))
+        assert stack.redis is not None
+        await stack.redis.stop()  # Redis goes away mid-stream ...
+        await asyncio.sleep(0.5)
+        stack.redis.start()  # ... and comes back with its append-only file
+        await stack.redis.wait_ready()
+        await asyncio.sleep(rng.uniform(0.2, 0.6))
+        stack.procs["warehouse"].kill()  # SIGKILL, wherever its inserts were
+        await stack.restart_service("warehouse")
+        await sender
+        nc = await bus.connect(s, "test")
+        try:
+            js = bus.jetstream(nc, s)
+            last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
+            for _ in range(600):
+                h = msgspec.json.decode(await bus.request(nc, health_subject("features"), {}))
+                if h["position"] >= last:
+                    break
+                await asyncio.sleep(0.1)
+            assert h["position"] == last
+            features_last = (await js.stream_info(FEATURES_STREAM)).state.last_seq
+            await wait_stored(nc, events_seq=last, features_seq=features_last)
+            q = (
+                "SELECT (SELECT count() FROM myelin.events FINAL) AS events, "
+                "(SELECT count() FROM myelin.feature_values FINAL) AS fv"
+            )
+            rows = msgspec.json.decode(await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": q}))[
+                "data"
+            ][0]
+            assert rows == {"events": n, "fv": n}
+            res = msgspec.json.decode(
+                await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 100}, timeout=60)
+            )
+            assert res["checked"] == 29 and res["mismatches"] == []
+        finally:
+            await nc.close()
