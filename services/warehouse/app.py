@@ -94,11 +94,13 @@ class WarehouseApp:
                 ack_wait_s=30.0,
                 start_seq=start,
             )
-            self._start_loop(durable)
+            self._start_loop(durable, stored=(start or 1) - 1)
         self._subs.append(await serve_sql(self._nc, self.sink))
         self._subs.append(await self._serve_rewind())
 
-    def _start_loop(self, durable: str) -> None:
+    def _start_loop(self, durable: str, stored: int) -> None:
+        """``stored``: the stream sequence this drain has stored up to (its position until
+        it handles a batch)."""
         assert self._js is not None
         stream, handler, batch = self._handlers[durable]
         loop = PullLoop(
@@ -109,6 +111,7 @@ class WarehouseApp:
             batch=batch,
             linger_s=self.settings.warehouse_linger_s,
         )
+        loop.position = stored
         self.loops[durable] = loop
         self._tasks[durable] = asyncio.create_task(loop.run(), name=durable)
 
@@ -131,7 +134,7 @@ class WarehouseApp:
             ack_wait_s=30.0,
             start_seq=from_seq,
         )
-        self._start_loop(EVENTS_DRAIN)
+        self._start_loop(EVENTS_DRAIN, stored=from_seq - 1)
         log.info("raw history re-drains EVENTS from sequence %d", from_seq)
         return from_seq
 

@@ -317,5 +317,13 @@ async def test_redis_restart_and_warehouse_kill_lose_and_double_count_nothing(
                 await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 100}, timeout=60)
             )
             assert res["checked"] == 29 and res["mismatches"] == []
+            # killed again once everything is stored: it knows where it stands at once
+            stack.procs["warehouse"].kill()
+            await stack.restart_service("warehouse")
+            await wait_stored(nc, events_seq=last, features_seq=features_last, timeout=5)
+            rows = msgspec.json.decode(await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": q}))[
+                "data"
+            ][0]
+            assert rows == {"events": n, "fv": n}
         finally:
             await nc.close()
