@@ -15,10 +15,28 @@ from myelin.settings import Settings
 pytestmark = pytest.mark.e2e
 
 
-def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
+def free_port_run(n: int, taken: set[int]) -> int:
+    """The first of ``n`` consecutive free ports, none of them in ``taken``."""
+    import socket
+
     from myelin.stack.process import free_port
 
-    metrics_base = free_port()
+    while True:
+        base = free_port()
+        if not {base + k for k in range(n)} & taken:
+            try:
+                for k in range(n):
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", base + k))
+                return base
+            except OSError:
+                continue
+
+
+def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
+    ports = {settings.nats_port, settings.redis_port}
+    ports |= {settings.ingest_http_port, settings.inference_grpc_port}
+    metrics_base = free_port_run(5, ports)  # one Prometheus port per service
     env = {**os.environ, **settings.to_env(), "MYELIN_METRICS_PORT": str(metrics_base)}
     for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
         env.pop(k, None)
@@ -45,7 +63,7 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
             sum("nats-server" in n for n in names) == 1
             and sum("redis-server" in n for n in names) == 1
         )
-        assert len(children) >= 6  # two engines + four services
+        assert len(children) >= 7  # two engines + five services
         listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
         assert settings.ingest_http_port in listening and settings.inference_grpc_port in listening
         for c in psutil.net_connections("tcp"):
