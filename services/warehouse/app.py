@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,6 +43,7 @@ from services.warehouse.sql_api import serve_sql
 
 log = logging.getLogger(__name__)
 EVENTS_DRAIN = "warehouse-events"
+WAREHOUSE_NICENESS = 10
 
 
 class RewindRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -63,6 +65,10 @@ class WarehouseApp:
 
     async def start(self) -> None:
         s = self.settings
+        # The warm store can wait; online features cannot: under contention for the cores,
+        # the scheduler should prefer the features service (raising one's own niceness
+        # needs no privilege).
+        os.nice(WAREHOUSE_NICENESS)
         self.sink = WarehouseSink(await asyncio.to_thread(open_warehouse, s))
         self._nc = await bus.connect(s, self.name)
         self._js = bus.jetstream(self._nc, s)
