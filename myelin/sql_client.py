@@ -45,6 +45,13 @@ class NotStored(MyelinError):
     code = "not_stored"
 
 
+async def stored_positions(nc: NATS) -> tuple[int, int]:
+    """The stream sequences the warehouse has stored EVENTS and FEATURES up to."""
+    h = msgspec.json.decode(await bus.request(nc, health_subject("warehouse"), {}, timeout=10))
+    pos = h["positions"]
+    return int(pos["warehouse-events"]), int(pos["warehouse-features"])
+
+
 async def wait_stored(
     nc: NATS, *, events_seq: int = 0, features_seq: int = 0, timeout: float = 120.0
 ) -> None:
@@ -52,13 +59,12 @@ async def wait_stored(
     ``features_seq`` (stream sequences)."""
     deadline = time.monotonic() + timeout
     while True:
-        h = msgspec.json.decode(await bus.request(nc, health_subject("warehouse"), {}, timeout=10))
-        pos = h["positions"]
-        if pos["warehouse-events"] >= events_seq and pos["warehouse-features"] >= features_seq:
+        events, features = await stored_positions(nc)
+        if events >= events_seq and features >= features_seq:
             return
         if time.monotonic() > deadline:
             raise NotStored(
-                f"the warehouse stored EVENTS to {pos['warehouse-events']} and FEATURES to "
-                f"{pos['warehouse-features']}, not {events_seq} and {features_seq}, in {timeout:.0f}s"
+                f"the warehouse stored EVENTS to {events} and FEATURES to {features}, "
+                f"not {events_seq} and {features_seq}, in {timeout:.0f}s"
             )
         await asyncio.sleep(0.05)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
 import numpy as np
 import pyarrow as pa
 from nats.aio.client import Client as NATS
@@ -10,6 +16,8 @@ from myelin import bus
 from myelin.demo.trainer import Trained, train
 from myelin.models import ModelRegistry, Provenance
 from myelin.settings import Settings
+from myelin.sql_client import wait_stored
+from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, RPC_WAREHOUSE_QUERY, health_subject
 from services.features.views import USER_ACTIVITY
 
 FEATURES = list(USER_ACTIVITY.feature_names)
@@ -62,3 +70,61 @@ async def register(
     if alias:
         await reg.set_alias("ctr", alias, mv.version, requester="test")
     return mv.version
+
+
+def clickstream(
+    n: int,
+    *,
+    prefix: str,
+    now_ms: int,
+    users: int,
+    items: int,
+    ago_ms: int,
+    step_ms: int,
+    types: tuple[str, ...] = ("click", "impression", "purchase"),
+    amount: Callable[[int], float] = lambda _i: 2.0,
+    start: int = 0,
+) -> list[dict[str, Any]]:
+    """Ingest-ready JSON events ``start .. start + n - 1``, one every ``step_ms`` from
+    ``ago_ms`` before ``now_ms``; purchases carry ``amount(i)``."""
+    return [
+        {
+            "event_id": f"{prefix}{i}",
+            "type": types[i % len(types)],
+            "schema_version": 1,
+            "event_time": now_ms - ago_ms + i * step_ms,
+            "data": {
+                "user_id": f"u{i % users}",
+                "item_id": f"i{i % items}",
+                **({"amount": amount(i)} if types[i % len(types)] == "purchase" else {}),
+            },
+        }
+        for i in range(start, start + n)
+    ]
+
+
+async def wait_caught_up(nc: NATS, settings: Settings, timeout: float = 60.0) -> int:
+    """Until the features service has applied the whole EVENTS stream and the warehouse
+    has stored it (raw events and feature rows); returns the stream's last sequence."""
+    js = bus.jetstream(nc, settings)
+    last = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
+    deadline = time.monotonic() + timeout
+    while True:
+        h = msgspec.json.decode(await bus.request(nc, health_subject("features"), {}))
+        if h["position"] >= last:
+            break
+        assert time.monotonic() < deadline, f"features at {h['position']} of {last}"
+        await asyncio.sleep(0.1)
+    features_last = (await js.stream_info(FEATURES_STREAM)).state.last_seq
+    await wait_stored(nc, events_seq=last, features_seq=features_last, timeout=timeout)
+    return last
+
+
+async def offline_counts(nc: NATS) -> dict[str, int]:
+    """Raw events and feature rows in ClickHouse (deduplicated)."""
+    q = (
+        "SELECT (SELECT count() FROM myelin.events FINAL) AS events, "
+        "(SELECT count() FROM myelin.feature_values FINAL) AS fv"
+    )
+    [row] = msgspec.json.decode(await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": q}))["data"]
+    return {k: int(v) for k, v in row.items()}

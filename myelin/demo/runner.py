@@ -5,7 +5,6 @@ governance, score entities over gRPC and report what was measured."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import shutil
 import sys
 import time
@@ -19,7 +18,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 
-from myelin import bus
+from myelin import bus, sql_client
 from myelin.demo.generator import CLICK_WINDOW_S, generate
 from myelin.demo.progress import Progress
 from myelin.demo.trainer import Trained, train
@@ -32,9 +31,8 @@ from myelin.settings import Settings
 from myelin.sql_client import wait_stored
 from myelin.stack.process import free_port
 from myelin.stack.supervisor import Stack, with_ports
-from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, RPC_WAREHOUSE_QUERY, health_subject
+from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, health_subject
 from myelin.training import clicked_impressions_sql, training_set_sql
-from myelin.warehouse import ipc_to_arrow
 
 VIEW = "user_activity"
 FEATURES = [
@@ -93,16 +91,9 @@ class DemoReport:
 
 
 async def sql(nc: Any, query: str, *, arrow: bool = False, max_rows: int = 10_000_000) -> Any:
-    raw = await bus.request(
-        nc,
-        RPC_WAREHOUSE_QUERY,
-        {"sql": query, "format": "arrow" if arrow else "json", "max_rows": max_rows},
-        timeout=120.0,
-    )
-    result = msgspec.json.decode(raw)
     if arrow:
-        return ipc_to_arrow(base64.b64decode(result["arrow_b64"]))
-    return result["data"]
+        return await sql_client.query(nc, query, max_rows=max_rows)
+    return await sql_client.query_rows(nc, query, max_rows=max_rows)
 
 
 async def _post(http: aiohttp.ClientSession, url: str, body: bytes) -> dict[str, Any]:

@@ -32,12 +32,11 @@ from myelin import bus
 from myelin.contracts import ContractRegistry, StreamEvent
 from myelin.decisions import GovernanceClient
 from myelin.errors import MyelinError
-from myelin.sql_client import NotStored, wait_stored
+from myelin.sql_client import stored_positions
 from myelin.subjects import (
     EVENTS_STREAM,
     FEATURES_STREAM,
     RPC_WAREHOUSE_REWIND,
-    health_subject,
 )
 from services.features.feature_rows import RowsSink
 from services.features.logic import WindowEngine
@@ -240,20 +239,13 @@ class Replayer:
         st = self.status
         deadline = time.monotonic() + self._timeout
         while True:
-            h = msgspec.json.decode(
-                await bus.request(self._nc, health_subject("warehouse"), {}, timeout=10)
-            )
-            stored = h["positions"]["warehouse-events"]
+            events, features = await stored_positions(self._nc)
             if st.mode == "raw":  # progress is the warehouse's
-                st.messages_done = max(0, min(st.messages_total, stored - st.from_seq + 1))
-            try:
-                await wait_stored(
-                    self._nc, events_seq=events_last, features_seq=features_last, timeout=0
-                )
+                st.messages_done = max(0, min(st.messages_total, events - st.from_seq + 1))
+            if events >= events_last and features >= features_last:
                 return
-            except NotStored:
-                if time.monotonic() > deadline:
-                    raise
+            if time.monotonic() > deadline:
+                raise ReplayError(f"the warehouse did not store the replay in {self._timeout:.0f}s")
             await asyncio.sleep(0.1)
 
     async def stop(self) -> None:

@@ -33,6 +33,14 @@ def free_port_run(n: int, taken: set[int]) -> int:
                 continue
 
 
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text: str = r.read().decode()
+    return text
+
+
 def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
     ports = {settings.nats_port, settings.redis_port}
     ports |= {settings.ingest_http_port, settings.inference_grpc_port}
@@ -76,27 +84,13 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
                 assert c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), (
                     c
                 )  # loopback by default
-        import urllib.request
-
         # governance, warehouse, features, inference, ingest get consecutive Prometheus ports
-        ingest_metrics = (
-            urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 4}/metrics", timeout=5)
-            .read()
-            .decode()
-        )
-        assert (
-            "myelin_ingest_accepted_total" in ingest_metrics
-            and "myelin_ingest_in_flight" in ingest_metrics
-        )
-        features_metrics = (
-            urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + 2}/metrics", timeout=5)
-            .read()
-            .decode()
-        )
-        assert (
-            "myelin_features_late_total" in features_metrics
-            and "myelin_features_position" in features_metrics
-        )
+        ingest_metrics = scrape(metrics_base + 4)
+        assert "myelin_ingest_accepted_total" in ingest_metrics
+        assert "myelin_ingest_in_flight" in ingest_metrics
+        features_metrics = scrape(metrics_base + 2)
+        assert "myelin_features_late_total" in features_metrics
+        assert "myelin_features_position" in features_metrics
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[1]
         assert proc.returncode == 0, rest

@@ -14,16 +14,14 @@ import pytest
 from myelin import bus, online
 from myelin.errors import RemoteError
 from myelin.settings import Settings
-from myelin.sql_client import wait_stored
 from myelin.stack.supervisor import Stack
 from myelin.subjects import (
-    EVENTS_STREAM,
-    FEATURES_STREAM,
     RPC_FEATURES_CHECK,
     RPC_FEATURES_REPLAY,
     RPC_WAREHOUSE_QUERY,
     health_subject,
 )
+from tests.helpers import clickstream, wait_caught_up
 
 pytestmark = pytest.mark.e2e
 
@@ -50,20 +48,16 @@ async def fingerprint(nc: Any) -> dict[str, Any]:
 
 async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
     now = int(time.time() * 1000)
-    events = [
-        {
-            "event_id": f"r{i}",
-            "type": ("click", "impression", "purchase")[i % 3],
-            "schema_version": 1,
-            "event_time": now - 1_200_000 + i * 200,
-            "data": {
-                "user_id": f"u{i % 41}",
-                "item_id": f"i{i % 7}",
-                **({"amount": 3.5} if i % 3 == 2 else {}),
-            },
-        }
-        for i in range(4000)
-    ]
+    events = clickstream(
+        4000,
+        prefix="r",
+        now_ms=now,
+        users=41,
+        items=7,
+        ago_ms=1_200_000,
+        step_ms=200,
+        amount=lambda _i: 3.5,
+    )
     async with Stack(settings, log=lambda _m: None) as stack:
         t_before = int(time.time() * 1000)
         async with aiohttp.ClientSession() as http:
@@ -76,15 +70,7 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
         t_after = int(time.time() * 1000) + 1
         nc = await bus.connect(settings, "test")
         try:
-            last = (await bus.jetstream(nc, settings).stream_info(EVENTS_STREAM)).state.last_seq
-            for _ in range(300):
-                if (await health(nc))["position"] >= last:
-                    break
-                await asyncio.sleep(0.1)
-            features_last = (
-                await bus.jetstream(nc, settings).stream_info(FEATURES_STREAM)
-            ).state.last_seq
-            await wait_stored(nc, events_seq=last, features_seq=features_last)
+            last = await wait_caught_up(nc, settings)
             before = await fingerprint(nc)
             assert before["events"] == 4000 and before["fv"] == 4000
         finally:

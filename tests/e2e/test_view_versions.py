@@ -28,27 +28,16 @@ from myelin.subjects import (
     RPC_WAREHOUSE_QUERY,
 )
 from services.features.views import USER_ACTIVITY, view_doc
-from tests.helpers import register, tiny_model
+from tests.helpers import clickstream, register, tiny_model
 
 pytestmark = pytest.mark.e2e
 OLD = USER_ACTIVITY.content_hash
 
 
 def events(start: int, n: int, now: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "event_id": f"v{i}",
-            "type": ("click", "impression", "purchase")[i % 3],
-            "schema_version": 1,
-            "event_time": now - 600_000 + i * 100,
-            "data": {
-                "user_id": f"u{i % 37}",
-                "item_id": f"i{i % 5}",
-                **({"amount": 2.0} if i % 3 == 2 else {}),
-            },
-        }
-        for i in range(start, start + n)
-    ]
+    return clickstream(
+        n, prefix="v", now_ms=now, users=37, items=5, ago_ms=600_000, step_ms=100, start=start
+    )
 
 
 async def views(nc: Any, **req: Any) -> dict[str, Any]:

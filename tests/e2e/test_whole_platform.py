@@ -16,7 +16,14 @@ from myelin import bus
 from myelin.demo.runner import DemoReport, run_demo
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
-from tests.helpers import FEATURES, register, tiny_model
+from tests.helpers import (
+    FEATURES,
+    clickstream,
+    offline_counts,
+    register,
+    tiny_model,
+    wait_caught_up,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -161,13 +168,8 @@ async def test_ingest_to_online_across_repeated_features_crashes(settings: Setti
     import aiohttp
     import msgspec
 
-    from myelin.sql_client import wait_stored
     from myelin.subjects import (
-        EVENTS_STREAM,
-        FEATURES_STREAM,
         RPC_FEATURES_CHECK,
-        RPC_WAREHOUSE_QUERY,
-        health_subject,
     )
 
     rng = random.Random()
@@ -175,21 +177,17 @@ async def test_ingest_to_online_across_repeated_features_crashes(settings: Setti
     n = 12_000
     async with Stack(s, log=lambda _m: None) as stack:
         url = f"http://127.0.0.1:{s.ingest_http_port}/v1/events"
-        now = int(time.time() * 1000)
-        events = [
-            {
-                "event_id": f"k{i}",
-                "type": ("click", "impression", "impression", "purchase")[i % 4],
-                "schema_version": 1,
-                "event_time": now - 1_800_000 + i * 100,
-                "data": {
-                    "user_id": f"u{i % 37}",
-                    "item_id": f"i{i % 11}",
-                    **({"amount": float(i % 50)} if i % 4 == 3 else {}),
-                },
-            }
-            for i in range(n)
-        ]
+        events = clickstream(
+            n,
+            prefix="k",
+            now_ms=int(time.time() * 1000),
+            users=37,
+            items=11,
+            ago_ms=1_800_000,
+            step_ms=100,
+            types=("click", "impression", "impression", "purchase"),
+            amount=lambda i: float(i % 50),
+        )
 
         async def send() -> None:
             async with aiohttp.ClientSession() as http:
@@ -207,23 +205,8 @@ async def test_ingest_to_online_across_repeated_features_crashes(settings: Setti
         await sender
         nc = await bus.connect(s, "test")
         try:
-            last = (await bus.jetstream(nc, s).stream_info(EVENTS_STREAM)).state.last_seq
-            for _ in range(600):
-                h = msgspec.json.decode(await bus.request(nc, health_subject("features"), {}))
-                if h["position"] >= last:
-                    break
-                await asyncio.sleep(0.1)
-            assert h["position"] == last
-            features_last = (await bus.jetstream(nc, s).stream_info(FEATURES_STREAM)).state.last_seq
-            await wait_stored(nc, events_seq=last, features_seq=features_last)
-            q = (
-                "SELECT (SELECT count() FROM myelin.events FINAL) AS events, "
-                "(SELECT count() FROM myelin.feature_values FINAL) AS fv"
-            )
-            rows = msgspec.json.decode(await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": q}))[
-                "data"
-            ][0]
-            assert rows == {"events": n, "fv": n}
+            await wait_caught_up(nc, s)
+            assert await offline_counts(nc) == {"events": n, "fv": n}
             res = msgspec.json.decode(
                 await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 100}, timeout=60)
             )
@@ -247,11 +230,8 @@ async def test_redis_restart_and_warehouse_kill_lose_and_double_count_nothing(
 
     from myelin.sql_client import wait_stored
     from myelin.subjects import (
-        EVENTS_STREAM,
         FEATURES_STREAM,
         RPC_FEATURES_CHECK,
-        RPC_WAREHOUSE_QUERY,
-        health_subject,
     )
 
     rng = random.Random()
@@ -259,21 +239,17 @@ async def test_redis_restart_and_warehouse_kill_lose_and_double_count_nothing(
     n = 8_000
     async with Stack(s, log=lambda _m: None) as stack:
         url = f"http://127.0.0.1:{s.ingest_http_port}/v1/events"
-        now = int(time.time() * 1000)
-        events = [
-            {
-                "event_id": f"r{i}",
-                "type": ("click", "impression", "impression", "purchase")[i % 4],
-                "schema_version": 1,
-                "event_time": now - 1_800_000 + i * 100,
-                "data": {
-                    "user_id": f"u{i % 29}",
-                    "item_id": f"i{i % 7}",
-                    **({"amount": float(i % 40)} if i % 4 == 3 else {}),
-                },
-            }
-            for i in range(n)
-        ]
+        events = clickstream(
+            n,
+            prefix="r",
+            now_ms=int(time.time() * 1000),
+            users=29,
+            items=7,
+            ago_ms=1_800_000,
+            step_ms=100,
+            types=("click", "impression", "impression", "purchase"),
+            amount=lambda i: float(i % 40),
+        )
 
         async def send() -> None:
             async with aiohttp.ClientSession() as http:
@@ -296,23 +272,9 @@ async def test_redis_restart_and_warehouse_kill_lose_and_double_count_nothing(
         nc = await bus.connect(s, "test")
         try:
             js = bus.jetstream(nc, s)
-            last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
-            for _ in range(600):
-                h = msgspec.json.decode(await bus.request(nc, health_subject("features"), {}))
-                if h["position"] >= last:
-                    break
-                await asyncio.sleep(0.1)
-            assert h["position"] == last
+            last = await wait_caught_up(nc, s)
             features_last = (await js.stream_info(FEATURES_STREAM)).state.last_seq
-            await wait_stored(nc, events_seq=last, features_seq=features_last)
-            q = (
-                "SELECT (SELECT count() FROM myelin.events FINAL) AS events, "
-                "(SELECT count() FROM myelin.feature_values FINAL) AS fv"
-            )
-            rows = msgspec.json.decode(await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": q}))[
-                "data"
-            ][0]
-            assert rows == {"events": n, "fv": n}
+            assert await offline_counts(nc) == {"events": n, "fv": n}
             res = msgspec.json.decode(
                 await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 100}, timeout=60)
             )
@@ -321,9 +283,6 @@ async def test_redis_restart_and_warehouse_kill_lose_and_double_count_nothing(
             stack.procs["warehouse"].kill()
             await stack.restart_service("warehouse")
             await wait_stored(nc, events_seq=last, features_seq=features_last, timeout=5)
-            rows = msgspec.json.decode(await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": q}))[
-                "data"
-            ][0]
-            assert rows == {"events": n, "fv": n}
+            assert await offline_counts(nc) == {"events": n, "fv": n}
         finally:
             await nc.close()
