@@ -33,6 +33,10 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 LAYOUT = "v3"
 PREFIX = f"myelin:{LAYOUT}"
@@ -50,6 +54,22 @@ class EntityDoc(msgspec.Struct, array_like=True):
 
 
 _doc_dec = msgspec.msgpack.Decoder(EntityDoc)
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A Redis client that survives a Redis restart.
+
+    ``Redis.from_url`` retries nothing by default: after Redis restarts, the first command
+    on each pooled connection fails with "Connection closed by server". This client
+    reconnects and retries a command (up to 6 times, 50 ms doubling to 1 s) on connection
+    errors and timeouts. A transaction holding a WATCH is not retried by redis-py (it raises
+    ``WatchError``), so callers that WATCH still re-read before they write again.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
 
 
 def view_key(view: str) -> str:

@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from myelin import bus, telemetry
+from myelin import bus, online, telemetry
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts import ContractRegistry
 from myelin.contracts.store import ContractStore
@@ -60,7 +60,7 @@ class FeaturesApp:
 
     async def start(self) -> None:
         s = self.settings
-        self._redis = aioredis.Redis.from_url(s.redis_url)
+        self._redis = online.connect(s.redis_url)
         await self._redis.ping()
         self._nc = await bus.connect(s, self.name)
         js = self._js = bus.jetstream(self._nc, s)

@@ -10,7 +10,7 @@ import grpc
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
-from myelin import bus
+from myelin import bus, online
 from myelin.decisions import GovernanceClient
 from myelin.models import ModelRegistry
 from myelin.online import OnlineReader
@@ -38,7 +38,7 @@ class InferenceApp:
         s = self.settings
         self._nc = await bus.connect(s, self.name)
         js = bus.jetstream(self._nc, s)
-        self._redis = aioredis.Redis.from_url(s.redis_url)
+        self._redis = online.connect(s.redis_url)
         await self._redis.ping()
         host = ModelHost(ModelRegistry(self._nc, js), GovernanceClient(self._nc), s)
         self.recorder = Recorder(bus.Publisher(js, s))

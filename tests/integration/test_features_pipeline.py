@@ -8,11 +8,12 @@ import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
-from myelin import bus
+from myelin import bus, online
 from myelin.contracts import StreamEvent, default_registry
 from myelin.online import OnlineReader, Status
 from myelin.records import FeatureRows
 from myelin.settings import Settings
+from myelin.stack.engines import RedisServer
 from myelin.subjects import FEATURES_STREAM, LATE_STREAM
 from services.features.feature_rows import rows_publisher
 from services.features.late_sink import SEQS_HEADER, late_publisher
@@ -131,6 +132,36 @@ async def test_expired_values_are_not_served(
     [v] = await OnlineReader(redis_client).read("user_activity", ["old"], now_ms=now)
     assert v.status == Status.EXPIRED
     assert all(x != x for x in v.values)  # NaN: TTL is enforced on read
+
+
+async def test_clients_from_connect_survive_a_redis_restart(
+    redis_server: RedisServer, nc: NATS, settings: Settings
+) -> None:
+    # Redis.from_url alone retries nothing: the first command on each pooled connection
+    # after a restart fails with "Connection closed by server" (seen in CI).
+    now = int(time.time() * 1000)
+    client = online.connect(redis_server.url)
+    try:
+        p = pipeline(client, nc, settings)
+        await p.start()
+        await p.process([event(1, "click", "u1", now)])
+        reader = OnlineReader(client)
+        [before] = await reader.read("user_activity", ["u1"], now_ms=now)
+        assert before.status == Status.FRESH
+        await redis_server.stop()
+        redis_server.start()  # the append-only file brings the record back
+        await redis_server.wait_ready()
+        [v] = await reader.read("user_activity", ["u1"], now_ms=now)
+        assert (v.seq, v.as_of_ms, repr(v.values)) == (
+            before.seq,
+            before.as_of_ms,
+            repr(before.values),
+        )
+        await p.process([event(2, "click", "u1", now + 1)])  # the write path reconnects too
+        [v] = await reader.read("user_activity", ["u1"], now_ms=now + 1)
+        assert v.seq > before.seq and v.values[1] == before.values[1] + 1  # one more click
+    finally:
+        await client.aclose()
 
 
 async def test_the_ttl_sweep_deletes_only_expired_entities(
