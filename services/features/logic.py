@@ -133,8 +133,9 @@ class WindowEngine:
             st.rest = None  # a bucket before the newest changes: so do the window aggregates
         # (a new newest bucket keeps the cache: the vector rolls it forward)
         if row is None:
+            behind = bool(st.buckets) and bucket < next(reversed(st.buckets))
             row = st.buckets[bucket] = self._new_row()
-            if len(st.buckets) > 1 and bucket < max(st.buckets):
+            if behind:
                 # keep buckets in time order (out of order is rare): sums then add up in the
                 # same order live, after a restart and in an offline recomputation
                 st.buckets = dict(sorted(st.buckets.items()))
@@ -164,7 +165,7 @@ class WindowEngine:
         if event_time > st.watermark:
             st.watermark = event_time
             floor = current - self.horizon_buckets
-            if len(st.buckets) > 1 and min(st.buckets) <= floor:
+            if len(st.buckets) > 1 and next(iter(st.buckets)) <= floor:  # in time order
                 for b in [b for b in st.buckets if b <= floor]:
                     del st.buckets[b]
         return Outcome.APPLIED

@@ -231,3 +231,19 @@ def test_the_cached_vector_equals_a_recomputation_bit_for_bit() -> None:
             newest = max(tt for tt, _ in in_60)
             assert v["last1h"] in {x for tt, x in in_60 if tt == newest}
     assert cached > 5_000  # the fast path was exercised
+
+
+def test_sketch_merges_equal_the_set_definition() -> None:
+    import random
+
+    from services.features.slots import KMV_K
+    from services.features.vector_code import _distinct, _distinct_with, _kmv_merge
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        pool = rng.choice([40, 200, 2**32])  # overlapping hashes are common in small pools
+        a = sorted(set(rng.randrange(pool) for _ in range(rng.randrange(0, 90))))[:KMV_K]
+        b = sorted(set(rng.randrange(pool) for _ in range(rng.randrange(0, 90))))[:KMV_K]
+        expected = sorted(set(a) | set(b))[:KMV_K]
+        assert _kmv_merge(a, b) == expected
+        assert _distinct_with(a, b) == _distinct(expected)
