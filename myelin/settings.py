@@ -77,6 +77,9 @@ class Settings:
     duplicate_window_s: float = 20 * 60.0
     features_batch: int = 200  # messages per fetch (a message holds up to 100 events)
     features_ack_wait_s: float = 10.0
+    # after a short fetch, keep gathering for up to this long: fewer, larger batches (the
+    # per-batch cost is a Redis transaction and a FEATURES publish) for a little latency
+    features_linger_s: float = 0.0
     warehouse_linger_s: float = 1.0  # how long drains gather rows before one insert
     online_ttl_s: int = 7 * 24 * 3600
     model_alias: str = "champion"
@@ -125,6 +128,7 @@ class Settings:
             duplicate_window_s=_float("DUPLICATE_WINDOW_S", d.duplicate_window_s),
             features_batch=_int("FEATURES_BATCH", d.features_batch),
             features_ack_wait_s=_float("FEATURES_ACK_WAIT_S", d.features_ack_wait_s),
+            features_linger_s=_float("FEATURES_LINGER_S", d.features_linger_s),
             warehouse_linger_s=_float("WAREHOUSE_LINGER_S", d.warehouse_linger_s),
             online_ttl_s=_int("ONLINE_TTL_S", d.online_ttl_s),
             model_alias=_env("MODEL_ALIAS", d.model_alias),

@@ -145,7 +145,14 @@ class FeaturesApp:
             ):
                 await pipeline.process([(m.metadata.sequence.stream, m.data) for m in msgs])
 
-        loop = PullLoop(js, EVENTS_STREAM, durable, on_events, batch=s.features_batch)
+        loop = PullLoop(
+            js,
+            EVENTS_STREAM,
+            durable,
+            on_events,
+            batch=s.features_batch,
+            linger_s=s.features_linger_s,
+        )
         return VersionRunner(
             view, store, pipeline, loop, asyncio.create_task(loop.run(), name=durable)
         )

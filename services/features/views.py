@@ -5,6 +5,7 @@ its definition: change the definition and you get a new version.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -43,7 +44,7 @@ class Feature(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gap_s: int = 0
 
 
-class FeatureView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class FeatureView(msgspec.Struct, frozen=True, forbid_unknown_fields=True, dict=True):
     name: str
     entity: str
     sources: tuple[str, ...]
@@ -91,12 +92,12 @@ class FeatureView(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """``name@hash``: one version of the view."""
         return f"{self.name}@{self.content_hash}"
 
-    @property
+    @functools.cached_property  # a definition is frozen: hash it once
     def content_hash(self) -> str:
         doc = json.dumps(view_doc(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
-    @property
+    @functools.cached_property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features)
 
