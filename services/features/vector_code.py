@@ -72,16 +72,21 @@ def _kmv_union(slots: Any) -> list[int]:
     return sorted(set().union(*slots))[:KMV_K]
 
 
+_FEW = 4  # up to this many hashes are inserted by bisection; more go through a set
+
+
 def _kmv_merge(a: list[int], b: list[int]) -> list[int]:
     """``sorted(set(a) | set(b))[:KMV_K]`` for two sketches (sorted, distinct, at most
-    ``KMV_K`` long), by inserting the shorter into a copy of the longer: a bucket's sketch
-    is usually a few hashes, so this is a few bisects instead of a set and a sort."""
+    ``KMV_K`` long). A bucket's sketch is often a few hashes: those are inserted by
+    bisection into a copy of the other sketch instead of building a set and sorting."""
     if not b:
         return a
     if not a:
         return b
     if len(b) > len(a):
         a, b = b, a
+    if len(b) > _FEW:
+        return sorted(set(a).union(b))[:KMV_K]
     out = list(a)
     for h in b:
         i = bisect_left(out, h)
@@ -91,20 +96,25 @@ def _kmv_merge(a: list[int], b: list[int]) -> list[int]:
     return out
 
 
-def _distinct_with(rest: list[int], cur: list[int]) -> float:
-    """Distinct count of the rest's sketch plus the newest bucket's (both sorted)."""
-    if not cur:
-        return _distinct(rest)
-    if not rest:
+def _kmv_rest(hashes: list[int]) -> tuple[list[int], frozenset[int]]:
+    """A window's sketch of every bucket but the newest, with its members as a set: the
+    newest bucket is folded in on every event, and membership tests are what that costs."""
+    return (hashes, frozenset(hashes))
+
+
+def _distinct_with(rest: tuple[list[int], frozenset[int]], cur: list[int]) -> float:
+    """Distinct count of the rest's sketch plus the newest bucket's: equal to
+    ``_distinct(sorted(set(rest) | set(cur))[:KMV_K])``, without building that union."""
+    hashes, members = rest
+    new = [h for h in cur if h not in members]
+    if not new:
+        return _distinct(hashes)
+    if not hashes:
         return _distinct(cur)
-    if len(rest) + len(cur) < KMV_K:  # exact: count what the newest bucket adds
-        size = n = len(rest)
-        for h in cur:
-            i = bisect_left(rest, h)
-            if i == size or rest[i] != h:
-                n += 1
+    n = len(hashes) + len(new)
+    if n < KMV_K:  # the rest's sketch is not full, so it holds all its hashes: exact
         return float(n)
-    return _distinct(_kmv_merge(rest, cur))
+    return _distinct(sorted(hashes + new)[:KMV_K])  # two sorted runs: one merge
 
 
 def _session_start(keys: list[int], current: int, gap: int, nb: int) -> int:
@@ -128,7 +138,7 @@ _REST = {  # T = the rest's rows transposed (one tuple per column)
     "min": "_min_present(T[{c}])",
     "max": "_max_present(T[{c}])",
     "last": "_last_pair(T[{c}], T[{c1}])",
-    "kmv": "_kmv_union(T[{c}])",
+    "kmv": "_kmv_rest(_kmv_union(T[{c}]))",
 }
 _NEEDS: dict[str, list[tuple[str, int]]] = {  # (rest aggregate, column offset in the slot)
     "count": [("sum", 0)],
@@ -157,7 +167,7 @@ _EXTEND = {  # the rest aggregate ``g`` extended by one more bucket row ``prev``
     "min": "_low_of({g}, prev[{c}])",
     "max": "_high_of({g}, prev[{c}])",
     "last": "({g} if prev[{c}] <= {g}[0] else (prev[{c}], prev[{c1}]))",
-    "kmv": "_kmv_merge({g}, prev[{c}])",
+    "kmv": "_kmv_rest(_kmv_merge({g}[0], prev[{c}]))",
 }
 
 
@@ -311,6 +321,7 @@ def compile_values(
         "_high_of": _high_of,
         "_kmv_union": _kmv_union,
         "_kmv_merge": _kmv_merge,
+        "_kmv_rest": _kmv_rest,
         "_distinct_with": _distinct_with,
         "FRESH_ROW": fresh_row,
         "EMPTY_COLS": [() for _ in fresh_row],
