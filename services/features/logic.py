@@ -45,10 +45,27 @@ class EntityState:
     # Transient (never stored or compared): each window's aggregate of every bucket but the
     # newest, valid while events only land in the newest bucket (see ``compile_values``).
     rest: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    # Transient: bucket -> the msgpack encoding of ``(bucket, row)``. Every change to a
+    # row drops its entry (``WindowEngine.apply``), so an entry is always current; only
+    # the buckets events landed in are encoded again when the state is written.
+    encoded: dict[int, msgspec.Raw] = field(default_factory=dict, compare=False, repr=False)
 
     def to_list(self) -> list[Any]:
         """The state as msgpack-ready builtins."""
         return [STATE_FORMAT, self.seq, self.watermark, self.late, list(self.buckets.items())]
+
+    def encodable(self) -> list[Any]:
+        """Encodes to the same bytes as :meth:`to_list`, reusing the encodings of the
+        buckets that did not change (a state is written on every batch that touches it,
+        and walking every bucket's row was a quarter of the features service's CPU)."""
+        cache = self.encoded
+        rows: list[msgspec.Raw] = []
+        for b, row in self.buckets.items():
+            raw = cache.get(b)
+            if raw is None:
+                raw = cache[b] = msgspec.Raw(_enc.encode((b, row)))
+            rows.append(raw)
+        return [STATE_FORMAT, self.seq, self.watermark, self.late, rows]
 
     @classmethod
     def from_list(cls, doc: list[Any]) -> EntityState:
@@ -58,7 +75,7 @@ class EntityState:
         return cls(seq, wm, late, {int(b): row for b, row in rows})  # encoded in time order
 
     def encode(self) -> bytes:
-        return _enc.encode(self.to_list())
+        return _enc.encode(self.encodable())
 
     @classmethod
     def decode(cls, blob: bytes) -> EntityState:
@@ -129,6 +146,7 @@ class WindowEngine:
             return Outcome.LATE
         # Every event of the view's sources marks its bucket as activity (session windows).
         row = st.buckets.get(bucket)
+        st.encoded.pop(bucket, None)  # the row changes below
         if bucket != current:
             st.rest = None  # a bucket before the newest changes: so do the window aggregates
         # (a new newest bucket keeps the cache: the vector rolls it forward)
@@ -168,6 +186,7 @@ class WindowEngine:
             if len(st.buckets) > 1 and next(iter(st.buckets)) <= floor:  # in time order
                 for b in [b for b in st.buckets if b <= floor]:
                     del st.buckets[b]
+                    st.encoded.pop(b, None)
         return Outcome.APPLIED
 
     def mark_late(self, st: EntityState, seq: int) -> int:

@@ -146,7 +146,7 @@ class OnlineStore:
         items: list[Any] = ["HSET", self._entities]
         for u in updates:
             items.append(u.entity)
-            items.append(encode(u.seq, u.as_of, u.trace_id, u.values, u.state.to_list()))
+            items.append(encode(u.seq, u.as_of, u.trace_id, u.values, u.state.encodable()))
         commands: list[tuple[Any, ...]] = [("MULTI",)]
         if updates:
             commands.append(tuple(items))
