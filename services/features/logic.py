@@ -36,6 +36,15 @@ _dec = msgspec.msgpack.Decoder()
 STATE_FORMAT = 2  # the first element of an encoded state; bump when the row layout changes
 
 
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` elements."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
 @dataclass
 class EntityState:
     seq: int = 0
@@ -46,9 +55,11 @@ class EntityState:
     # newest, valid while events only land in the newest bucket (see ``compile_values``).
     rest: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
     # Transient: bucket -> the msgpack encoding of ``(bucket, row)``. Every change to a
-    # row drops its entry (``WindowEngine.apply``), so an entry is always current; only
-    # the buckets events landed in are encoded again when the state is written.
-    encoded: dict[int, msgspec.Raw] = field(default_factory=dict, compare=False, repr=False)
+    # row drops its entry (``WindowEngine.apply``), so an entry is always current.
+    encoded: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # Transient: (count, the joined encodings of every bucket but the newest), dropped by
+    # any event that does not land in the newest bucket.
+    prefix: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
 
     def to_list(self) -> list[Any]:
         """The state as msgpack-ready builtins."""
@@ -56,16 +67,24 @@ class EntityState:
 
     def encodable(self) -> list[Any]:
         """Encodes to the same bytes as :meth:`to_list`, reusing the encodings of the
-        buckets that did not change (a state is written on every batch that touches it,
-        and walking every bucket's row was a quarter of the features service's CPU)."""
-        cache = self.encoded
-        rows: list[msgspec.Raw] = []
-        for b, row in self.buckets.items():
-            raw = cache.get(b)
-            if raw is None:
-                raw = cache[b] = msgspec.Raw(_enc.encode((b, row)))
-            rows.append(raw)
-        return [STATE_FORMAT, self.seq, self.watermark, self.late, rows]
+        buckets that did not change: a state is written on every batch that touches it,
+        and walking every bucket's row was a quarter of the features service's CPU."""
+        buckets = self.buckets
+        if not buckets:
+            return self.to_list()
+        p = self.prefix
+        if p is None:
+            cache = self.encoded
+            parts: list[bytes] = []
+            for b, row in list(buckets.items())[:-1]:
+                blob = cache.get(b)
+                if blob is None:
+                    blob = cache[b] = _enc.encode((b, row))
+                parts.append(blob)
+            p = self.prefix = (len(parts), b"".join(parts))
+        newest = next(reversed(buckets))
+        rows = _array_header(p[0] + 1) + p[1] + _enc.encode((newest, buckets[newest]))
+        return [STATE_FORMAT, self.seq, self.watermark, self.late, msgspec.Raw(rows)]
 
     @classmethod
     def from_list(cls, doc: list[Any]) -> EntityState:
@@ -147,6 +166,8 @@ class WindowEngine:
         # Every event of the view's sources marks its bucket as activity (session windows).
         row = st.buckets.get(bucket)
         st.encoded.pop(bucket, None)  # the row changes below
+        if not st.buckets or bucket != next(reversed(st.buckets)):
+            st.prefix = None  # not the newest bucket: the encoded older buckets change
         if bucket != current:
             st.rest = None  # a bucket before the newest changes: so do the window aggregates
         # (a new newest bucket keeps the cache: the vector rolls it forward)
@@ -187,6 +208,7 @@ class WindowEngine:
                 for b in [b for b in st.buckets if b <= floor]:
                     del st.buckets[b]
                     st.encoded.pop(b, None)
+                st.prefix = None
         return Outcome.APPLIED
 
     def mark_late(self, st: EntityState, seq: int) -> int:

@@ -251,3 +251,13 @@ def test_sketch_merges_equal_the_set_definition() -> None:
         expected = sorted(set(a) | set(b))[:KMV_K]
         assert _kmv_merge(a, b) == expected
         assert _distinct_with(_kmv_rest(a), b) == _distinct(expected)
+
+
+def test_array_headers_match_msgpack() -> None:
+    import msgspec
+
+    from services.features.logic import _array_header
+
+    for n in (0, 1, 15, 16, 17, 65_535, 65_536, 70_000):
+        assert _array_header(n) == msgspec.msgpack.encode([None] * n)[: len(_array_header(n))]
+        assert msgspec.msgpack.decode(_array_header(n) + b"\xc0" * n) == [None] * n
