@@ -21,6 +21,8 @@ from myelin import bus, telemetry
 from myelin.settings import Settings
 from myelin.subjects import health_subject
 
+log = logging.getLogger(__name__)
+
 
 class ServiceApp(Protocol):
     name: str
@@ -70,6 +72,35 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
+
+
+class BatchGc:
+    """Garbage collection paced by batches, for a consumer whose batches leave many
+    long-lived objects behind (the features service's window states).
+
+    Left to itself the collector walks those objects again and again: a young collection
+    every ~50,000 new objects took 6-60 ms and a middle one ~0.4 s on this kind of machine,
+    landing wherever a batch happened to be. Instead, after each batch everything alive is
+    frozen out of collection (``gc.freeze`` is a constant-time list splice), so automatic
+    collections only see what the current batch made. The pipeline makes no reference
+    cycles (measured); anything cyclic that other code leaves behind is reclaimed by a full
+    collection every ``full_every_s`` (0: never), which pauses the service for as long as a
+    walk of every object takes (~0.5 s for 20,000 window states here)."""
+
+    def __init__(self, full_every_s: float) -> None:
+        self.full_every_s = full_every_s
+        self._last_full = time.monotonic()
+        self.full_collections = 0
+
+    def after_batch(self) -> None:
+        now = time.monotonic()
+        if self.full_every_s and now - self._last_full >= self.full_every_s:
+            self._last_full = now
+            gc.unfreeze()
+            found = gc.collect()
+            self.full_collections += 1
+            log.info("full garbage collection: %d unreachable objects freed", found)
+        gc.freeze()
 
 
 async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:

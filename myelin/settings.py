@@ -80,6 +80,9 @@ class Settings:
     # after a short fetch, keep gathering for up to this long: fewer, larger batches (the
     # per-batch cost is a Redis transaction and a FEATURES publish) for a little latency
     features_linger_s: float = 0.0
+    # the features service freezes live objects out of garbage collection after each
+    # batch; a full collection reclaims stray reference cycles this often (0: never)
+    gc_full_every_s: float = 3600.0
     warehouse_linger_s: float = 1.0  # how long drains gather rows before one insert
     online_ttl_s: int = 7 * 24 * 3600
     model_alias: str = "champion"
@@ -129,6 +132,7 @@ class Settings:
             features_batch=_int("FEATURES_BATCH", d.features_batch),
             features_ack_wait_s=_float("FEATURES_ACK_WAIT_S", d.features_ack_wait_s),
             features_linger_s=_float("FEATURES_LINGER_S", d.features_linger_s),
+            gc_full_every_s=_float("GC_FULL_EVERY_S", d.gc_full_every_s),
             warehouse_linger_s=_float("WAREHOUSE_LINGER_S", d.warehouse_linger_s),
             online_ttl_s=_int("ONLINE_TTL_S", d.online_ttl_s),
             model_alias=_env("MODEL_ALIAS", d.model_alias),

@@ -25,6 +25,7 @@ from myelin.contracts import ContractRegistry
 from myelin.contracts.store import ContractStore
 from myelin.decisions import GovernanceClient
 from myelin.online import OnlineReader
+from myelin.service import BatchGc
 from myelin.settings import Settings
 from myelin.subjects import EVENTS_STREAM
 from services.features.feature_rows import RowsSink, rows_publisher
@@ -57,6 +58,7 @@ class FeaturesApp:
         self._contracts: ContractStore | None = None
         self.registry: ContractRegistry | None = None
         self.primary = VIEWS[0].name  # the view the top-level status fields describe
+        self.gc = BatchGc(settings.gc_full_every_s)
 
     async def start(self) -> None:
         s = self.settings
@@ -144,6 +146,7 @@ class FeaturesApp:
                 attributes={"messaging.batch.message_count": len(msgs), "myelin.view": view.ref},
             ):
                 await pipeline.process([(m.metadata.sequence.stream, m.data) for m in msgs])
+            self.gc.after_batch()
 
         loop = PullLoop(
             js,
@@ -200,6 +203,7 @@ class FeaturesApp:
             "applied": st.applied if st else 0,
             "duplicates": st.duplicates if st else 0,
             "late": st.late if st else 0,
+            "gc_full_collections": self.gc.full_collections,
             "undecodable": st.undecodable if st else 0,
             "feature_rows": st.feature_rows if st else 0,
             "versions": [
