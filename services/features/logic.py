@@ -54,36 +54,50 @@ class EntityState:
     # Transient (never stored or compared): each window's aggregate of every bucket but the
     # newest, valid while events only land in the newest bucket (see ``compile_values``).
     rest: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
-    # Transient: bucket -> the msgpack encoding of ``(bucket, row)``. Every change to a
-    # row drops its entry (``WindowEngine.apply``), so an entry is always current.
-    encoded: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
-    # Transient: (count, the joined encodings of every bucket but the newest), dropped by
-    # any event that does not land in the newest bucket.
-    prefix: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
+    # Transient: (count, joined msgpack encodings of ``(bucket, row)``, the last bucket
+    # encoded) for the oldest buckets, never the newest. Events only ever land in the
+    # newest bucket or open a newer one; any other change drops it (``WindowEngine.apply``).
+    prefix: tuple[int, bytes, int] | None = field(default=None, compare=False, repr=False)
 
     def to_list(self) -> list[Any]:
         """The state as msgpack-ready builtins."""
         return [STATE_FORMAT, self.seq, self.watermark, self.late, list(self.buckets.items())]
 
     def encodable(self) -> list[Any]:
-        """Encodes to the same bytes as :meth:`to_list`, reusing the encodings of the
+        """Encodes to the same bytes as :meth:`to_list`, reusing the encoding of the
         buckets that did not change: a state is written on every batch that touches it,
-        and walking every bucket's row was a quarter of the features service's CPU."""
+        and walking every bucket's row was a quarter of the features service's CPU. Only
+        the newest bucket, and any that stopped being the newest since, are encoded."""
         buckets = self.buckets
         if not buckets:
             return self.to_list()
+        items = reversed(buckets.items())
+        newest = next(items)
         p = self.prefix
+        added: list[tuple[int, list[Any]]] = []  # newest first
+        if p is not None:
+            for pair in items:
+                if pair[0] == p[2]:
+                    break
+                added.append(pair)
+            else:
+                p = None  # not expected: the encoded buckets are gone
         if p is None:
-            cache = self.encoded
-            parts: list[bytes] = []
-            for b, row in list(buckets.items())[:-1]:
-                blob = cache.get(b)
-                if blob is None:
-                    blob = cache[b] = _enc.encode((b, row))
-                parts.append(blob)
-            p = self.prefix = (len(parts), b"".join(parts))
-        newest = next(reversed(buckets))
-        rows = _array_header(p[0] + 1) + p[1] + _enc.encode((newest, buckets[newest]))
+            older = list(buckets.items())[:-1]
+            if older:
+                blob = _enc.encode(older)
+                p = (len(older), blob[len(_array_header(len(older))) :], older[-1][0])
+            self.prefix = p
+        elif added:
+            added.reverse()
+            blob = _enc.encode(added)
+            p = self.prefix = (
+                p[0] + len(added),
+                p[1] + blob[len(_array_header(len(added))) :],
+                added[-1][0],
+            )
+        count, encoded = (p[0], p[1]) if p is not None else (0, b"")
+        rows = _array_header(count + 1) + encoded + _enc.encode(newest)
         return [STATE_FORMAT, self.seq, self.watermark, self.late, msgspec.Raw(rows)]
 
     @classmethod
@@ -165,9 +179,8 @@ class WindowEngine:
             return Outcome.LATE
         # Every event of the view's sources marks its bucket as activity (session windows).
         row = st.buckets.get(bucket)
-        st.encoded.pop(bucket, None)  # the row changes below
-        if not st.buckets or bucket != next(reversed(st.buckets)):
-            st.prefix = None  # not the newest bucket: the encoded older buckets change
+        if st.prefix is not None and (not st.buckets or bucket < next(reversed(st.buckets))):
+            st.prefix = None  # an older bucket changes: so does their encoding
         if bucket != current:
             st.rest = None  # a bucket before the newest changes: so do the window aggregates
         # (a new newest bucket keeps the cache: the vector rolls it forward)
@@ -207,7 +220,6 @@ class WindowEngine:
             if len(st.buckets) > 1 and next(iter(st.buckets)) <= floor:  # in time order
                 for b in [b for b in st.buckets if b <= floor]:
                     del st.buckets[b]
-                    st.encoded.pop(b, None)
                 st.prefix = None
         return Outcome.APPLIED
 
