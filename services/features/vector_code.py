@@ -244,27 +244,51 @@ def compile_values(
             out.append(f"{indent}g{j} = {_REST[op].format(c=col, c1=col + 1)}")
         return out
 
+    def kept(i: int, kind: str, nb: int, gap: int) -> str:
+        # True when window i still starts at the bucket it started at (``rest[1 + i]``)
+        # after one new newest bucket: no list of the buckets is needed then.
+        if kind == "sliding":
+            return f"rest[{1 + i}] > current - {nb}"
+        if kind == "tumbling":
+            return f"rest[{1 + i}] >= (current // {nb}) * {nb}"
+        return f"current - before <= {gap} and current - rest[{1 + i}] < {nb}"
+
     # roll(st, rest): the cache after one new newest bucket, or None
+    starts_now = starts("            ")
     roll = [
         "def roll(st, rest):",
-        "    keys = list(st.buckets)",
-        "    tail = len(keys) - 1",
+        "    buckets = st.buckets",
+        "    newer = reversed(buckets)",
+        "    newest = next(newer)",
+        "    before = next(newer, None)",
         f"    current = st.watermark // {bucket_ms}",
-        "    if tail < 1 or keys[tail - 1] != rest[0] or keys[tail] != current:",
+        "    if before is None or before != rest[0] or newest != current:",
         "        return None",
-        "    rows = list(st.buckets.values())",
-        "    prev = rows[tail - 1]",
-        *starts("    "),
+        "    prev = buckets[before]",
+        "    keys = None",
         f"    {g_names}, = rest[{1 + nw}:]",
     ]
     for wi in by_window:
-        roll.append(f"    if keys[s{wi}] == rest[{1 + wi}]:")
-        for j in by_window[wi]:
-            _, op, col = aggs[j]
-            roll.append(f"        g{j} = {_EXTEND[op].format(g=f'g{j}', c=col, c1=col + 1)}")
-        roll.append("    else:")
-        roll += recompute(wi, "        ", [])
-    roll.append(f"    return {cache}")
+        kind, nb, gap = windows[wi]
+        extend = [
+            f"g{j} = {_EXTEND[op].format(g=f'g{j}', c=col, c1=col + 1)}"
+            for j in by_window[wi]
+            for _, op, col in [aggs[j]]
+        ]
+        roll += [
+            f"    if {kept(wi, kind, nb, gap)}:",
+            f"        k{wi} = rest[{1 + wi}]",
+            *(f"        {x}" for x in extend),
+            "    else:",
+            "        if keys is None:",
+            "            keys = list(buckets)",
+            "            rows = list(buckets.values())",
+            "            tail = len(keys) - 1",
+            starts_now[wi].replace("            ", "        ", 1),
+            f"        k{wi} = keys[s{wi}]",  # a new start: recompute the rest
+            *recompute(wi, "        ", []),
+        ]
+    roll.append(f"    return (newest, {', '.join(f'k{i}' for i in range(nw))}, {g_names})")
 
     lines = [
         "def values(st):",
