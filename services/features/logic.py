@@ -179,13 +179,13 @@ class WindowEngine:
             return Outcome.LATE
         # Every event of the view's sources marks its bucket as activity (session windows).
         row = st.buckets.get(bucket)
-        if st.prefix is not None and (not st.buckets or bucket < next(reversed(st.buckets))):
+        behind = bool(st.buckets) and bucket < next(reversed(st.buckets))
+        if behind:
             st.prefix = None  # an older bucket changes: so does their encoding
         if bucket != current:
             st.rest = None  # a bucket before the newest changes: so do the window aggregates
         # (a new newest bucket keeps the cache: the vector rolls it forward)
         if row is None:
-            behind = bool(st.buckets) and bucket < next(reversed(st.buckets))
             row = st.buckets[bucket] = self._new_row()
             if behind:
                 # keep buckets in time order (out of order is rare): sums then add up in the

@@ -254,7 +254,7 @@ def compile_values(
         return f"current - before <= {gap} and current - rest[{1 + i}] < {nb}"
 
     # roll(st, rest): the cache after one new newest bucket, or None
-    starts_now = starts("            ")
+    starts_now = starts("        ")
     roll = [
         "def roll(st, rest):",
         "    buckets = st.buckets",
@@ -284,7 +284,7 @@ def compile_values(
             "            keys = list(buckets)",
             "            rows = list(buckets.values())",
             "            tail = len(keys) - 1",
-            starts_now[wi].replace("            ", "        ", 1),
+            starts_now[wi],
             f"        k{wi} = keys[s{wi}]",  # a new start: recompute the rest
             *recompute(wi, "        ", []),
         ]
