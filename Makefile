@@ -38,7 +38,7 @@ proto: $(STAMP)
 	$(BIN)/python -m myelin.tools.protogen
 
 bench: $(STAMP)
-	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@for m in $$(cd bench && ls *_bench.py | sed 's/\.py$$//'); do echo "== bench/$$m.py"; $(BIN)/python -m bench.$$m || exit 1; done
 
 clean:
 	rm -rf .myelin .pytest_cache .mypy_cache .ruff_cache

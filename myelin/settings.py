@@ -86,7 +86,8 @@ class Settings:
     warehouse_linger_s: float = 1.0  # how long drains gather rows before one insert
     online_ttl_s: int = 7 * 24 * 3600
     model_alias: str = "champion"
-    policy_dir: Path = field(default_factory=lambda: Path("policies"))
+    # the policies that ship with the package (``myelin/policies``), wherever it is run from
+    policy_dir: Path = field(default_factory=lambda: Path(__file__).parent / "policies")
     policy_cache_ttl_s: float = 30.0
     ort_intra_threads: int = 1
     ort_inter_threads: int = 1
