@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError, TooManyStalledMsgsError
 
 from myelin import telemetry
-from myelin.errors import MyelinError, Overloaded, Poison, RemoteError, Retryable
+from myelin.errors import BAD_INPUT, MyelinError, Overloaded, Poison, RemoteError, Retryable
 from myelin.settings import Settings
 from myelin.subjects import ARTIFACTS_BUCKET, MODELS_BUCKET, StreamSpec, stream_specs
 
@@ -99,7 +100,7 @@ def decode_request(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> 
     """A request body, or a :class:`Poison` error that says what was wrong with it."""
     try:
         return decoder.decode(data or b"{}")
-    except msgspec.MsgspecError as exc:
+    except BAD_INPUT as exc:
         raise Poison(f"bad {what} request: {exc}") from None
 
 
@@ -127,6 +128,22 @@ class PubResult:
     duplicate: bool = False
     seq: int = 0
     error: MyelinError | None = None
+
+
+class PublishRefused(Poison):
+    """JetStream refused a message for what it is: retrying the same message cannot help."""
+
+    code = "publish_refused"
+
+
+def raise_unless_stored(results: Sequence[PubResult], what: str) -> None:
+    """For sinks whose batch is retried by its consumer: a refusal is raised as it is
+    (poison: never retried), anything else as :class:`Retryable`."""
+    for r in results:
+        if not r.ok:
+            if isinstance(r.error, Poison):
+                raise r.error
+            raise Retryable(f"{what} unavailable: {r.error}")
 
 
 class Publisher:
@@ -190,6 +207,17 @@ class Publisher:
                     m.subject, m.payload, timeout=self._timeout, headers=headers
                 )
                 return PubResult(ok=True, duplicate=bool(ack.duplicate), seq=ack.seq or 0)
+            except (BadRequestError, nats.errors.MaxPayloadError) as exc:
+                # Refused for what the message is (e.g. headers over 64 KiB, a payload over
+                # max_payload): the same message is refused every time.
+                return PubResult(
+                    ok=False,
+                    error=PublishRefused(
+                        f"JetStream refused the message on {m.subject}: {exc}",
+                        subject=m.subject,
+                        bytes=len(m.payload),
+                    ),
+                )
             except Exception as exc:  # noqa: BLE001 - transient: timeout, reconnect, no responders
                 last = exc
                 await asyncio.sleep(delay)
@@ -245,7 +273,21 @@ async def serve(
                 log.exception("handler for %s failed", subject)
                 body = Reply(ok=False, error=ErrorBody("internal", f"{type(exc).__name__}: {exc}"))
         if msg.reply:
-            await msg.respond(_json.encode(body))
+            data = _json.encode(body)
+            if len(data) > nc.max_payload:
+                # The server would drop it and the caller would only see a timeout.
+                data = _json.encode(
+                    Reply(
+                        ok=False,
+                        error=ErrorBody(
+                            "reply_too_large",
+                            f"the reply to {subject} is {len(data):,} bytes; NATS carries at most "
+                            f"{nc.max_payload:,}: ask for less (e.g. add a LIMIT)",
+                            {"bytes": len(data), "max_payload": nc.max_payload},
+                        ),
+                    )
+                )
+            await msg.respond(data)
 
     async def on_msg(msg: Msg) -> None:
         if concurrency <= 1:

@@ -1,10 +1,22 @@
 """Durable JetStream pull consumption: fetch a batch, finish it, ack it, fetch again.
 
 - Back-pressure by construction: at most one batch is held at a time.
-- A failing batch is retried *in process*, in order, with backoff: later messages never
-  overtake an unapplied one. If the process dies, the batch is redelivered.
 - One ack per batch (``AckPolicy.ALL`` acks every earlier message too).
 - A fetch that keeps failing (e.g. after a server restart) re-creates the subscription.
+
+What a failure means is decided by its class (:func:`is_transient`), never by retrying
+until it works:
+
+- **transient** (``Retryable``, connection trouble, timeouts): the batch is retried *in
+  process*, in order, with jittered exponential backoff, for as long as it takes; later
+  messages never overtake an unapplied one. After ``alert_after`` tries in a row the loop
+  reports itself ``retrying`` (status, metrics, readiness) and logs at error level.
+- **poison** (``Poison``, or any other error that failed ``unknown_attempts`` times): the
+  message can never be processed. With ``on_poison="isolate"`` the batch is re-run one
+  message at a time, in order; each message that fails for good is dead-lettered (reason,
+  stream, sequence, sanitized payload) and terminated (``AckTerm``), and the rest flows.
+  With ``on_poison="stop"`` (a consumer whose *code* is what failed, like a feature view)
+  the loop stops with its error, acking nothing; other consumers are unaffected.
 """
 
 from __future__ import annotations
@@ -12,16 +24,82 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from myelin.errors import Poison, Retryable
 
 log = logging.getLogger(__name__)
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+# (message, reason code, what went wrong) -> stored in the DLQ; raises if it could not be
+DeadLetterSink = Callable[[Msg, str, str], Awaitable[None]]
+OnPoison = Literal["isolate", "stop"]
+
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    Retryable,
+    ConnectionError,
+    TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.FlushTimeoutError,
+    nats.errors.NoServersError,
+    ServiceUnavailableError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+)
+
+
+class PoisonMessages(Poison):
+    """Raised by a batch handler that knows which of its messages can never be processed:
+    those are dead-lettered and terminated, and the handler runs again on the rest."""
+
+    code = "undecodable"
+
+    def __init__(self, message: str, msgs: list[Msg], code: str = "") -> None:
+        super().__init__(message, messages=len(msgs))
+        self.msgs = msgs
+        if code:
+            self.code = code
+
+
+def is_transient(exc: BaseException) -> bool | None:
+    """True: try again later. False: it will never work (poison). None: unknown — retried a
+    few times, then treated as poison.
+
+    A JetStream refusal with status 400 (e.g. ``header size exceeds maximum allowed of
+    64k``) is permanent: the same request is refused every time."""
+    if isinstance(exc, Poison):
+        return False
+    if isinstance(exc, BadRequestError):
+        return False
+    if isinstance(exc, _TRANSIENT):
+        return True
+    if isinstance(exc, APIError) and (exc.code or 0) >= 500:
+        return True
+    if isinstance(exc, OSError):
+        return True
+    return None
+
+
+def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """Full-jitter exponential backoff: uniform in [d/2, d], d = base * 2**attempt, capped."""
+    d = min(cap, base * (1 << min(attempt, 30)))
+    return d * random.uniform(0.5, 1.0)
 
 
 async def ensure_consumer(
@@ -53,6 +131,8 @@ async def ensure_consumer(
         filter_subject=filter_subject,
         deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq else api.DeliverPolicy.ALL,
         opt_start_seq=start_seq if start_seq else None,
+        # Unlimited on purpose: a message is never given up on by the server; the loop
+        # decides (transient -> retry, poison -> dead-letter and terminate).
         max_deliver=-1,
     )
     await js.add_consumer(stream, cfg)
@@ -72,9 +152,17 @@ class PullLoop:
         fetch_timeout_s: float = 0.5,
         max_backoff_s: float = 5.0,
         linger_s: float = 0.0,
+        dead_letter: DeadLetterSink | None = None,
+        on_poison: OnPoison = "isolate",
+        on_stopped: Callable[[BaseException], Awaitable[None]] | None = None,
+        alert_after: int = 5,
+        unknown_attempts: int = 3,
     ) -> None:
         """``linger_s``: after a short fetch, keep collecting for up to this long before
-        handling (for sinks that pay per call, like ClickHouse inserts)."""
+        handling (for sinks that pay per call, like ClickHouse inserts).
+        ``dead_letter``: where ``on_poison="isolate"`` stores a message it gives up on
+        (without one, such a message is logged and terminated).
+        ``on_stopped``: called once when ``on_poison="stop"`` stops the loop."""
         self._js = js
         self.stream = stream
         self.durable = durable
@@ -83,20 +171,55 @@ class PullLoop:
         self._fetch_timeout = fetch_timeout_s
         self._max_backoff = max_backoff_s
         self._linger = linger_s
+        self._dead_letter = dead_letter
+        self._on_poison = on_poison
+        self._on_stopped = on_stopped
+        self._alert_after = alert_after
+        self._unknown_attempts = unknown_attempts
         self._stopping = asyncio.Event()
         self.batches = 0
         self.messages = 0
-        self.failures = 0
+        self.failures = 0  # failed attempts, all kinds
+        self.attempts = 0  # failed attempts in a row on the current batch
+        self.dead_lettered = 0
+        self.last_error = ""
+        self.stopped_error = ""  # set when on_poison="stop" stopped the loop
         self.idle = True
         self.position = 0  # stream sequence of the last message handled and acked
         self.pending = 0  # messages left in the consumer after that one (at fetch time)
+
+    @property
+    def state(self) -> str:
+        """``ok``; ``retrying`` (a transient failure, ``alert_after`` tries or more in a
+        row); ``stopped`` (a poison failure under ``on_poison="stop"``)."""
+        if self.stopped_error:
+            return "stopped"
+        if self.attempts >= self._alert_after:
+            return "retrying"
+        return "ok"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ok"
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "position": self.position,
+            "pending": self.pending,
+            "messages": self.messages,
+            "failures": self.failures,
+            "attempts": self.attempts,
+            "dead_lettered": self.dead_lettered,
+            "error": self.stopped_error or (self.last_error if self.attempts else ""),
+        }
 
     async def run(self) -> None:
         psub: JetStreamContext.PullSubscription | None = None
         fetch_errors = 0
         ahead: asyncio.Task[list[Msg]] | None = None  # the next batch, fetched while handling
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not self.stopped_error:
                 psub, fetch_errors, ahead = await self._step(psub, fetch_errors, ahead)
         finally:
             if ahead is not None:
@@ -147,13 +270,16 @@ class PullLoop:
         if len(msgs) >= self._batch:  # behind: the next batch travels while this one is handled
             ahead = asyncio.create_task(psub.fetch(self._batch, timeout=self._fetch_timeout))
         if await self._handle(msgs):
-            with contextlib.suppress(Exception):  # a lost ack only causes a harmless redelivery
-                await msgs[-1].ack()
-            self.batches += 1
-            self.messages += len(msgs)
-            meta = msgs[-1].metadata
-            self.position, self.pending = meta.sequence.stream, meta.num_pending
+            await self._acked(msgs)
         return psub, fetch_errors, ahead
+
+    async def _acked(self, msgs: list[Msg]) -> None:
+        with contextlib.suppress(Exception):  # a lost ack only causes a harmless redelivery
+            await msgs[-1].ack()
+        self.batches += 1
+        self.messages += len(msgs)
+        meta = msgs[-1].metadata
+        self.position, self.pending = meta.sequence.stream, meta.num_pending
 
     async def _collect(self, psub: JetStreamContext.PullSubscription, room: int) -> list[Msg]:
         loop = asyncio.get_running_loop()
@@ -173,21 +299,104 @@ class PullLoop:
         return more
 
     async def _handle(self, msgs: list[Msg]) -> bool:
-        delay = 0.1
+        """True when ``msgs`` are done and the caller should ack them; False when they were
+        acked here one by one, or the loop is stopping or stopped."""
+        failure = await self._attempt(msgs)
+        if failure is None:
+            return True
+        if failure is _STOPPING:
+            return False
+        if self._on_poison == "stop":
+            await self._stop_for(failure)
+            return False
+        if isinstance(failure, PoisonMessages) and failure.msgs:
+            bad = {id(m) for m in failure.msgs}
+            for m in msgs:
+                if id(m) in bad and not await self._give_up_on(m, failure):
+                    return False
+            rest = [m for m in msgs if id(m) not in bad]
+            return await self._handle(rest) if rest else True
+        if len(msgs) == 1:
+            return await self._give_up_on(msgs[0], failure)
+        log.warning(
+            "%s: a batch of %d failed for good (%s); handling its messages one by one",
+            self.durable,
+            len(msgs),
+            self.last_error,
+        )
+        for m in msgs:  # in order: what follows a poison message still flows
+            one = await self._attempt([m])
+            if one is _STOPPING:
+                return False
+            if one is not None and not await self._give_up_on(m, one):
+                return False
+            await self._acked([m])
+        return False
+
+    async def _attempt(self, msgs: list[Msg]) -> BaseException | None:
+        """Runs the handler until it succeeds (None), fails for good (the error), or the
+        loop is told to stop (``_STOPPING``). Transient failures are retried here."""
+        self.attempts = 0
         while True:
             try:
                 await self._handler(msgs)
-                return True
-            except Exception:
+                self.attempts = 0
+                return None
+            except Exception as exc:
                 self.failures += 1
-                log.exception(
-                    "%s: batch of %d failed; retrying in %.1fs", self.durable, len(msgs), delay
+                self.attempts += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                kind = is_transient(exc)
+                if kind is False or (kind is None and self.attempts >= self._unknown_attempts):
+                    self.attempts = 0
+                    return exc
+                delay = backoff(self.attempts - 1, cap=self._max_backoff)
+                level = logging.ERROR if self.attempts >= self._alert_after else logging.WARNING
+                log.log(
+                    level,
+                    "%s: batch of %d failed (try %d, %s): %s; retrying in %.2fs",
+                    self.durable,
+                    len(msgs),
+                    self.attempts,
+                    "transient" if kind else "unclassified",
+                    self.last_error,
+                    delay,
+                    exc_info=kind is None,
                 )
                 with contextlib.suppress(Exception):
                     await msgs[-1].in_progress()
                 if await self._sleep(delay):
+                    return _STOPPING
+
+    async def _give_up_on(self, msg: Msg, exc: BaseException) -> bool:
+        """Dead-letter and terminate one message; False if the loop is stopping first."""
+        seq = msg.metadata.sequence.stream
+        reason = exc.code if isinstance(exc, Poison) else "unprocessable"
+        what = f"{type(exc).__name__}: {exc}"[:2000]
+        attempt = 0
+        while self._dead_letter is not None:
+            try:
+                await self._dead_letter(msg, reason, what)
+                break
+            except Exception as dl_exc:  # noqa: BLE001 - the DLQ must hold it before we let go
+                log.warning("%s: cannot dead-letter seq %d yet: %r", self.durable, seq, dl_exc)
+                if await self._sleep(backoff(attempt, cap=self._max_backoff)):
                     return False
-                delay = min(delay * 2, self._max_backoff)
+                attempt += 1
+        log.error("%s: stream seq %d dead-lettered and terminated: %s", self.durable, seq, what)
+        with contextlib.suppress(Exception):
+            await msg.term()
+        self.dead_lettered += 1
+        return True
+
+    async def _stop_for(self, exc: BaseException) -> None:
+        self.stopped_error = f"{type(exc).__name__}: {exc}"[:2000]
+        log.error("%s: stopped: %s", self.durable, self.stopped_error, exc_info=exc)
+        if self._on_stopped is not None:
+            try:
+                await self._on_stopped(exc)
+            except Exception:
+                log.exception("%s: reporting the stop failed", self.durable)
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless stopping; True if stopping."""
@@ -197,3 +406,10 @@ class PullLoop:
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+class _Stopping(Exception):
+    """Marker: the loop was told to stop while retrying."""
+
+
+_STOPPING = _Stopping()

@@ -6,6 +6,12 @@ Errors carry data. On the bus, the class decides what happens to the message:
 
 from __future__ import annotations
 
+import msgspec
+
+#: What decoding untrusted bytes with msgspec can raise: its own errors, UnicodeDecodeError
+#: for invalid UTF-8 inside a JSON string (not a MsgspecError), RecursionError for nesting.
+BAD_INPUT: tuple[type[Exception], ...] = (msgspec.MsgspecError, UnicodeDecodeError, RecursionError)
+
 
 class MyelinError(Exception):
     """Root of every error raised by Myelin code."""

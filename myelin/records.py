@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import msgspec
 
+from myelin.contracts.envelope import StreamEvent
+
 
 class Prediction(msgspec.Struct, frozen=True, array_like=True):
     entity_id: str
@@ -76,3 +78,13 @@ class FeatureRows(msgspec.Struct, frozen=True, kw_only=True):
     version: str  # the view's content hash
     features: list[str]
     rows: list[FeatureRow]
+
+
+class LateEvents(msgspec.Struct, frozen=True, kw_only=True):
+    """Events too late for a view's windows (a message on the LATE stream), with each
+    event's sequence (stream sequence x 1000 + index in its message). The sequences travel
+    in the payload: a header holding one per event grew past JetStream's 64 KiB limit."""
+
+    view: str
+    seqs: list[int]
+    events: list[StreamEvent]

@@ -75,6 +75,9 @@ class Settings:
     publish_timeout_s: float = 5.0
     publish_retries: int = 5
     duplicate_window_s: float = 20 * 60.0
+    # one effect per event id (ingest's recent ids, the features' per-bucket id guard);
+    # off only as a control in fault tests, where resent events must then count twice
+    dedupe: bool = True
     features_batch: int = 200  # messages per fetch (a message holds up to 100 events)
     features_ack_wait_s: float = 10.0
     # after a short fetch, keep gathering for up to this long: fewer, larger batches (the
@@ -130,6 +133,7 @@ class Settings:
             publish_timeout_s=_float("PUBLISH_TIMEOUT_S", d.publish_timeout_s),
             publish_retries=_int("PUBLISH_RETRIES", d.publish_retries),
             duplicate_window_s=_float("DUPLICATE_WINDOW_S", d.duplicate_window_s),
+            dedupe=_env("DEDUPE", "1").lower() not in ("0", "false", "no", ""),
             features_batch=_int("FEATURES_BATCH", d.features_batch),
             features_ack_wait_s=_float("FEATURES_ACK_WAIT_S", d.features_ack_wait_s),
             features_linger_s=_float("FEATURES_LINGER_S", d.features_linger_s),

@@ -88,9 +88,12 @@ DDL: tuple[str, ...] = (
         message String,
         producer_id LowCardinality(String),
         payload String,
-        stream_seq UInt64
+        stream_seq UInt64,
+        detail Map(String, String)
     ) ENGINE = ReplacingMergeTree
     ORDER BY (reason, ts, stream_seq)""",
+    # tables made by earlier versions gain the columns added since (no-op on new ones)
+    f"ALTER TABLE {DATABASE}.dead_letters ADD COLUMN IF NOT EXISTS detail Map(String, String)",
 )
 
 

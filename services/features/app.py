@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from myelin import bus, online, telemetry
+from myelin.audit import AuditLog, platform_record
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts import ContractRegistry
 from myelin.contracts.store import ContractStore
@@ -28,6 +29,7 @@ from myelin.online import OnlineReader
 from myelin.service import BatchGc
 from myelin.settings import Settings
 from myelin.subjects import EVENTS_STREAM
+from services.features.event_dead_letters import event_dead_letters
 from services.features.feature_rows import RowsSink, rows_publisher
 from services.features.late_sink import late_publisher
 from services.features.logic import WindowEngine
@@ -37,7 +39,7 @@ from services.features.replay import Replayer
 from services.features.rpc import serve_check, serve_replay, serve_views
 from services.features.view_registry import ViewRegistry
 from services.features.view_versions import VersionRunner, ViewVersions, consumer_name
-from services.features.views import VIEWS, FeatureView
+from services.features.views import VIEWS, FeatureView, InvalidView, contract_problems
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class FeaturesApp:
         self.registry: ContractRegistry | None = None
         self.primary = VIEWS[0].name  # the view the top-level status fields describe
         self.gc = BatchGc(settings.gc_full_every_s)
+        self.broken_versions: dict[str, str] = {}  # stored definitions that do not read
 
     async def start(self) -> None:
         s = self.settings
@@ -76,10 +79,17 @@ class FeaturesApp:
             self._stop_version,
             self._stream_last_seq,
             self.primary,
+            self._check_view,
         )
         for view in VIEWS:  # views declared in code; a changed definition is a new version
+            problems = await self._check_view(view)
+            if problems:
+                raise InvalidView(f"view {view.ref} in code: " + "; ".join(problems))
             await self.view_registry.register(view)
-        for view in await self.view_registry.versions():
+        stored, self.broken_versions = await self.view_registry.versions()
+        for key, why in self.broken_versions.items():
+            log.error("stored feature view version %s is not run: %s", key, why)
+        for view in stored:
             await self.views.run(view)
         self.replayer = Replayer(
             self._nc,
@@ -94,6 +104,19 @@ class FeaturesApp:
         self.reader = OnlineReader(self._redis)
         self._subs.append(await serve_check(self._nc, self))
         self._subs.append(await serve_views(self._nc, self))
+
+    async def _check_view(self, view: FeatureView) -> list[str]:
+        """What keeps ``view`` from running: its reads against the contracts registered now
+        (re-read: one may have been registered a moment ago), and a smoke run of its
+        generated code."""
+        assert self._contracts is not None
+        self.registry = await self._contracts.registry()
+        problems = contract_problems(view, self.registry)
+        try:
+            WindowEngine(view).smoke_test()
+        except Exception as exc:  # noqa: BLE001 - reported as a refusal, with what failed
+            problems.append(f"its generated code fails: {type(exc).__name__}: {exc}")
+        return problems
 
     def rows_sink(self, id_prefix: str = "fv") -> RowsSink:
         assert self._js is not None
@@ -115,16 +138,18 @@ class FeaturesApp:
         assert self._contracts is not None and self.registry is not None
         s, js = self.settings, self._js
         store = OnlineStore(self._redis, view, s.online_ttl_s)
+        pub = bus.Publisher(js, s)
+        durable = consumer_name(view)
         pipeline = FeaturePipeline(
-            WindowEngine(view),
+            WindowEngine(view, dedupe=s.dedupe),
             self.registry,
             store,
             self.rows_sink(),
             reload_registry=self._contracts.registry,
-            late_sink=late_publisher(bus.Publisher(js, s)),
+            late_sink=late_publisher(pub),
+            dead_letters=event_dead_letters(pub, durable),
         )
         position = await pipeline.start()
-        durable = consumer_name(view)
         # Redis holds the committed position; the consumer is re-created to start right after
         # it (a new version starts at the beginning of the stream: its backfill).
         await ensure_consumer(
@@ -145,9 +170,30 @@ class FeaturesApp:
                 context=ctx,
                 attributes={"messaging.batch.message_count": len(msgs), "myelin.view": view.ref},
             ):
-                await pipeline.process([(m.metadata.sequence.stream, m.data) for m in msgs])
+                unreadable = await pipeline.process(
+                    [(m.metadata.sequence.stream, m.data) for m in msgs]
+                )
+            if unreadable:  # dead-lettered by the pipeline; terminated before the batch ack
+                gone = set(unreadable)
+                for m in msgs:
+                    if m.metadata.sequence.stream in gone:
+                        with contextlib.suppress(Exception):
+                            await m.term()
             self.gc.after_batch()
 
+        async def on_stopped(exc: BaseException) -> None:
+            log.error("view version %s stopped; other views keep flowing: %s", view.ref, exc)
+            record = platform_record(
+                "view_failed",
+                view.ref,
+                [f"{type(exc).__name__}: {exc}"],
+                {"view": view.name, "version": view.content_hash, "position": pipeline.stats.position},
+                telemetry.trace_id_hex(),
+            )
+            await AuditLog(pub)(record)
+
+        # The view's own failure stops this version only ("stop"); what the input did wrong
+        # the pipeline dead-letters itself, and transient trouble is retried.
         loop = PullLoop(
             js,
             EVENTS_STREAM,
@@ -155,6 +201,8 @@ class FeaturesApp:
             on_events,
             batch=s.features_batch,
             linger_s=s.features_linger_s,
+            on_poison="stop",
+            on_stopped=on_stopped,
         )
         return VersionRunner(
             view, store, pipeline, loop, asyncio.create_task(loop.run(), name=durable)
@@ -195,7 +243,24 @@ class FeaturesApp:
         st = r.pipeline.stats if r else None
         versions = list(self.views.runners.values()) if self.views else []
         loops = [v.loop for v in versions]
+        snaps = {v.view.ref: v.snapshot() for v in versions}
+        stuck = [f"{ref}: {v['error']}" for ref, v in snaps.items() if v["state"] == "retrying"]
+        failed = [f"{ref}: {v['error']}" for ref, v in snaps.items() if v["state"] == "stopped"]
         return {
+            # ready: every version's consumer flows; a failed version is reported (failed,
+            # metrics, audit) but does not make the service unready: the others flow
+            "ready": self.views is not None and not stuck,
+            "not_ready": stuck,
+            "failed_versions": failed
+            + [f"{k}: definition does not read: {v}" for k, v in self.broken_versions.items()],
+            # per view version, as metrics with a key label (name@hash)
+            "version_lag_messages": {ref: v["lag_messages"] for ref, v in snaps.items()},
+            "version_events": {ref: v["events"] for ref, v in snaps.items()},
+            "version_late": {ref: v["late"] for ref, v in snaps.items()},
+            "version_duplicates": {ref: v["duplicates"] for ref, v in snaps.items()},
+            "version_dead_lettered": {ref: v["dead_lettered"] for ref, v in snaps.items()},
+            "version_failed": {ref: int(v["state"] == "stopped") for ref, v in snaps.items()},
+            "version_retrying": {ref: int(v["state"] == "retrying") for ref, v in snaps.items()},
             "view": r.view.name if r else "",
             "view_hash": r.view.content_hash if r else "",
             "position": st.position if st else 0,
@@ -206,17 +271,7 @@ class FeaturesApp:
             "gc_full_collections": self.gc.full_collections,
             "undecodable": st.undecodable if st else 0,
             "feature_rows": st.feature_rows if st else 0,
-            "versions": [
-                {
-                    "view": v.view.name,
-                    "version": v.view.content_hash,
-                    "served": v.served,
-                    "position": v.pipeline.stats.position,
-                    "events": v.pipeline.stats.events,
-                    "late": v.pipeline.stats.late,
-                }
-                for v in versions
-            ],
+            "versions": list(snaps.values()),
             "idle": all(loop.idle for loop in loops),
             "drained": {loop.durable: loop.messages for loop in loops},
             "replay": self.replayer.snapshot() if self.replayer else {},

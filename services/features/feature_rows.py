@@ -12,8 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from myelin.bus import OutMsg, Publisher
-from myelin.errors import Retryable
+from myelin.bus import OutMsg, Publisher, raise_unless_stored
 from myelin.records import FeatureRow, FeatureRows
 from myelin.subjects import feature_subject
 from services.features.views import FeatureView
@@ -46,8 +45,7 @@ def rows_publisher(pub: Publisher, id_prefix: str = "fv") -> RowsSink:
             )
             for k in range(0, len(rows), CHUNK_ROWS)
         ]
-        for result in await pub.publish_batch(msgs):
-            if not result.ok:
-                raise Retryable(f"FEATURES stream unavailable: {result.error}")  # batch retried
+        # a batch whose rows are not stored is retried; a refusal stops the view
+        raise_unless_stored(await pub.publish_batch(msgs), "FEATURES stream")
 
     return publish

@@ -1,9 +1,9 @@
 """Outbound adapter: events too late for a view's windows go to the LATE stream.
 
-One message per batch and view (a msgpack list of the late events); its id is derived from
-the events' sequences, so a replayed batch publishes it once. The same events stay in
-ClickHouse's raw history (the warehouse drains this stream: ``late = 1``) and are counted
-in the features status.
+Messages of up to ``CHUNK_EVENTS`` late events of one batch and view
+(:class:`~myelin.records.LateEvents`, msgpack); their ids derive from the batch's sequences,
+so a replayed batch publishes them once. The same events stay in ClickHouse's raw history
+(the warehouse drains this stream: ``late = 1``) and are counted in the features status.
 """
 
 from __future__ import annotations
@@ -12,28 +12,36 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from myelin.bus import OutMsg, Publisher
+from myelin.bus import OutMsg, Publisher, raise_unless_stored
 from myelin.contracts import StreamEvent
-from myelin.errors import Retryable
+from myelin.records import LateEvents
 from myelin.subjects import late_subject
 
 _mp = msgspec.msgpack.Encoder()
-SEQS_HEADER = "Myelin-Event-Seqs"  # the events' sequences, comma-separated (for raw history)
+CHUNK_EVENTS = 1000  # a NATS message is capped (1 MB by default); events are ~0.2 KB
+
+LateSink = Callable[[str, list[tuple[int, StreamEvent]]], Awaitable[None]]
 
 
-def late_publisher(
-    pub: Publisher,
-) -> Callable[[str, list[tuple[int, StreamEvent]]], Awaitable[None]]:
+def late_publisher(pub: Publisher) -> LateSink:
     async def publish(view: str, events: list[tuple[int, StreamEvent]]) -> None:
         first, last = events[0][0], events[-1][0]
-        msg = OutMsg(
-            late_subject(view),
-            _mp.encode([e for _, e in events]),
-            f"late:{view}:{first}-{last}",
-            headers={SEQS_HEADER: ",".join(str(s) for s, _ in events)},
-        )
-        result = await pub.publish(msg)
-        if not result.ok:
-            raise Retryable(f"LATE stream unavailable: {result.error}")  # the batch is retried
+        msgs = [
+            OutMsg(
+                late_subject(view),
+                _mp.encode(
+                    LateEvents(
+                        view=view,
+                        seqs=[s for s, _ in chunk],
+                        events=[e for _, e in chunk],
+                    )
+                ),
+                f"late:{view}:{first}-{last}:{k // CHUNK_EVENTS}",
+            )
+            for k in range(0, len(events), CHUNK_EVENTS)
+            for chunk in [events[k : k + CHUNK_EVENTS]]
+        ]
+        # stored before the batch commits; a refusal stops the view (never retried forever)
+        raise_unless_stored(await pub.publish_batch(msgs), "LATE stream")
 
     return publish

@@ -10,13 +10,19 @@ the last event applied) and time buckets. A bucket is one flat row holding an ac
 - ``last`` event time, value          -> last
 - ``kmv``  [the 64 smallest 32-bit hashes] -> distinct (exact below 64 values)
 
+and, last, the ids of the events applied to the bucket (the duplicate guard below).
+
 Flat rows make a window's merge one transpose (``zip(*rows)``) and a C-level ``sum``,
 ``min`` or ``max`` per column; the vector itself is code generated from the view
 (:mod:`services.features.vector_code`), with a per-state window cache.
 
-An event is applied at most once (its sequence must be newer than ``seq``); one older
-than the longest window behind the watermark is *late*: not applied, counted, and kept
-in the raw history by the caller.
+An event is applied at most once: its sequence must be newer than ``seq`` (a redelivered
+message), and its event id must not be among the ids already applied to its bucket (the
+same event sent again, in another batch, through another path or after a restart: it has
+the same id and time, so the same bucket). The decision depends only on the stream's
+content, so every view version, replay and recomputation makes it alike. One older than the
+longest window behind the watermark is *late*: not applied, counted, and kept in the raw
+history by the caller (a resent copy of an evicted bucket's event is late too).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from services.features.views import FeatureView
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
-STATE_FORMAT = 2  # the first element of an encoded state; bump when the row layout changes
+STATE_FORMAT = 3  # the first element of an encoded state; bump when the row layout changes
+# format 2 rows had no event-id slot: it is appended (empty) when such a state is read
 
 
 def _array_header(n: int) -> bytes:
@@ -103,6 +110,8 @@ class EntityState:
     @classmethod
     def from_list(cls, doc: list[Any]) -> EntityState:
         fmt, seq, wm, late, rows = doc
+        if fmt == 2:
+            return cls(seq, wm, late, {int(b): [*row, []] for b, row in rows})
         if fmt != STATE_FORMAT:
             raise ValueError(f"entity state format {fmt}, this build reads {STATE_FORMAT}")
         return cls(seq, wm, late, {int(b): row for b, row in rows})  # encoded in time order
@@ -135,8 +144,11 @@ class Outcome:
 class WindowEngine:
     """Applies events to entity states and computes the view's feature vector."""
 
-    def __init__(self, view: FeatureView) -> None:
+    def __init__(self, view: FeatureView, dedupe: bool = True) -> None:
+        """``dedupe=False`` turns the event-id guard off (a control for fault tests: a
+        resent event is then counted twice)."""
         self.view = view
+        self.dedupe = dedupe
         self.bucket_ms = view.bucket_s * 1000
         self.horizon_buckets = view.max_window_s // view.bucket_s
         offsets: dict[tuple[str, str, str], int] = {}
@@ -147,8 +159,11 @@ class WindowEngine:
                 if key not in offsets:
                     offsets[key] = len(fresh)
                     fresh.extend(FRESH[key[2]])
+        self.ids_at = len(fresh)  # the row's last slot: ids of the events applied to it
+        fresh.append(None)  # replaced by a new list per bucket
         self._fresh = fresh
         self._kmv_at = [at for (_, _, fam), at in offsets.items() if fam == "kmv"]
+        self._kmv_at.append(self.ids_at)
         self.by_source: dict[str, list[tuple[int, str, str]]] = {}
         for (src, fld, fam), at in offsets.items():
             self.by_source.setdefault(src, []).append((at, fld, fam))
@@ -166,9 +181,16 @@ class WindowEngine:
         return row
 
     def apply(
-        self, st: EntityState, seq: int, event_type: str, event_time: int, payload: Any
+        self,
+        st: EntityState,
+        seq: int,
+        event_type: str,
+        event_time: int,
+        payload: Any,
+        event_id: str = "",
     ) -> int:
-        """Mutates ``st``; returns an :class:`Outcome` code."""
+        """Mutates ``st``; returns an :class:`Outcome` code. Raises whatever the view's code
+        raises (the caller stops the view: that is not the event's fault)."""
         if seq <= st.seq:
             return Outcome.DUPLICATE
         st.seq = seq
@@ -179,6 +201,8 @@ class WindowEngine:
             return Outcome.LATE
         # Every event of the view's sources marks its bucket as activity (session windows).
         row = st.buckets.get(bucket)
+        if row is not None and self.dedupe and event_id in row[self.ids_at]:
+            return Outcome.DUPLICATE  # the same event again: its bucket has its id
         behind = bool(st.buckets) and bucket < next(reversed(st.buckets))
         if behind:
             st.prefix = None  # an older bucket changes: so does their encoding
@@ -191,13 +215,17 @@ class WindowEngine:
                 # keep buckets in time order (out of order is rare): sums then add up in the
                 # same order live, after a restart and in an offline recomputation
                 st.buckets = dict(sorted(st.buckets.items()))
+        if self.dedupe and event_id:
+            row[self.ids_at].append(event_id)
         targets = self.by_source.get(event_type)
         if targets:
             for at, fld, fam in targets:
                 if fam == "n":
                     row[at] += 1
                     continue
-                value = getattr(payload, fld)
+                value = getattr(payload, fld, None)
+                if value is None:  # null, or a field this schema version lacks: skipped
+                    continue
                 if fam == "s":
                     x = float(value)
                     row[at] += 1
@@ -222,6 +250,19 @@ class WindowEngine:
                     del st.buckets[b]
                 st.prefix = None
         return Outcome.APPLIED
+
+    def smoke_test(self) -> None:
+        """Run the generated vector code on an empty state, a state of two buckets and the
+        roll to a third: a definition the generated code cannot handle fails here, at
+        registration, not on its first event."""
+        st = EntityState()
+        self.values(st)
+        st.buckets = {0: self._new_row(), 1: self._new_row()}
+        st.watermark = self.bucket_ms
+        self.values(st)
+        st.buckets[2] = self._new_row()
+        st.watermark = 2 * self.bucket_ms
+        self.values(st)
 
     def mark_late(self, st: EntityState, seq: int) -> int:
         """Late by its partition's watermark: not applied, but seen (a redelivery is a duplicate)."""

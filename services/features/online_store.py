@@ -26,12 +26,16 @@ import msgspec
 import redis.asyncio as aioredis
 
 from myelin import online
+from myelin.errors import Retryable
 from services.features.logic import EntityState
 from services.features.views import FeatureView, view_doc
 
 
-class ConcurrentWriter(RuntimeError):
-    """Another writer moved this view version's position during the batch."""
+class ConcurrentWriter(Retryable):
+    """Another writer moved this view version's position during the batch (retried: the
+    batch is re-read from the new position; the loop reports it if it keeps happening)."""
+
+    code = "concurrent_writer"
 
 
 class _Stored(msgspec.Struct, array_like=True):
@@ -109,8 +113,11 @@ class OnlineStore:
         return previous.decode() if isinstance(previous, bytes) else (previous or "")
 
     async def drop(self) -> None:
-        """Delete this version's online data (never the served version's: the caller checks)."""
+        """Delete this version's online data (the served pointer too, if it points here:
+        only a failed version is dropped while served; the caller checks)."""
         name, v = self.view.name, self.version
+        if await self.served() == v:
+            await self._r.hdel(online.view_key(name), "served")
         await self._r.delete(
             self._entities,
             online.position_key(name, v),

@@ -9,6 +9,14 @@ Order of effects, for exactly-once results:
 3. only then is the batch acked (by the caller).
 A crash between any two steps replays the batch with the same outcome. Raw history is
 not this pipeline's: the warehouse drains EVENTS itself.
+
+Failures, by whose fault they are:
+- a message or event that cannot be read (not a list of events, no contract for its
+  type and version, a payload its contract refuses) is the *input's*: it is dead-lettered
+  (before the batch commits) and skipped; the rest of the batch flows;
+- an error in the window computation is the *view's* (its code or definition): it raises
+  :class:`ViewFailed`, and that version stops (other versions and views keep flowing);
+- anything else (Redis, NATS) is retried by the consumer with the whole batch.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Any
 import msgspec
 
 from myelin.contracts import ContractRegistry, StreamEvent
+from myelin.errors import BAD_INPUT, Poison
 from myelin.records import FeatureRow
 from services.features.feature_rows import RowsSink
 from services.features.logic import EntityState, Outcome, WindowEngine
@@ -33,6 +42,28 @@ _decode_events = msgspec.msgpack.Decoder(list[StreamEvent])
 # (a message carries up to 100 events): the unit of the per-entity apply-once guard.
 SEQ_STRIDE = 1000
 SWEEP_EVERY_S = 30.0  # how often expired entities are deleted from the online store
+
+
+class ViewFailed(Poison):
+    """The view's computation raised: the definition or its generated code cannot handle an
+    event. Retrying cannot help; the version stops with this error."""
+
+    code = "view_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class BadEvent:
+    """An EVENTS message (``index`` -1) or one event of it that cannot be read."""
+
+    stream_seq: int
+    index: int
+    reason: str  # undecodable | unknown_contract | invalid_payload
+    message: str
+    event: StreamEvent | None
+    payload: bytes
+
+
+DeadLetters = Callable[[list[BadEvent]], Awaitable[None]]
 
 
 @dataclass
@@ -81,9 +112,11 @@ class FeaturePipeline:
         cache_items: int = 200_000,
         reload_registry: Callable[[], Awaitable[ContractRegistry]] | None = None,
         late_sink: Callable[[str, list[tuple[int, StreamEvent]]], Awaitable[None]] | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self._reload = reload_registry
         self._late_sink = late_sink
+        self._dead_letters = dead_letters
         self.engine = engine
         self.view = engine.view
         self.registry = registry
@@ -101,23 +134,28 @@ class FeaturePipeline:
         self.watermarks = await self.online.watermarks()
         return self.stats.position
 
-    async def process(self, batch: list[tuple[int, bytes]]) -> None:
-        """``batch`` is ``(stream_seq, payload)`` in stream order."""
+    async def process(self, batch: list[tuple[int, bytes]]) -> list[int]:
+        """``batch`` is ``(stream_seq, payload)`` in stream order. Returns the sequences of
+        the messages that could not be read at all (dead-lettered, skipped)."""
         batch = [(s, p) for s, p in batch if s > self.stats.position]
         if not batch:
-            return
+            return []
         try:
-            await self._process(batch)
+            return await self._process(batch)
         except BaseException:
             self.cache.clear()  # the states in it may hold half a batch: reload from Redis
             raise
 
     async def _decode(
         self, batch: list[tuple[int, bytes]]
-    ) -> tuple[list[tuple[int, StreamEvent, Any]], int]:
+    ) -> tuple[list[tuple[int, StreamEvent, Any]], list[BadEvent], int]:
+        """The view's events, decoded; what cannot be read; how many events in all."""
         decoded: list[tuple[int, StreamEvent, Any]] = []
-        undecodable = 0
+        total = 0
+        bad: list[BadEvent] = []
         get = self.registry.get
+        sources = self.view.sources
+        reloaded = False
         for stream_seq, payload in batch:
             try:
                 events = _decode_events.decode(payload)
@@ -125,45 +163,67 @@ class FeaturePipeline:
                     raise msgspec.ValidationError(
                         f"{len(events)} events in one message; at most {SEQ_STRIDE}"
                     )
-            except (msgspec.MsgspecError, RecursionError) as exc:
-                undecodable += 1
-                log.warning("stream seq %d is not a list of events, skipped: %s", stream_seq, exc)
+            except BAD_INPUT as exc:
+                bad.append(
+                    BadEvent(stream_seq, -1, "undecodable", f"not a list of events: {exc}", None, payload)
+                )
                 continue
             base = stream_seq * SEQ_STRIDE
+            total += len(events)
             for idx, ev in enumerate(events):
-                try:
+                if ev.type not in sources:
+                    continue  # another view's business (and its problem, if invalid)
+                contract = get(ev.type, ev.schema_version)
+                if contract is None and self._reload is not None and not reloaded:
+                    self.registry = await self._reload()  # a version registered since start
+                    get, reloaded = self.registry.get, True
                     contract = get(ev.type, ev.schema_version)
-                    if contract is None and self._reload is not None:
-                        self.registry = await self._reload()  # a version registered since start
-                        get = self.registry.get
-                        contract = get(ev.type, ev.schema_version)
-                    if contract is None:
-                        raise msgspec.ValidationError(
-                            f"no contract for {ev.type} v{ev.schema_version}"
+                if contract is None:
+                    bad.append(
+                        BadEvent(
+                            stream_seq,
+                            idx,
+                            "unknown_contract",
+                            f"no contract for {ev.type} v{ev.schema_version} in the registry",
+                            ev,
+                            bytes(ev.data),
                         )
+                    )
+                    continue
+                try:
                     data = contract.msgpack_decoder.decode(ev.data)
-                except (msgspec.MsgspecError, RecursionError) as exc:
-                    undecodable += 1
-                    log.warning(
-                        "event %d of stream seq %d is not valid, skipped: %s", idx, stream_seq, exc
+                except BAD_INPUT as exc:
+                    bad.append(
+                        BadEvent(
+                            stream_seq,
+                            idx,
+                            "invalid_payload",
+                            f"{ev.type} v{ev.schema_version}: {exc}",
+                            ev,
+                            bytes(ev.data),
+                        )
                     )
                     continue
                 decoded.append((base + idx, ev, data))
-        return decoded, undecodable
+        return decoded, bad, total
 
-    async def _process(self, batch: list[tuple[int, bytes]]) -> None:
-        sources = set(self.view.sources)
-        decoded, undecodable = await self._decode(batch)
+    async def _process(self, batch: list[tuple[int, bytes]]) -> list[int]:
+        decoded, bad, total = await self._decode(batch)
+        if bad:
+            for b in bad:
+                log.warning(
+                    "%s: stream seq %d%s dead-lettered: %s",
+                    self.view.ref,
+                    b.stream_seq,
+                    f" event {b.index}" if b.index >= 0 else "",
+                    b.message,
+                )
+            if self._dead_letters is not None:
+                await self._dead_letters(bad)  # stored before the batch commits
 
         # Load the states this batch needs that are not hot.
         cache = self.cache
-        needed = list(
-            {
-                ev.entity_id
-                for _, ev, _ in decoded
-                if ev.type in sources and cache.get(ev.entity_id) is None
-            }
-        )
+        needed = list({ev.entity_id for _, ev, _ in decoded if cache.get(ev.entity_id) is None})
         loaded = await self.online.load_states(needed)
         work: dict[str, EntityState] = {}
         late_events: list[tuple[int, StreamEvent]] = []
@@ -174,35 +234,42 @@ class FeaturePipeline:
         wms = dict(self.watermarks)
         engine = self.engine
         lateness = self._lateness_ms
-        for seq, ev, data in decoded:
-            if ev.type not in sources:
-                continue
-            entity = ev.entity_id
-            st = work.get(entity)
-            if st is None:
-                # Mutated in place: if the batch fails, process() drops the whole cache and
-                # states are reloaded from Redis, which only ever holds committed batches.
-                hot = cache.get(entity)
-                st = hot if hot is not None else loaded.get(entity) or EntityState()
-                work[entity] = st
-            p_wm = wms.get(ev.partition, 0)
-            if ev.event_time < p_wm - lateness:
-                outcome = engine.mark_late(st, seq)
-            else:
-                outcome = engine.apply(st, seq, ev.type, ev.event_time, data)
-                if ev.event_time > p_wm:
-                    wms[ev.partition] = ev.event_time
-            if outcome == Outcome.APPLIED:
-                applied += 1
-                values = engine.values(st)
-                touched[entity] = (values, ev.trace_id)
-                fv_rows.append(FeatureRow(entity, st.watermark, seq, ev.trace_id, values))
-            elif outcome == Outcome.LATE:
-                late_seqs.add(seq)
-                late_events.append((seq, ev))
-                touched[entity] = (engine.values(st), ev.trace_id)
-            else:
-                dup += 1
+        seq = 0
+        try:
+            for seq, ev, data in decoded:
+                entity = ev.entity_id
+                st = work.get(entity)
+                if st is None:
+                    # Mutated in place: if the batch fails, process() drops the whole cache and
+                    # states are reloaded from Redis, which only ever holds committed batches.
+                    hot = cache.get(entity)
+                    st = hot if hot is not None else loaded.get(entity) or EntityState()
+                    work[entity] = st
+                p_wm = wms.get(ev.partition, 0)
+                if ev.event_time < p_wm - lateness:
+                    outcome = engine.mark_late(st, seq)
+                else:
+                    outcome = engine.apply(st, seq, ev.type, ev.event_time, data, ev.event_id)
+                    if ev.event_time > p_wm:
+                        wms[ev.partition] = ev.event_time
+                if outcome == Outcome.APPLIED:
+                    applied += 1
+                    values = engine.values(st)
+                    touched[entity] = (values, ev.trace_id)
+                    fv_rows.append(FeatureRow(entity, st.watermark, seq, ev.trace_id, values))
+                elif outcome == Outcome.LATE:
+                    late_seqs.add(seq)
+                    late_events.append((seq, ev))
+                    touched[entity] = (engine.values(st), ev.trace_id)
+                else:
+                    dup += 1
+        except Exception as exc:
+            raise ViewFailed(
+                f"view {self.view.ref} failed computing stream event {seq}: "
+                f"{type(exc).__name__}: {exc}",
+                view=self.view.ref,
+                event_seq=seq,
+            ) from exc
 
         if fv_rows:
             await self.rows_sink(self.view, fv_rows, batch[0][0], batch[-1][0])
@@ -221,13 +288,14 @@ class FeaturePipeline:
             self._last_sweep = now
             await self.online.sweep(int(time.time() * 1000))
         s = self.stats
-        s.events += len(decoded)
+        s.events += total
         s.messages += len(batch)
         s.applied += applied
         s.duplicates += dup
         s.late += len(late_seqs)
-        s.undecodable += undecodable
+        s.undecodable += len(bad)
         s.feature_rows += len(fv_rows)
         s.position = last_seq
         if decoded:
             s.last_event_ingest_ms = decoded[-1][1].ingest_time
+        return [b.stream_seq for b in bad if b.index < 0]

@@ -7,6 +7,7 @@ independent of the window length.
 
 from __future__ import annotations
 
+import linecache
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -324,10 +325,10 @@ def compile_values(
         a = {f"a{n}": f"g{j}" for n, j in enumerate(idx)}
         lines.append(f"    v{k} = " + _COMBINE[kind].format(at=at, at1=at + 1, at2=at + 2, **a))
     feature_names = view.feature_names
-    for k, f in enumerate(view.features):
-        if f.kind == "ratio":
-            num, den = feature_names.index(f.numerator), feature_names.index(f.denominator)
-            lines.append(f"    v{k} = v{num} / v{den} if v{den} else 0.0")
+    for k in view.ratio_order():  # a ratio after the ratios it divides
+        f = view.features[k]
+        num, den = feature_names.index(f.numerator), feature_names.index(f.denominator)
+        lines.append(f"    v{k} = v{num} / v{den} if v{den} else 0.0")
     lines.append("    return [" + ", ".join(f"v{k}" for k in range(len(feature_names))) + "]")
     scope: dict[str, Any] = {
         "_bisect_left": bisect_left,
@@ -356,8 +357,16 @@ def compile_values(
         for _, op, col in aggs
     )
     scope["EMPTY_REST"] = (None,) * (1 + nw) + empty
-    source = "\n".join(roll) + "\n\n\n" + "\n".join(lines)
-    exec(compile(source, f"<view {view.ref}>", "exec"), scope)  # noqa: S102 - generated from a validated definition
+    source = "\n".join(roll) + "\n\n\n" + "\n".join(lines) + "\n"
+    filename = generated_filename(view)
+    # Registered with linecache: a traceback through the generated code shows its lines.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), scope)  # noqa: S102 - generated from a validated definition
     fn: Callable[[EntityState], list[float]] = scope["values"]
     fn.__doc__ = source  # the generated code, for whoever debugs it
     return fn
+
+
+def generated_filename(view: FeatureView) -> str:
+    """The stable name the generated code of a view version is compiled under."""
+    return f"<myelin-view {view.ref}>"

@@ -18,7 +18,7 @@ from nats.js.errors import (
 
 from myelin.bus import kv_bucket, kv_keys
 from myelin.subjects import VIEWS_BUCKET
-from services.features.views import FeatureView, view_doc, view_from_doc
+from services.features.views import FeatureView, InvalidView, view_doc, view_from_doc
 
 _enc = msgspec.json.Encoder()
 
@@ -42,16 +42,22 @@ class ViewRegistry:
             return False
         return True
 
-    async def versions(self) -> list[FeatureView]:
+    async def versions(self) -> tuple[list[FeatureView], dict[str, str]]:
+        """The stored versions, and the keys of those that no longer read as a valid
+        definition (stored by an older build, or by hand) with why: those are not run."""
         kv = await self._bucket()
         out = []
+        broken: dict[str, str] = {}
         for k in await kv_keys(self._js, VIEWS_BUCKET):
             try:
                 entry = await kv.get(k)
             except KeyNotFoundError:
                 continue  # retired
-            out.append(view_from_doc(msgspec.json.decode(entry.value)))
-        return out
+            try:
+                out.append(view_from_doc(msgspec.json.decode(entry.value)))
+            except (InvalidView, msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:
+                broken[k] = str(exc)
+        return out, broken
 
     async def retire(self, view: FeatureView) -> None:
         kv = await self._bucket()

@@ -26,7 +26,7 @@ from services.features.versions import (
     promotion_input,
 )
 from services.features.view_registry import ViewRegistry
-from services.features.views import FeatureView, view_doc, view_from_doc
+from services.features.views import FeatureView, InvalidView, view_doc, view_from_doc
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,28 @@ class VersionRunner:
     def durable(self) -> str:
         return consumer_name(self.view)
 
+    @property
+    def failed(self) -> str:
+        """Why this version stopped ('' while it runs)."""
+        return self.loop.stopped_error
+
+    def snapshot(self) -> dict[str, Any]:
+        st, loop = self.pipeline.stats, self.loop.snapshot()
+        return {
+            "view": self.view.name,
+            "version": self.view.content_hash,
+            "served": self.served,
+            "state": loop["state"],  # ok | retrying | stopped
+            "error": loop["error"],
+            "position": st.position,
+            "lag_messages": loop["pending"],
+            "events": st.events,
+            "applied": st.applied,
+            "duplicates": st.duplicates,
+            "late": st.late,
+            "dead_lettered": st.undecodable,
+        }
+
 
 def consumer_name(view: FeatureView) -> str:
     return f"features-{view.name}-{view.content_hash}"
@@ -60,7 +82,10 @@ class ViewVersions:
         stop: Callable[[VersionRunner], Awaitable[None]],
         stream_last_seq: Callable[[], Awaitable[int]],
         primary: str,
+        check: Callable[[FeatureView], Awaitable[list[str]]],
     ) -> None:
+        """``check``: every problem that keeps a definition from running (empty: it can)."""
+        self._check = check
         self._registry = registry
         self._gov = governance
         self._start = start
@@ -102,14 +127,9 @@ class ViewVersions:
             st = r.pipeline.stats
             out.append(
                 {
-                    "view": r.view.name,
-                    "version": r.view.content_hash,
+                    **r.snapshot(),
                     "served": served[r.view.name] == r.view.content_hash,
-                    "position": st.position,
                     "lag_messages": max(0, last - st.position),
-                    "events": st.events,
-                    "applied": st.applied,
-                    "late": st.late,
                     "features": list(r.view.feature_names),
                     "definition": view_doc(r.view),
                 }
@@ -118,6 +138,13 @@ class ViewVersions:
 
     async def register(self, definition: Any) -> dict[str, Any]:
         view = view_from_doc(definition)
+        problems = await self._check(view)
+        if problems:
+            raise InvalidView(
+                f"feature view {view.name} cannot run on the registered contracts: "
+                + "; ".join(problems),
+                problems=problems,
+            )
         async with self._lock:
             created = await self._registry.register(view)
             if view.content_hash not in self.runners:
@@ -171,10 +198,12 @@ class ViewVersions:
             raise VersionError("retire a version, NAME@HASH, and say who asks (--requester)")
         async with self._lock:
             runner = await self.runner_for(ref)
-            if await runner.store.served() == version:
+            if await runner.store.served() == version and not runner.failed:
                 raise VersionError(
                     f"{ref} is the served version: promote another version of {name} first"
                 )
+            # A failed version may go even when served: it serves nothing current anyway,
+            # and reads of the view then say it has no served version.
             await self._stop(runner)
             await runner.store.drop()
             await self._registry.retire(runner.view)

@@ -8,8 +8,8 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from myelin import bus
+from myelin.audit import AuditLog
 from myelin.settings import Settings
-from services.governance.audit_log import AuditLog
 from services.governance.decider import Decider
 from services.governance.logic import policy_version
 from services.governance.nats_api import serve_decisions

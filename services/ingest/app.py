@@ -14,12 +14,13 @@ from nats.aio.client import Client as NATS
 from myelin import bus
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts.store import ContractStore
+from myelin.dead_letters import consumer_dead_letters
 from myelin.pii import load_tokenizer
 from myelin.settings import Settings
 from myelin.subjects import INGEST_STREAM
 from services.ingest.http_api import build_app
 from services.ingest.ingestor import Ingestor
-from services.ingest.logic import Limits, RecentIds, Validator
+from services.ingest.logic import Limits, RecentIds, Validator, sanitize
 from services.ingest.nats_api import serve_ingest
 from services.ingest.stream_api import inbox_handler
 
@@ -64,7 +65,9 @@ class IngestApp:
             validator,
             bus.Publisher(js, s),
             max_inflight_events=max(s.publish_window * 8, s.max_batch_events),
-            recent=RecentIds(max_items=500_000, ttl_ms=int(s.duplicate_window_s * 1000)),
+            recent=RecentIds(
+                max_items=500_000 if s.dedupe else 0, ttl_ms=int(s.duplicate_window_s * 1000)
+            ),
         )
         self._tasks.append(asyncio.create_task(self._follow_registry(store), name="contracts"))
         self._sub = await serve_ingest(self._nc, self.ingestor)
@@ -76,8 +79,26 @@ class IngestApp:
             max_ack_pending=2000,
             ack_wait_s=30.0,
         )
+        ingestor = self.ingestor
+
+        def sanitized(data: bytes) -> str:
+            v = ingestor.validator  # the current registry: PII fields of known contracts
+            return sanitize(data[: v.limits.max_batch_bytes], v.registry, v.tok).decode(
+                "utf-8", errors="replace"
+            )
+
         self._inbox = PullLoop(
-            js, INGEST_STREAM, "ingest-inbox", inbox_handler(self.ingestor), batch=500
+            js,
+            INGEST_STREAM,
+            "ingest-inbox",
+            inbox_handler(self.ingestor),
+            batch=500,
+            dead_letter=consumer_dead_letters(
+                bus.Publisher(js, s),
+                "ingest-inbox",
+                sanitize=sanitized,
+                producer_of=lambda m: m.subject.removeprefix("myelin.ingest."),
+            ),
         )
         self._tasks.append(asyncio.create_task(self._inbox.run(), name="ingest-inbox"))
         self._runner = web.AppRunner(build_app(self.ingestor), access_log=None)
@@ -122,5 +143,14 @@ class IngestApp:
 
     def status(self) -> dict[str, Any]:
         port = self.settings.ingest_http_port
-        base = {"http": f"http://{self.settings.host}:{port}/v1/events"}
+        inbox = self._inbox
+        base: dict[str, Any] = {
+            "http": f"http://{self.settings.host}:{port}/v1/events",
+            # ready: the HTTP endpoint is up and the inbox flows (not stuck retrying)
+            "ready": self._runner is not None and inbox is not None and inbox.healthy,
+            "not_ready": [f"ingest-inbox: {inbox.snapshot()['error']}"]
+            if inbox is not None and not inbox.healthy
+            else [],
+            "inbox": inbox.snapshot() if inbox is not None else {},
+        }
         return {**base, **(self.ingestor.status() if self.ingestor else {})}

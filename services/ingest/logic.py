@@ -136,6 +136,8 @@ def parse_batch(body: bytes, limits: Limits) -> list[msgspec.Raw]:
         raise BatchRefused(
             Reason.MALFORMED_JSON, "malformed JSON: nested too deeply", 400
         ) from None
+    except UnicodeDecodeError as exc:
+        raise BatchRefused(Reason.MALFORMED_JSON, _utf8_error(exc), 400) from None
     if len(items) > limits.max_batch_events:
         raise BatchRefused(
             Reason.TOO_MANY_EVENTS,
@@ -143,6 +145,12 @@ def parse_batch(body: bytes, limits: Limits) -> list[msgspec.Raw]:
             413,
         )
     return items
+
+
+def _utf8_error(exc: UnicodeDecodeError) -> str:
+    """Where a JSON string holds bytes that are not UTF-8 (JSON text must be UTF-8)."""
+    bad = exc.object[exc.start : exc.end][:8].hex(" ")
+    return f"a string is not valid UTF-8 ({exc.reason}: bytes {bad}); send UTF-8 JSON"
 
 
 def _guess_id(raw: bytes) -> str:
@@ -170,7 +178,7 @@ def sanitize(raw: bytes, registry: ContractRegistry, tok: Tokenizer) -> bytes:
     known; every string in ``data`` tokenized when it is not; unparseable input redacted."""
     try:
         doc = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return _json.encode(
             {"redacted": True, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
         )
@@ -243,6 +251,8 @@ class Validator:
                 return self.reject(index, raw, Reason.INVALID_ENVELOPE, _field_error(exc, ""))
             except RecursionError:
                 return self.reject(index, raw, Reason.INVALID_ENVELOPE, "JSON nested too deeply")
+            except UnicodeDecodeError as exc:
+                return self.reject(index, raw, Reason.INVALID_ENVELOPE, _utf8_error(exc))
         contract = self.registry.get(env.type, env.schema_version)
         if contract is None:
             known = self.registry.versions(env.type)
@@ -304,6 +314,15 @@ class Validator:
                 env.event_id,
                 env.producer_id,
             )
+        except UnicodeDecodeError as exc:
+            return self.reject(
+                index,
+                raw,
+                Reason.INVALID_PAYLOAD,
+                f"data: {_utf8_error(exc)}",
+                env.event_id,
+                env.producer_id,
+            )
         return self.accept(index, env, contract, payload, now_ms, trace_id)
 
     def accept(
@@ -354,7 +373,7 @@ class Validator:
         if body is not None and all(len(r) <= self.limits.max_event_bytes for r in items):
             try:
                 envs = list(_envelopes.decode(body))
-            except (msgspec.ValidationError, RecursionError):
+            except (msgspec.ValidationError, RecursionError, UnicodeDecodeError):
                 envs = [None] * len(items)
         out: list[Outcome] = []
         seen: set[str] = set()
@@ -372,7 +391,7 @@ class Validator:
                 if contract is not None:
                     try:
                         payload = contract.json_decoder.decode(env.data)
-                    except (msgspec.ValidationError, RecursionError):
+                    except (msgspec.ValidationError, RecursionError, UnicodeDecodeError):
                         payload = None
                     if payload is not None:
                         outcome = self.accept(i, env, contract, payload, now_ms, trace_id)

@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from myelin import bus
 from myelin.consume import PullLoop, ensure_consumer
+from myelin.dead_letters import consumer_dead_letters
 from myelin.errors import Poison
 from myelin.settings import Settings
 from myelin.subjects import (
@@ -109,6 +110,13 @@ class WarehouseApp:
         it handles a batch)."""
         assert self._js is not None
         stream, handler, batch = self._handlers[durable]
+        # A record that can never be stored is dead-lettered (the DLQ drain's own poison is
+        # only logged and terminated: dead-lettering it would feed it back to itself).
+        dead_letter = (
+            None
+            if stream == DLQ_STREAM
+            else consumer_dead_letters(bus.Publisher(self._js, self.settings), durable)
+        )
         loop = PullLoop(
             self._js,
             stream,
@@ -116,6 +124,7 @@ class WarehouseApp:
             handler,
             batch=batch,
             linger_s=self.settings.warehouse_linger_s,
+            dead_letter=dead_letter,
         )
         loop.position = stored
         self.loops[durable] = loop
@@ -173,8 +182,14 @@ class WarehouseApp:
             self.sink = None
 
     def status(self) -> dict[str, Any]:
+        stuck = {n: loop.snapshot()["error"] for n, loop in self.loops.items() if not loop.healthy}
         return {
+            # ready: every drain flows (none stuck retrying past its alert threshold)
+            "ready": bool(self.loops) and not stuck,
+            "not_ready": [f"{n}: {e}" for n, e in stuck.items()],
             "idle": all(loop.idle for loop in self.loops.values()),
+            "dead_lettered": {n: loop.dead_lettered for n, loop in self.loops.items()},
+            "retrying": {n: loop.attempts for n, loop in self.loops.items()},
             "drained": {name: loop.messages for name, loop in self.loops.items()},
             # stream sequence each drain has stored, and what was left behind it
             "positions": {name: loop.position for name, loop in self.loops.items()},

@@ -14,8 +14,10 @@ from typing import TypeVar
 import msgspec
 from nats.aio.msg import Msg
 
+from myelin.consume import PoisonMessages
 from myelin.contracts import StreamEvent
-from myelin.records import AuditRecord, DeadLetter, FeatureRows, InferenceRecord
+from myelin.errors import BAD_INPUT
+from myelin.records import AuditRecord, DeadLetter, FeatureRows, InferenceRecord, LateEvents
 from services.warehouse.sink import (
     WarehouseSink,
     audit_table,
@@ -33,17 +35,41 @@ _aud = msgspec.msgpack.Decoder(AuditRecord)
 _dlq = msgspec.msgpack.Decoder(DeadLetter)
 _events = msgspec.msgpack.Decoder(list[StreamEvent])
 _rows = msgspec.msgpack.Decoder(FeatureRows)
+_late = msgspec.msgpack.Decoder(LateEvents)
 SEQ_STRIDE = 1000  # event seq = stream sequence x 1000 + index in the message
 SEQS_HEADER = "Myelin-Event-Seqs"  # on LATE messages: the events' sequences, comma-separated
 
 
+class Undecodable(ValueError):
+    """One message is not what its stream carries."""
+
+
+_UNDECODABLE: tuple[type[Exception], ...] = (*BAD_INPUT, Undecodable)
+
+
+def _decoded(m: Msg, decode: Callable[[Msg], T]) -> T:
+    try:
+        return decode(m)
+    except _UNDECODABLE as exc:
+        raise PoisonMessages(
+            f"{m.subject} (stream seq {m.metadata.sequence.stream}) is not a valid record: {exc}",
+            [m],
+        ) from None
+
+
 def _decode_all(msgs: list[Msg], dec: msgspec.msgpack.Decoder[T]) -> list[tuple[int, T]]:
+    """Every message decoded; the ones that cannot be are named in one
+    :class:`PoisonMessages` (dead-lettered by the loop, which then retries the rest)."""
     out: list[tuple[int, T]] = []
+    bad: list[Msg] = []
     for m in msgs:
         try:
             out.append((m.metadata.sequence.stream, dec.decode(m.data)))
-        except msgspec.MsgspecError as exc:
-            log.warning("skipping undecodable record on %s: %s", m.subject, exc)
+        except BAD_INPUT as exc:
+            log.warning("undecodable record on %s: %s", m.subject, exc)
+            bad.append(m)
+    if bad:
+        raise PoisonMessages(f"{len(bad)} undecodable record(s) on {bad[0].subject}", bad)
     return out
 
 
@@ -83,21 +109,33 @@ def events_drain(sink: WarehouseSink) -> Callable[[list[Msg]], Awaitable[None]]:
     return handle
 
 
+def _late_rows(m: Msg) -> list[tuple[int, StreamEvent]]:
+    """A LATE message: :class:`LateEvents`, or (written before it existed) a list of events
+    with their sequences in a header."""
+    try:
+        late = _late.decode(m.data)
+        seqs, events = late.seqs, late.events
+    except msgspec.MsgspecError:
+        events = _events.decode(m.data)
+        seqs = [int(x) for x in (m.headers or {}).get(SEQS_HEADER, "").split(",")]
+    if len(seqs) != len(events):
+        raise Undecodable(f"{len(seqs)} sequences for {len(events)} events")
+    return list(zip(seqs, events, strict=True))
+
+
 def late_drain(sink: WarehouseSink) -> Callable[[list[Msg]], Awaitable[None]]:
     """Events a view found too late: the same raw rows again, with ``late = 1``."""
 
     async def handle(msgs: list[Msg]) -> None:
         rows: list[tuple[int, StreamEvent]] = []
+        bad: list[Msg] = []
         for m in msgs:
             try:
-                events = _events.decode(m.data)
-                seqs = [int(x) for x in (m.headers or {}).get(SEQS_HEADER, "").split(",")]
-                if len(seqs) != len(events):
-                    raise ValueError(f"{len(seqs)} sequences for {len(events)} events")
-            except (msgspec.MsgspecError, ValueError) as exc:
-                log.warning("skipping undecodable LATE message %s: %s", m.subject, exc)
-                continue
-            rows.extend(zip(seqs, events, strict=True))
+                rows.extend(_decoded(m, _late_rows))
+            except PoisonMessages:
+                bad.append(m)
+        if bad:
+            raise PoisonMessages(f"{len(bad)} undecodable LATE message(s)", bad)
         if rows:
             await sink.insert("events", events_table(rows, late=True))
 

@@ -205,5 +205,9 @@ def dead_letters_table(records: list[tuple[int, DeadLetter]]) -> pa.Table:
             "producer_id": pa.array([r.producer_id for _, r in records], pa.string()),
             "payload": pa.array([r.payload for _, r in records], pa.string()),
             "stream_seq": pa.array([s for s, _ in records], pa.uint64()),
+            # where a consumer's dead letter came from: stream, seq, consumer, subject
+            "detail": pa.array(
+                [list(r.detail.items()) for _, r in records], pa.map_(pa.string(), pa.string())
+            ),
         }
     )

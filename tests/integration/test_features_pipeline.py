@@ -11,12 +11,12 @@ from nats.aio.client import Client as NATS
 from myelin import bus, online
 from myelin.contracts import StreamEvent, default_registry
 from myelin.online import OnlineReader, Status
-from myelin.records import FeatureRows
+from myelin.records import FeatureRows, LateEvents
 from myelin.settings import Settings
 from myelin.stack.engines import RedisServer
 from myelin.subjects import FEATURES_STREAM, LATE_STREAM
 from services.features.feature_rows import rows_publisher
-from services.features.late_sink import SEQS_HEADER, late_publisher
+from services.features.late_sink import late_publisher
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
@@ -194,8 +194,9 @@ async def test_late_events_are_counted_and_sent_to_the_late_stream(
     sub = await js.pull_subscribe("myelin.late.>", stream=LATE_STREAM)
     [msg] = await sub.fetch(1, timeout=2)
     assert msg.subject == "myelin.late.user_activity"
-    assert [e.event_id for e in msgspec.msgpack.decode(msg.data, type=list[StreamEvent])] == ["e2"]
-    assert (msg.headers or {})[SEQS_HEADER] == "2000"  # where it sits in raw history
+    late = msgspec.msgpack.decode(msg.data, type=LateEvents)
+    assert [e.event_id for e in late.events] == ["e2"]
+    assert late.seqs == [2000]  # where it sits in raw history, in the payload (not a header)
 
 
 async def test_lateness_is_judged_by_the_partition_watermark(
