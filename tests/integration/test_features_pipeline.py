@@ -27,12 +27,14 @@ MIN = 60_000
 _mp = msgspec.msgpack.Encoder()
 
 
-def event(seq: int, typ: str, user: str, t: int, **data: Any) -> tuple[int, bytes]:
+def event(
+    seq: int, typ: str, user: str, t: int, event_id: str = "", **data: Any
+) -> tuple[int, bytes]:
     payload = {"user_id": user, "item_id": "i", **data}
     return seq, _mp.encode(
         [
             StreamEvent(
-                event_id=f"e{seq}",
+                event_id=event_id or f"e{seq}",
                 type=typ,
                 schema_version=1,
                 event_time=t,
@@ -120,6 +122,29 @@ async def test_batches_apply_once_and_land_in_both_stores(
     )
     assert rows_a == [(1000, 1.0), (2000, 2.0), (3000, 2.0), (5000, 3.0)]
     assert sum(len(b.rows) for b in published) == 5
+
+
+async def test_an_event_resent_in_another_batch_after_a_restart_counts_once(
+    redis_client: aioredis.Redis, nc: NATS, settings: Settings
+) -> None:
+    """On main the same event stored twice on the stream (another batch, another ingest
+    worker, another path) was counted twice online and in feature_values."""
+    t0 = int(time.time() * 1000) - 10 * MIN
+    p = pipeline(redis_client, nc, settings)
+    await p.start()
+    await p.process([event(1, "purchase", "a", t0, "order-1", amount=5.0)])
+    await p.process([event(2, "click", "a", t0 + 1)])
+    p2 = pipeline(redis_client, nc, settings)  # a restart: states come back from Redis
+    await p2.start()
+    await p2.process(
+        [event(3, "purchase", "a", t0, "order-1", amount=5.0), event(4, "click", "a", t0 + 2)]
+    )
+    assert (p2.stats.applied, p2.stats.duplicates) == (1, 1)
+    [a] = await OnlineReader(redis_client).read("user_activity", ["a"])
+    va = dict(zip(USER_ACTIVITY.feature_names, a.values, strict=True))
+    assert va["purchases_1h"] == 1 and va["spend_1h"] == 5.0 and va["clicks_1h"] == 2
+    rows = [r for b in await published_rows(nc, settings) for r in b.rows]
+    assert sorted(r.stream_seq for r in rows) == [1000, 2000, 4000]  # none for the resent copy
 
 
 async def test_expired_values_are_not_served(

@@ -115,6 +115,27 @@ async def test_bad_bodies_get_specific_errors(
     assert (got, payload["error"]) == (status, error)
 
 
+async def test_strings_that_are_not_utf8_get_a_reason_not_a_500(ingest: str) -> None:
+    """On main a lone surrogate encoded in UTF-8 (bytes ED A0 80) inside a string raised
+    UnicodeDecodeError and the endpoint answered 500."""
+    good = json.dumps(click(1)).encode()
+    bad_data = (
+        json.dumps(click(2))
+        .encode()
+        .replace(b'"u2"', b'"\xed\xa0\x80"'.decode("unicode_escape").encode("latin-1"))
+    )
+    bad_id = (
+        json.dumps(click(3))
+        .encode()
+        .replace(b'"c3"', b'"c\xff3"'.decode("unicode_escape").encode("latin-1"))
+    )
+    status, body, _ = await post(ingest, b"[" + b",".join([good, bad_data, bad_id]) + b"]")
+    assert status == 207 and body["statuses"] == "arr"
+    reasons = {r["index"]: (r["reason"], r["message"]) for r in body["results"]}
+    assert reasons[1][0] == "invalid_payload" and "not valid UTF-8" in reasons[1][1]
+    assert reasons[2][0] == "invalid_envelope" and "not valid UTF-8" in reasons[2][1]
+
+
 async def test_all_rejected_is_422(ingest: str) -> None:
     status, body, _ = await post(ingest, [click(1, schema_version=3)])
     assert status == 422 and body["results"][0]["reason"] == "unknown_version"
