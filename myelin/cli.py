@@ -20,11 +20,19 @@ import sys
 from typing import Any
 
 import msgspec
+from nats.aio.client import Client as NATS
 
 from myelin import bus
 from myelin.errors import MyelinError
 from myelin.settings import Settings
+from myelin.stack.nats_connect import connect_once
 from myelin.stack.supervisor import SERVICES, Stack
+
+
+async def _connect(settings: Settings) -> NATS:
+    """The CLI's NATS connection: one clear ``nats_unreachable`` error within seconds when
+    nothing answers, instead of nats-py's endless retries and tracebacks."""
+    return await connect_once(settings, "cli", hint="is 'myelin up' running? (MYELIN_NATS_URL)")
 
 
 async def _up(settings: Settings) -> int:
@@ -32,7 +40,8 @@ async def _up(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Stack(settings):
+    stack = Stack(settings, supervise=True)
+    async with stack:
         print(
             f"Myelin is up. Ingest: http://{settings.host}:{settings.ingest_http_port}/v1/events  "
             f"gRPC: {settings.host}:{settings.inference_grpc_port}  NATS: {settings.nats_url}\n"
@@ -40,8 +49,17 @@ async def _up(settings: Settings) -> int:
             file=sys.stderr,
             flush=True,
         )
-        await stop.wait()
-        print("Stopping ...", file=sys.stderr, flush=True)
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(stack.failed.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not stack.failed.is_set():
+            print("Stopping ...", file=sys.stderr, flush=True)
+    if stack.failed.is_set():
+        print("myelin: the supervisor gave up; everything is stopped.", file=sys.stderr)
+        return 1
     print("Stopped; nothing left running.", file=sys.stderr)
     return 0
 
@@ -62,7 +80,7 @@ async def _demo(settings: Settings, events: int) -> int:
 
 
 async def _status(settings: Settings) -> int:
-    nc = await bus.connect(settings, "cli", reconnect=False)
+    nc = await _connect(settings)
     code = 0
     try:
         for name in SERVICES:
@@ -70,9 +88,21 @@ async def _status(settings: Settings) -> int:
                 h = msgspec.json.decode(
                     await bus.request(nc, f"myelin.rpc.health.{name}", {}, timeout=2)
                 )
-                print(f"{name:<11} ready  {json.dumps(h, default=str)}")
             except MyelinError as exc:
                 print(f"{name:<11} DOWN   {exc.message}")
+                code = 1
+                continue
+            # A service answers even when it cannot do its job (a consumer stuck retrying,
+            # a model it may not serve): its own "ready" says which.
+            if h.get("ready", True):
+                failed = h.get("failed_versions") or []
+                state = (
+                    f"DEGRADED ({len(failed)} failed: {'; '.join(failed)})" if failed else "ready"
+                )
+                print(f"{name:<11} {state}  {json.dumps(h, default=str)}")
+            else:
+                reasons = "; ".join(h.get("not_ready") or ["no reason given"])
+                print(f"{name:<11} NOT READY ({reasons})  {json.dumps(h, default=str)}")
                 code = 1
     finally:
         await nc.close()
@@ -92,7 +122,7 @@ async def _sql(settings: Settings, query: str, max_rows: int) -> int:
     else:
         from myelin.subjects import RPC_WAREHOUSE_QUERY
 
-        nc = await bus.connect(settings, "cli", reconnect=False)
+        nc = await _connect(settings)
         try:
             raw = await bus.request(
                 nc, RPC_WAREHOUSE_QUERY, {"sql": query, "max_rows": max_rows}, timeout=60
@@ -119,7 +149,7 @@ async def _views(settings: Settings, args: argparse.Namespace) -> int:
 
     cmd = args.features_cmd
     definition = _read_definition(args.file) if cmd == "register" else None
-    nc = await bus.connect(settings, "cli", reconnect=False)
+    nc = await _connect(settings)
     try:
         if cmd == "register":
             req: dict[str, Any] = {"op": "register", "definition": definition}
@@ -196,7 +226,7 @@ async def _replay(
     from myelin.demo.progress import Progress
     from myelin.subjects import RPC_FEATURES_REPLAY, health_subject
 
-    nc = await bus.connect(settings, "cli", reconnect=False)
+    nc = await _connect(settings)
     try:
         started = msgspec.json.decode(
             await bus.request(
@@ -240,7 +270,7 @@ async def _replay(
 async def _check(settings: Settings, sample: int, view: str) -> int:
     from myelin.subjects import RPC_FEATURES_CHECK
 
-    nc = await bus.connect(settings, "cli", reconnect=False)
+    nc = await _connect(settings)
     try:
         res = msgspec.json.decode(
             await bus.request(nc, RPC_FEATURES_CHECK, {"sample": sample, "view": view}, timeout=120)
@@ -249,19 +279,29 @@ async def _check(settings: Settings, sample: int, view: str) -> int:
         await nc.close()
     print(
         f"checked {res['checked']} entities: {res['matched']} match, "
-        f"{len(res['mismatches'])} feature mismatches, {res['missing_online']} missing online"
+        f"{len(res['mismatches'])} feature mismatches, {res['missing_online']} missing online, "
+        f"{res['expired_online']} expired online (values withheld, not compared)"
     )
     for m in res["mismatches"][:50]:
         print(
             f"  {m['entity_id']} {m['feature']}: online {m['online']} offline {m['offline']} (seq {m['seq']})"
         )
+    if not res["checked"]:
+        # exit 1: a check that compared nothing proves nothing
+        why = (
+            "no entity of the view's sources is in the warehouse yet"
+            if not res["sampled"]
+            else "every sampled entity is missing or expired online"
+        )
+        print(f"nothing was compared: {why}", file=sys.stderr)
+        return 1
     return 0 if not res["mismatches"] else 1
 
 
 async def _models(settings: Settings, name: str) -> int:
     from myelin.models import ModelRegistry
 
-    nc = await bus.connect(settings, "cli", reconnect=False)
+    nc = await _connect(settings)
     try:
         reg = ModelRegistry(nc, bus.jetstream(nc, settings))
         aliases = await reg.aliases(name)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 from pathlib import Path
 from typing import Self
 
 from myelin.errors import ConfigError
-from myelin.stack.process import ManagedProcess, wait_port
+from myelin.stack.ports import listens_on
+from myelin.stack.process import (
+    ManagedProcess,
+    ProcessError,
+    describe_exit,
+    log_tail,
+    wait_port,
+)
 
 
 def nats_server_binary() -> Path:
@@ -41,6 +49,37 @@ class _Engine(ManagedProcess):
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
         await wait_port(self.host, self.port, timeout, self)
+        await self._wait_own_listener(timeout)
+
+    async def _wait_own_listener(self, timeout: float) -> None:
+        # The port answering proves nothing when another process holds it: our engine
+        # then exits with "address already in use" (nats-server only after opening its
+        # JetStream store, which can take a while), and the other one answers in its place.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            code, pid = self.returncode, self.pid
+            if code is not None or pid is None:
+                raise ProcessError(
+                    f"{self.name} exited with {describe_exit(code)} right after starting, while "
+                    f"something answered on {self.host}:{self.port}: another process holds "
+                    f"that port (another Myelin stack?). Last lines of {self.log_path}:\n"
+                    f"{log_tail(self.log_path, 10)}"
+                )
+            owns = listens_on(pid, self.port)
+            if owns is None:  # no /proc to ask: a process that fails to bind exits at once
+                await asyncio.sleep(0.3)
+                if self.returncode is None:
+                    return
+                continue
+            if owns:
+                return
+            if loop.time() > deadline:
+                raise ProcessError(
+                    f"{self.host}:{self.port} answers, but not from the {self.name} this stack "
+                    f"started (pid {pid}): another process holds that port; see {self.log_path}"
+                )
+            await asyncio.sleep(0.05)
 
     async def __aenter__(self) -> Self:
         self.start()

@@ -26,6 +26,24 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
+def describe_exit(code: int | None) -> str:
+    """``-9 (signal SIGKILL)`` for a killed process, the plain exit status otherwise."""
+    if code is None:
+        return "no exit status"
+    if code < 0:
+        try:
+            return f"{code} (signal {signal.Signals(-code).name})"
+        except ValueError:
+            return f"{code} (signal {-code})"
+    return str(code)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -71,23 +89,34 @@ class ManagedProcess:
 
     @property
     def returncode(self) -> int | None:
+        """The exit status once the started process has exited; None while it runs and
+        when it is not started (or was stopped on purpose)."""
         return self._proc.poll() if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
         if self._proc is not None:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
+        log = self.log_path.open("ab")
         env = {**os.environ, **(self.env or {})}
-        self._proc = subprocess.Popen(
-            self.argv,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
-            preexec_fn=_die_with_parent,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
+                preexec_fn=_die_with_parent,
+            )
+        except BaseException:
+            log.close()
+            raise
+        self._log = log
 
     async def stop(self, timeout: float = 10.0) -> int | None:
         proc = self._proc

@@ -91,6 +91,21 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
         features_metrics = scrape(metrics_base + 2)
         assert "myelin_features_late_total" in features_metrics
         assert "myelin_features_position" in features_metrics
+        # `myelin up` supervises its children: a killed service is started again, and said so
+        features = [c for c in children if "services.features" in " ".join(c.cmdline())]
+        assert len(features) == 1
+        features[0].kill()
+        said: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            said.append(line)
+            if "features ready again" in line or not line:
+                break
+        assert "features exited with -9 (signal SIGKILL); restarting in" in "".join(said), said
+        assert "features ready again" in said[-1], said
+        assert "features" in scrape(metrics_base + 2)  # the new process, on the same port
+        children = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[1]
         assert proc.returncode == 0, rest
@@ -103,3 +118,80 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _survivors(state_dir: Path) -> list[psutil.Process]:
+    """Processes whose command line or environment mentions ``state_dir``."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            text = " ".join(p.cmdline()) + " ".join(p.environ().values())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if str(state_dir) in text:
+            found.append(p)
+    return found
+
+
+def _up_env(settings: Settings) -> dict[str, str]:
+    env = {**os.environ, **settings.to_env()}
+    for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("attr", "what"),
+    [
+        ("ingest_http_port", "ingest HTTP, MYELIN_INGEST_HTTP_PORT"),
+        ("nats_port", "NATS, MYELIN_NATS_PORT"),
+    ],
+)
+def test_up_refuses_a_port_in_use_and_starts_nothing(
+    settings: Settings, attr: str, what: str
+) -> None:
+    import socket
+
+    port = getattr(settings, attr)
+    with socket.socket() as held:  # another stack, as far as `myelin up` can tell
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "myelin.cli", "up"],
+            env=_up_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"myelin: config_error: port {port} ({what}) is already in use on 127.0.0.1: "
+        "is another Myelin stack running? Stop it or choose another port"
+    ]
+    assert time.monotonic() - started < 30
+    assert not _survivors(settings.state_dir)
+
+
+def test_status_without_nats_is_one_clear_error(settings: Settings) -> None:
+    from myelin.stack.process import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "myelin.cli", "status"],
+        env={**os.environ, **settings.to_env(), "MYELIN_NATS_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert time.monotonic() - started < 10
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        f"myelin: nats_unreachable: cannot reach NATS at {url} (connection refused): "
+        "is 'myelin up' running? (MYELIN_NATS_URL)"
+    ]
+    assert done.stdout == ""
