@@ -95,7 +95,7 @@ class FeaturesApp:
             self._nc,
             js,
             self.rows_sink,
-            self.registry,
+            self._contracts.registry,
             GovernanceClient(self._nc),
             self.views.engine_for,
             batch=s.features_batch,
@@ -117,6 +117,11 @@ class FeaturesApp:
         except Exception as exc:  # noqa: BLE001 - reported as a refusal, with what failed
             problems.append(f"its generated code fails: {type(exc).__name__}: {exc}")
         return problems
+
+    @property
+    def contracts(self) -> ContractStore:
+        assert self._contracts is not None
+        return self._contracts
 
     def rows_sink(self, id_prefix: str = "fv") -> RowsSink:
         assert self._js is not None
@@ -187,7 +192,11 @@ class FeaturesApp:
                 "view_failed",
                 view.ref,
                 [f"{type(exc).__name__}: {exc}"],
-                {"view": view.name, "version": view.content_hash, "position": pipeline.stats.position},
+                {
+                    "view": view.name,
+                    "version": view.content_hash,
+                    "position": pipeline.stats.position,
+                },
                 telemetry.trace_id_hex(),
             )
             await AuditLog(pub)(record)

@@ -2,7 +2,10 @@
 
 For a sample of entities, read the online vector and the event sequence it was computed
 at, recompute the same view offline from ClickHouse's raw history up to that sequence
-(same window engine, same event order), and report every feature that differs.
+(same window engine, same event order, the same rules: the first copy of an event id
+counts, and an event too far behind its partition's watermark is late), and report every
+feature that differs. Entities whose online values are withheld (EXPIRED) are reported as
+not compared, never as matches; a check that compared nothing says so.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ async def check(
     view = engine.view
     sources = ", ".join(f"'{s}'" for s in view.sources)
     sample = max(1, min(req.sample, 10_000))
+    lateness_ms = view.allowed_lateness_s * 1000
     ents = (
         (
             await query(
@@ -57,27 +61,48 @@ async def check(
         .to_pylist()
     )
     if not ents:
-        return {"checked": 0, "matched": 0, "mismatches": [], "missing_online": 0}
+        return {
+            "checked": 0,
+            "matched": 0,
+            "mismatches": [],
+            "missing_online": 0,
+            "expired_online": 0,
+            "sampled": 0,
+        }
     vectors = {
         v.entity_id: v for v in await reader.read(view.name, ents, version=view.content_hash)
     }
     await wait_stored(max(v.seq for v in vectors.values()) // 1000)  # event seq -> stream seq
     quoted = ", ".join("'" + e.replace("'", "''") + "'" for e in ents)
+    # Each event once (its first copy on the stream: a resent copy was a duplicate), with
+    # its partition's watermark as the pipeline saw it: the newest event time of the view's
+    # events earlier on the stream in that partition.
     rows = (
         await query(
-            f"SELECT entity_id, type, schema_version, event_time, stream_seq, data FROM {DATABASE}.events FINAL "
-            f"WHERE entity_id IN ({quoted}) AND type IN ({sources}) ORDER BY entity_id, stream_seq"
+            f"""SELECT entity_id, event_id, type, schema_version, event_time, stream_seq, data,
+                   toUnixTimestamp64Milli(partition_watermark) AS pwm
+            FROM (
+                SELECT *, max(event_time) OVER (PARTITION BY partition ORDER BY stream_seq
+                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS partition_watermark
+                FROM (SELECT entity_id, event_id, type, schema_version, event_time, stream_seq,
+                             data, partition
+                      FROM {DATABASE}.events WHERE type IN ({sources})
+                      ORDER BY stream_seq LIMIT 1 BY event_id))
+            WHERE entity_id IN ({quoted}) ORDER BY entity_id, stream_seq"""
         )
     ).to_pylist()
     history: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         history.setdefault(r["entity_id"], []).append(r)
     mismatches: list[dict[str, Any]] = []
-    checked = missing = 0
+    checked = missing = expired = 0
     for e in ents:
         online = vectors[e]
         if online.status == Status.MISSING:
             missing += 1
+            continue
+        if online.status == Status.EXPIRED:
+            expired += 1  # values withheld on read: nothing to compare
             continue
         st = EntityState()
         for r in history.get(e, []):
@@ -85,16 +110,16 @@ async def check(
                 break
             contract = registry.get(r["type"], r["schema_version"])
             if contract is None:
+                continue  # the pipeline dead-lettered it
+            event_time = int(r["event_time"].timestamp() * 1000)
+            if event_time < r["pwm"] - lateness_ms:
+                engine.mark_late(st, r["stream_seq"])
                 continue
             payload = contract.json_decoder.decode(r["data"])
-            engine.apply(
-                st, r["stream_seq"], r["type"], int(r["event_time"].timestamp() * 1000), payload
-            )
+            engine.apply(st, r["stream_seq"], r["type"], event_time, payload, r["event_id"])
         offline = engine.vector(st)
         checked += 1
         for name, value in zip(view.feature_names, online.values, strict=True):
-            if online.status == Status.EXPIRED:
-                break  # values withheld on read; nothing to compare
             if not _same(value, offline[name], req.tolerance):
                 mismatches.append(
                     {
@@ -106,8 +131,10 @@ async def check(
                     }
                 )
     return {
-        "checked": checked,
+        "checked": checked,  # compared feature by feature
         "matched": checked - len({m["entity_id"] for m in mismatches}),
         "mismatches": mismatches[:1000],
         "missing_online": missing,
+        "expired_online": expired,
+        "sampled": len(ents),
     }

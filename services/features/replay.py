@@ -86,7 +86,7 @@ class Replayer:
         nc: NATS,
         js: JetStreamContext,
         rows_sink: Callable[[str], RowsSink],
-        registry: ContractRegistry,
+        registry: Callable[[], Awaitable[ContractRegistry]],
         governance: GovernanceClient,
         engines: Callable[[str], Awaitable[WindowEngine]],
         batch: int = 200,
@@ -97,7 +97,7 @@ class Replayer:
         self._rows_sink = rows_sink  # by message id prefix
         self._timeout = timeout_s
         self._engines = engines
-        self._registry = registry
+        self._registry = registry  # read when a replay starts, and again on an unknown version
         self._gov = governance
         self._batch = batch
         self.status = ReplayStatus()
@@ -203,11 +203,14 @@ class Replayer:
 
     async def _recompute(self, engine: WindowEngine, first: int, last: int) -> None:
         st = self.status
+        # Contracts registered at run time are known here too (main read them once, when
+        # the service started, and skipped later versions' events).
         pipeline = FeaturePipeline(
             engine,
-            self._registry,
+            await self._registry(),
             MemoryStateStore(),
             self._rows_sink(f"replay-{st.decision_id[:12]}"),
+            reload_registry=self._registry,
         )
         cfg = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,

@@ -51,10 +51,10 @@ async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
         async def stored(stream_seq: int) -> None:
             await sql_client.wait_stored(nc, events_seq=stream_seq, timeout=60)
 
-        # the engine holds configuration only (no entity state): the live one is reused
-        return await check(
-            req, runner.pipeline.engine, runner.pipeline.registry, app.reader, query, stored
-        )
+        # the engine holds configuration only (no entity state): the live one is reused;
+        # the registry is re-read (a contract registered a moment ago must be known)
+        registry = await app.contracts.registry()
+        return await check(req, runner.pipeline.engine, registry, app.reader, query, stored)
 
     return await bus.serve(nc, RPC_FEATURES_CHECK, handle)
 
