@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo up test lint types pytest proto bench clean install
+.PHONY: demo up test lint types pytest proto bench faults clean install
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Myelin needs Python 3.11 or newer")'
@@ -39,6 +39,12 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	@for m in $$(cd bench && ls *_bench.py | sed 's/\.py$$//'); do echo "== bench/$$m.py"; $(BIN)/python -m bench.$$m || exit 1; done
+
+# The fault harness at full length (every fault, a 60 s warehouse outage), then a 10-minute
+# soak with mixed faults; each prints its report and fails if anything was lost or doubled.
+faults: $(STAMP)
+	$(BIN)/python -m faults.harness --mode full
+	$(BIN)/python -m faults.harness --mode soak --minutes 10
 
 clean:
 	rm -rf .myelin .pytest_cache .mypy_cache .ruff_cache

@@ -35,11 +35,28 @@ MSG_ID = "Nats-Msg-Id"
 
 
 async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> NATS:
-    """Connect with unlimited reconnects (services must outlive a NATS restart)."""
+    """Connect with unlimited reconnects (services must outlive a NATS restart).
+
+    Connection trouble is logged as one line per event (nats-py's default callback prints
+    a traceback for every failed reconnect attempt, twice a second for a whole outage)."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats (%s): %s: %s", name, type(exc).__name__, exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats (%s): disconnected; reconnecting", name)
+
+    async def on_reconnected() -> None:
+        log.warning("nats (%s): reconnected", name)
+
     return await nats.connect(
         settings.nats_url,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
         name=f"myelin-{name}",
-        max_reconnect_attempts=-1 if reconnect else 0,
+        # 0 would make nats-py retry a refused first connection forever
+        max_reconnect_attempts=-1 if reconnect else 1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
         allow_reconnect=reconnect,
@@ -130,6 +147,23 @@ class PubResult:
     error: MyelinError | None = None
 
 
+# JetStream refuses a message whose headers exceed 64 KiB; an asynchronous publish of one
+# is never answered, so it would cost a whole publish timeout to find out.
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())  # NATS/1.0 + k: v CRLF
+
+
+def _oversized_headers(m: OutMsg, headers: dict[str, str]) -> PublishRefused:
+    return PublishRefused(
+        f"the headers of a message on {m.subject} are {_header_bytes(headers):,} bytes; "
+        f"JetStream takes at most {MAX_HEADER_BYTES:,}",
+        subject=m.subject,
+    )
+
+
 class PublishRefused(Poison):
     """JetStream refused a message for what it is: retrying the same message cannot help."""
 
@@ -164,6 +198,9 @@ class Publisher:
         results: list[PubResult | None] = [None] * len(msgs)
         for i, m in enumerate(msgs):
             headers = {MSG_ID: m.msg_id, **m.headers} if m.headers else {MSG_ID: m.msg_id}
+            if m.headers and _header_bytes(headers) > MAX_HEADER_BYTES:
+                results[i] = PubResult(ok=False, error=_oversized_headers(m, headers))
+                continue
             try:
                 fut = await self._js.publish_async(
                     m.subject, m.payload, wait_stall=self._timeout, headers=headers
@@ -199,6 +236,8 @@ class Publisher:
 
     async def _publish_with_retry(self, m: OutMsg) -> PubResult:
         headers = {MSG_ID: m.msg_id, **(m.headers or {})}
+        if _header_bytes(headers) > MAX_HEADER_BYTES:
+            return PubResult(ok=False, error=_oversized_headers(m, headers))
         delay = 0.05
         last: Exception | None = None
         for _ in range(self._retries + 1):

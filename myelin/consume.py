@@ -1,7 +1,11 @@
 """Durable JetStream pull consumption: fetch a batch, finish it, ack it, fetch again.
 
 - Back-pressure by construction: at most one batch is held at a time.
-- One ack per batch (``AckPolicy.ALL`` acks every earlier message too).
+- One ack per batch (``AckPolicy.ALL`` acks every earlier message too) when one process
+  owns the consumer; a consumer shared by several processes (``shared=True``: ingest's
+  workers on the inbox) acks each message (``AckPolicy.EXPLICIT``), or one worker's ack
+  would acknowledge messages another worker has not finished (the fault harness lost a
+  batch that way: its worker was killed mid-batch and the other's ack covered it).
 - A fetch that keeps failing (e.g. after a server restart) re-creates the subscription.
 
 What a failure means is decided by its class (:func:`is_transient`), never by retrying
@@ -111,21 +115,28 @@ async def ensure_consumer(
     max_ack_pending: int,
     ack_wait_s: float,
     start_seq: int | None = None,
+    shared: bool = False,
 ) -> None:
     """Create the durable consumer. With ``start_seq`` it is re-created to start there
-    (the caller's own committed position is the source of truth)."""
+    (the caller's own committed position is the source of truth). ``shared``: several
+    processes pull from it (explicit acks). An existing consumer with another ack policy
+    is re-created to resume right after its ack floor."""
+    policy = api.AckPolicy.EXPLICIT if shared else api.AckPolicy.ALL
     if start_seq is not None:
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(stream, durable)
     else:
         try:
-            await js.consumer_info(stream, durable)
-            return
+            info = await js.consumer_info(stream, durable)
+            if info.config.ack_policy == policy:
+                return
+            start_seq = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+            await js.delete_consumer(stream, durable)
         except NotFoundError:
             pass
     cfg = api.ConsumerConfig(
         durable_name=durable,
-        ack_policy=api.AckPolicy.ALL,
+        ack_policy=policy,
         ack_wait=ack_wait_s,
         max_ack_pending=max_ack_pending,
         filter_subject=filter_subject,
@@ -157,12 +168,15 @@ class PullLoop:
         on_stopped: Callable[[BaseException], Awaitable[None]] | None = None,
         alert_after: int = 5,
         unknown_attempts: int = 3,
+        shared: bool = False,
     ) -> None:
         """``linger_s``: after a short fetch, keep collecting for up to this long before
         handling (for sinks that pay per call, like ClickHouse inserts).
         ``dead_letter``: where ``on_poison="isolate"`` stores a message it gives up on
         (without one, such a message is logged and terminated).
-        ``on_stopped``: called once when ``on_poison="stop"`` stops the loop."""
+        ``on_stopped``: called once when ``on_poison="stop"`` stops the loop.
+        ``shared``: the consumer is pulled by several processes (see :func:`ensure_consumer`):
+        every message is acked on its own."""
         self._js = js
         self.stream = stream
         self.durable = durable
@@ -176,6 +190,7 @@ class PullLoop:
         self._on_stopped = on_stopped
         self._alert_after = alert_after
         self._unknown_attempts = unknown_attempts
+        self._shared = shared
         self._stopping = asyncio.Event()
         self.batches = 0
         self.messages = 0
@@ -267,7 +282,9 @@ class PullLoop:
         if self._linger and len(msgs) < self._batch:
             msgs += await self._collect(psub, self._batch - len(msgs))
         self.idle = False
-        if len(msgs) >= self._batch:  # behind: the next batch travels while this one is handled
+        # Behind: the next batch travels while this one is handled. Not for a shared
+        # consumer: messages fetched ahead wait on this worker when another could take them.
+        if len(msgs) >= self._batch and not self._shared:
             ahead = asyncio.create_task(psub.fetch(self._batch, timeout=self._fetch_timeout))
         if await self._handle(msgs):
             await self._acked(msgs)
@@ -275,7 +292,8 @@ class PullLoop:
 
     async def _acked(self, msgs: list[Msg]) -> None:
         with contextlib.suppress(Exception):  # a lost ack only causes a harmless redelivery
-            await msgs[-1].ack()
+            for m in msgs if self._shared else msgs[-1:]:
+                await m.ack()
         self.batches += 1
         self.messages += len(msgs)
         meta = msgs[-1].metadata

@@ -80,6 +80,7 @@ class Settings:
     dedupe: bool = True
     features_batch: int = 200  # messages per fetch (a message holds up to 100 events)
     features_ack_wait_s: float = 10.0
+    ingest_ack_wait_s: float = 30.0  # the JetStream inbox consumer's ack wait
     # after a short fetch, keep gathering for up to this long: fewer, larger batches (the
     # per-batch cost is a Redis transaction and a FEATURES publish) for a little latency
     features_linger_s: float = 0.0
@@ -136,6 +137,7 @@ class Settings:
             dedupe=_env("DEDUPE", "1").lower() not in ("0", "false", "no", ""),
             features_batch=_int("FEATURES_BATCH", d.features_batch),
             features_ack_wait_s=_float("FEATURES_ACK_WAIT_S", d.features_ack_wait_s),
+            ingest_ack_wait_s=_float("INGEST_ACK_WAIT_S", d.ingest_ack_wait_s),
             features_linger_s=_float("FEATURES_LINGER_S", d.features_linger_s),
             gc_full_every_s=_float("GC_FULL_EVERY_S", d.gc_full_every_s),
             warehouse_linger_s=_float("WAREHOUSE_LINGER_S", d.warehouse_linger_s),

@@ -165,7 +165,9 @@ class FeaturePipeline:
                     )
             except BAD_INPUT as exc:
                 bad.append(
-                    BadEvent(stream_seq, -1, "undecodable", f"not a list of events: {exc}", None, payload)
+                    BadEvent(
+                        stream_seq, -1, "undecodable", f"not a list of events: {exc}", None, payload
+                    )
                 )
                 continue
             base = stream_seq * SEQ_STRIDE

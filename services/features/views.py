@@ -70,7 +70,9 @@ class FeatureView(msgspec.Struct, frozen=True, forbid_unknown_fields=True, dict=
         if not 1 <= self.bucket_s <= 86400:
             raise ValueError(f"view {self.name}: bucket_s must be 1..86400 seconds")
         if not self.sources or len(set(self.sources)) != len(self.sources):
-            raise ValueError(f"view {self.name}: sources must be distinct event types, at least one")
+            raise ValueError(
+                f"view {self.name}: sources must be distinct event types, at least one"
+            )
         if not _NAME.match(self.name):
             raise ValueError(f"view name {self.name!r}: use a-z, 0-9 and _, starting with a letter")
         if not self.features:

@@ -77,7 +77,8 @@ class IngestApp:
             "ingest-inbox",
             "myelin.ingest.>",
             max_ack_pending=2000,
-            ack_wait_s=30.0,
+            ack_wait_s=s.ingest_ack_wait_s,
+            shared=True,  # every ingest worker pulls from it
         )
         ingestor = self.ingestor
 
@@ -93,6 +94,7 @@ class IngestApp:
             "ingest-inbox",
             inbox_handler(self.ingestor),
             batch=500,
+            shared=True,
             dead_letter=consumer_dead_letters(
                 bus.Publisher(js, s),
                 "ingest-inbox",

@@ -48,12 +48,15 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
     env = {**os.environ, **settings.to_env(), "MYELIN_METRICS_PORT": str(metrics_base)}
     for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
         env.pop(k, None)
+    # Outside the repository, with the default policy dir: the policies ship with the
+    # package (on main governance looked for ./policies and failed to start).
+    env.pop("MYELIN_POLICY_DIR")
     proc = subprocess.Popen(
         [sys.executable, "-m", "myelin.cli", "up"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=settings.state_dir.parent,
     )
     try:
         assert proc.stderr is not None

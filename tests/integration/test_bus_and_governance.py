@@ -37,6 +37,38 @@ async def test_request_without_responder_is_retryable(nc: NATS) -> None:
         await bus.request(nc, "myelin.rpc.nobody", {}, timeout=1)
 
 
+async def test_a_reply_too_large_for_nats_is_a_typed_error_not_a_timeout(nc: NATS) -> None:
+    """On main the server dropped the reply (MaxPayloadError, in the responder's log only)
+    and the caller waited out its timeout: `myelin sql` with a large result timed out."""
+
+    async def huge(_data: bytes, _headers: dict[str, str]) -> str:
+        return "x" * (nc.max_payload + 1)
+
+    sub = await bus.serve(nc, "myelin.rpc.test.huge", huge)
+    try:
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(RemoteError) as err:
+            await bus.request(nc, "myelin.rpc.test.huge", {}, timeout=20)
+        assert asyncio.get_running_loop().time() - t0 < 5
+        assert err.value.code == "reply_too_large" and "LIMIT" in err.value.message
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_jetstream_refusal_is_permanent_not_retried(nc: NATS, settings: Settings) -> None:
+    """A message JetStream refuses for what it is (headers over 64 KiB) comes back as a
+    poison result at once, instead of a retryable one after every retry."""
+    pub = bus.Publisher(bus.jetstream(nc, settings), settings)
+    t0 = asyncio.get_running_loop().time()
+    [result] = await pub.publish_batch(
+        [bus.OutMsg("myelin.events.0", b"x", "big-header", {"X-Big": "y" * 70_000})]
+    )
+    assert not result.ok and isinstance(result.error, bus.PublishRefused)
+    assert asyncio.get_running_loop().time() - t0 < 2
+    with pytest.raises(bus.PublishRefused):
+        bus.raise_unless_stored([result], "EVENTS")
+
+
 @pytest.mark.parametrize(
     ("package", "doc", "allow", "reason"),
     [

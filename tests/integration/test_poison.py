@@ -5,6 +5,7 @@ and redis-server, real consumers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import api
 
 from myelin import bus
 from myelin.consume import PullLoop, ensure_consumer
@@ -305,3 +307,65 @@ async def test_a_failing_view_stops_alone_and_unreadable_input_is_dead_lettered(
     assert len(stopped) == 1 and isinstance(stopped[0], ViewFailed)
     [dl] = await dead_letters(nc, settings)  # both views gave up on seq 2: stored once
     assert dl.reason == "undecodable" and dl.detail["seq"] == "2"
+
+
+async def test_a_shared_consumer_never_acks_another_workers_unfinished_message(
+    nc: NATS, settings: Settings
+) -> None:
+    """Found by the fault harness: with one AckPolicy.ALL consumer shared by two ingest
+    workers, worker B's ack of a later message acknowledged the message worker A was
+    killed in the middle of, and its events were lost. Shared consumers ack each message."""
+    js = bus.jetstream(nc, settings)
+    await bus.ensure_stream(js, StreamSpec(TEST_STREAM, ("test.work.>",)))
+    await ensure_consumer(
+        js, TEST_STREAM, "shared", ">", max_ack_pending=100, ack_wait_s=4, shared=True
+    )
+    await js.publish("test.work.x", b"first")
+    held = asyncio.Event()
+
+    async def stuck(msgs: list[Msg]) -> None:  # worker A: works on "first", then dies
+        held.set()
+        while True:
+            await msgs[0].in_progress()  # still working: not redelivered yet
+            await asyncio.sleep(0.5)
+
+    a = PullLoop(js, TEST_STREAM, "shared", stuck, batch=1, shared=True)
+    a_task = asyncio.create_task(a.run())
+    await asyncio.wait_for(held.wait(), 10)
+    done: list[bytes] = []
+
+    async def works(msgs: list[Msg]) -> None:
+        done.extend(m.data for m in msgs)
+
+    b = PullLoop(js, TEST_STREAM, "shared", works, batch=10, shared=True)
+    b_task = asyncio.create_task(b.run())
+    await js.publish("test.work.x", b"second")
+    await eventually(lambda: _true(b"second" in done))
+    assert b"first" not in done  # A holds it (its ack wait has not passed)
+    a_task.cancel()  # A is gone without acking "first": it must come again, to B
+    with contextlib.suppress(asyncio.CancelledError):
+        await a_task
+    await eventually(lambda: _true(sorted(done) == [b"first", b"second"]))
+    b.stop()
+    await asyncio.wait_for(b_task, 10)
+
+
+async def test_an_existing_ack_all_consumer_is_recreated_shared_where_it_stopped(
+    nc: NATS, settings: Settings
+) -> None:
+    js = bus.jetstream(nc, settings)
+    await bus.ensure_stream(js, StreamSpec(TEST_STREAM, ("test.work.>",)))
+    await ensure_consumer(js, TEST_STREAM, "old", ">", max_ack_pending=100, ack_wait_s=30)
+    for body in (b"1", b"2", b"3"):
+        await js.publish("test.work.x", body)
+    sub = await js.pull_subscribe_bind(durable="old", stream=TEST_STREAM)
+    [m1, _m2] = await sub.fetch(2, timeout=2)
+    await m1.ack_sync()  # ack floor 1; 2 was fetched, not acked
+    await sub.unsubscribe()
+    await ensure_consumer(
+        js, TEST_STREAM, "old", ">", max_ack_pending=100, ack_wait_s=30, shared=True
+    )
+    info = await js.consumer_info(TEST_STREAM, "old")
+    assert info.config.ack_policy == api.AckPolicy.EXPLICIT
+    sub = await js.pull_subscribe_bind(durable="old", stream=TEST_STREAM)
+    assert [m.data for m in await sub.fetch(5, timeout=2)] == [b"2", b"3"]

@@ -4,6 +4,8 @@ from starting. The features service runs in process on real nats-server and redi
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,8 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
-from myelin import bus
+from myelin import bus, online
+from myelin.contracts import StreamEvent
 from myelin.errors import RemoteError
+from myelin.records import AuditRecord
 from myelin.settings import Settings
 from myelin.subjects import RPC_FEATURES_VIEWS, VIEWS_BUCKET
 from services.features.app import FeaturesApp
@@ -97,3 +101,63 @@ async def test_a_stored_definition_that_no_longer_reads_is_reported_not_fatal(
         )
     finally:
         await app.stop()
+
+
+async def test_a_failed_served_version_can_be_retired_and_others_keep_flowing(
+    features: FeaturesApp, nc: NATS, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """On main the first version of a view was served at once and could never be retired,
+    even when it could not run."""
+    result = await register(nc, definition())  # "spend": its first version, served at once
+    assert result["served"]
+    assert features.views is not None
+    runner = features.views.runners[result["version"]]
+
+    def broken(*_args: Any) -> int:  # a stand-in for a bug in a view's code
+        raise ZeroDivisionError("division by zero in the view's code")
+
+    runner.pipeline.engine.apply = broken  # type: ignore[method-assign,assignment]
+    js = bus.jetstream(nc, settings)
+    now = int(time.time() * 1000)
+    body = msgspec.msgpack.encode(
+        [
+            StreamEvent(
+                event_id="e1",
+                type="click",
+                schema_version=1,
+                event_time=now,
+                ingest_time=now,
+                producer_id="p",
+                client_version="",
+                trace_id="",
+                entity_id="u1",
+                partition=0,
+                data=msgspec.Raw(msgspec.msgpack.encode({"user_id": "u1", "item_id": "i"})),
+            )
+        ]
+    )
+    await js.publish("myelin.events.0", body)
+    for _ in range(200):
+        status = features.status()
+        if status["failed_versions"]:
+            break
+        await asyncio.sleep(0.05)
+    ref = f"spend@{result['version']}"
+    assert any(ref in f and "ZeroDivisionError" in f for f in status["failed_versions"])
+    assert status["ready"]  # the other view flows: the service is degraded, not down
+    assert status["version_failed"] == {ref: 1, USER_ACTIVITY.ref: 0}
+    served = f"user_activity@{USER_ACTIVITY.content_hash}"
+    assert status["version_events"][served] == 1  # every version reports its own figures
+    audit = await js.pull_subscribe("myelin.audit.view_failed", stream="MYELIN_AUDIT")
+    [msg] = await audit.fetch(1, timeout=5)
+    assert msgspec.msgpack.decode(msg.data, type=AuditRecord).subject == ref
+    retired = msgspec.json.decode(
+        await bus.request(
+            nc,
+            RPC_FEATURES_VIEWS,
+            {"op": "retire", "view": ref, "requester": "ops"},
+            timeout=30,
+        )
+    )
+    assert retired["retired"]
+    assert await redis_client.hget(online.view_key("spend"), "served") is None

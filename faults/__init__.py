@@ -1,0 +1,1 @@
+"""The fault harness: the platform under load with seeded faults, and a checker."""
