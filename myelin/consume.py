@@ -197,6 +197,7 @@ class PullLoop:
         self.failures = 0  # failed attempts, all kinds
         self.attempts = 0  # failed attempts in a row on the current batch
         self.dead_lettered = 0
+        self.dead_letter_failures = 0  # given up on without a dead letter (see _give_up_on)
         self.last_error = ""
         self.stopped_error = ""  # set when on_poison="stop" stopped the loop
         self.idle = True
@@ -226,6 +227,7 @@ class PullLoop:
             "failures": self.failures,
             "attempts": self.attempts,
             "dead_lettered": self.dead_lettered,
+            "dead_letter_failures": self.dead_letter_failures,
             "error": self.stopped_error or (self.last_error if self.attempts else ""),
         }
 
@@ -397,6 +399,18 @@ class PullLoop:
                 await self._dead_letter(msg, reason, what)
                 break
             except Exception as dl_exc:  # noqa: BLE001 - the DLQ must hold it before we let go
+                if is_transient(dl_exc) is not True:
+                    # A dead letter that cannot be written for what it is must not wedge the
+                    # consumer: said loudly, counted, and the message terminated anyway.
+                    self.dead_letter_failures += 1
+                    log.error(
+                        "%s: seq %d could not be dead-lettered (%r); terminated without a "
+                        "dead letter",
+                        self.durable,
+                        seq,
+                        dl_exc,
+                    )
+                    break
                 log.warning("%s: cannot dead-letter seq %d yet: %r", self.durable, seq, dl_exc)
                 if await self._sleep(backoff(attempt, cap=self._max_backoff)):
                     return False

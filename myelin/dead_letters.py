@@ -33,6 +33,13 @@ def redacted(data: bytes) -> str:
     ).decode()
 
 
+def _sanitized(sanitize: Callable[[bytes], str], data: bytes) -> str:
+    try:
+        return sanitize(data)
+    except Exception:  # noqa: BLE001 - whatever the payload does to a sanitizer: keep none of it
+        return redacted(data)
+
+
 def consumer_dead_letters(
     pub: Publisher,
     consumer: str,
@@ -56,7 +63,7 @@ def consumer_dead_letters(
                 "subject": msg.subject,
                 "deliveries": str(meta.num_delivered),
             },
-            payload=sanitize(msg.data or b""),
+            payload=_sanitized(sanitize, msg.data or b""),
         )
         result = await pub.publish(
             OutMsg(dlq_subject(reason), _enc.encode(record), f"dlq:{stream}:{seq}")

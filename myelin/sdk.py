@@ -5,6 +5,14 @@
 
 - validates each event locally against the contracts registry (NATS KV) before sending,
   raising :class:`InvalidEvent` at once, with the field that is wrong;
+- refuses, whether ``validate`` is on or not, any value that has no faithful JSON form,
+  raising :class:`UnencodableEvent` (an :class:`InvalidEvent`) with its path, e.g.
+  ``$.data.user_id``: a string that is not valid Unicode (a lone surrogate such as
+  ``"\ud800"``, which UTF-8 cannot encode), a key that is not a string, ``bytes``, a NaN
+  or infinite float (JSON has neither; it would be sent as ``null``), an int outside the
+  64-bit range events are stored in, nesting deeper than :data:`MAX_DEPTH` (the envelope
+  is the first level), or a type the encoder does not know. Such an event is never
+  queued: what was queued before it is sent as it is, and ``send`` can be called again;
 - batches (``batch_size`` events or ``linger_s``, whichever first) and sends batches over
   NATS request-reply to ingest;
 - retries with the *same event ids* (so a retry is never stored twice) on timeouts and on
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -35,9 +44,25 @@ from myelin.contracts.store import ContractStore
 from myelin.errors import MyelinError, Overloaded, RemoteError, Retryable
 from myelin.subjects import RPC_INGEST_PUBLISH
 
+#: How deep a value may nest (contracts have flat fields; this only bounds the checks).
+MAX_DEPTH = 32
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack, the stored form, can hold
+
 
 class InvalidEvent(MyelinError):
+    """The event breaks its contract, or there is no such contract; the message names the
+    field (``$.data.amount``). Nothing of the event was queued."""
+
     code = "invalid_event"
+
+
+class UnencodableEvent(InvalidEvent):
+    """A value of the event has no faithful JSON form (see the module docstring); the
+    message starts with its path (``$.data.user_id``, ``$.event_id``, ``$.data.x[2]``)
+    and says what is wrong. Raised whether or not the producer validates; nothing was
+    queued. ``details["path"]`` holds the path."""
+
+    code = "unencodable_event"
 
 
 class DeliveryFailed(MyelinError):
@@ -109,6 +134,8 @@ class Producer:
             raise InvalidEvent(
                 f"{type_} v{version}: {exc}".replace("at `$", "at `$.data")
             ) from None
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise InvalidEvent(f"{type_} v{version}: data: {type(exc).__name__}: {exc}") from None
 
     async def send(
         self,
@@ -120,9 +147,14 @@ class Producer:
         event_time_ms: int | None = None,
         trace_id: str = "",
     ) -> str:
-        """Queue one event; returns its id (generated when not given)."""
-        if self.validate:
-            self._check(type_, version, data)
+        """Queue one event; returns its id (generated when not given).
+
+        Raises :class:`UnencodableEvent` for a value JSON cannot carry as it is and, with
+        ``validate``, :class:`InvalidEvent` for an event its contract refuses; either way
+        nothing of the event is queued. Ingest's own verdict on a queued event arrives
+        later (:attr:`rejected`)."""
+        if not isinstance(data, Mapping):
+            raise InvalidEvent(f"data must be a mapping of field names, not {type(data).__name__}")
         eid = event_id or uuid.uuid4().hex
         doc = {
             "event_id": eid,
@@ -135,14 +167,37 @@ class Producer:
         }
         if trace_id:
             doc["trace_id"] = trace_id
+        encoded = self._encode(doc)
+        if self.validate:
+            self._check(type_, version, data)
         async with self._space:
             await self._space.wait_for(lambda: len(self._buffer) < self.max_pending)
-            self._buffer.append(self._json.encode(doc))
+            self._buffer.append(encoded)
             self._ids.append(eid)
             full = len(self._buffer) >= self.batch_size
         if full:
             await self._send_one_batch()
         return eid
+
+    def _encode(self, doc: dict[str, Any]) -> bytes:
+        """The event as JSON, or :class:`UnencodableEvent`. The encoder fails on strings
+        that are not valid Unicode, on types it does not know and on extreme nesting; what
+        it would change silently (NaN and infinities become ``null``, bytes base64 text,
+        numeric keys strings) and ints beyond 64 bits are looked for only when the cheap
+        signs are there (``null`` in the output, a non-scalar or big value in ``data``)."""
+        try:
+            encoded = self._json.encode(doc)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            found = _unencodable(doc)
+            steps, what = found if found is not None else (_first_foreign(doc) or [], str(exc))
+            path = _path(steps)
+            raise UnencodableEvent(f"{path}: {what}", path=path) from None
+        if b"null" in encoded or _suspect(doc["data"]):
+            found = _unencodable(doc)
+            if found is not None:
+                path = _path(found[0])
+                raise UnencodableEvent(f"{path}: {found[1]}", path=path)
+        return encoded
 
     async def flush(self) -> None:
         while self._buffer:
@@ -230,3 +285,100 @@ class Producer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _unencodable(value: object, depth: int = 0) -> tuple[list[str | int], str] | None:
+    """The first value (in order) JSON cannot carry as it is: its path (innermost step
+    first) and what is wrong; None when there is none. Types it does not know are left to
+    the encoder (:func:`_first_foreign` names them). Paths are built only for a problem."""
+    if isinstance(value, str):
+        return None if value.isascii() else _bad_text(value)
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return None if _INT_MIN <= value <= _INT_MAX else _too_big()
+    if isinstance(value, float):
+        return None if math.isfinite(value) else _non_finite(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return [], "bytes have no JSON form: decode them to str first"
+    if isinstance(value, Mapping | list | tuple):
+        if depth >= MAX_DEPTH:
+            return [], f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    return [], f"the key {k!r} is not a string (JSON object keys are)"
+                found = (None if k.isascii() else _bad_text(k)) or _unencodable(v, depth + 1)
+                if found is not None:
+                    found[0].append(k)
+                    return found
+        else:
+            for i, v in enumerate(value):
+                found = _unencodable(v, depth + 1)
+                if found is not None:
+                    found[0].append(i)
+                    return found
+    return None
+
+
+def _suspect(data: Mapping[Any, Any]) -> bool:
+    """Whether ``data`` (flat, in every contract) holds anything but plain scalars: a
+    key that is not a string, bytes, a container, another type, or an int beyond 64 bits."""
+    for k, v in data.items():
+        if type(k) is not str:
+            return True
+        t = type(v)
+        if t is str or t is float or t is bool or v is None:
+            continue
+        if t is not int or not _INT_MIN <= v <= _INT_MAX:
+            return True
+    return False
+
+
+def _bad_text(text: str) -> tuple[list[str | int], str] | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        cp = ord(text[exc.start])
+        return [], (
+            f"{text[:40]!r} is not valid Unicode: it holds the lone surrogate U+{cp:04X}, "
+            "which UTF-8 (and so JSON) cannot encode"
+        )
+    return None
+
+
+def _too_big() -> tuple[list[str | int], str]:
+    return [], "the int is outside the 64-bit range events are stored in"
+
+
+def _non_finite(value: float) -> tuple[list[str | int], str]:
+    return [], f"{value} has no JSON form (it would be sent as null)"
+
+
+def _path(steps: list[str | int]) -> str:
+    """``$.data.user_id``, ``$.data.x[2]``; a key that is not a plain ASCII name is quoted
+    and escaped (``$.data['k\\ud800']``), so that the message is always printable."""
+    out = ["$"]
+    for step in reversed(steps):
+        if isinstance(step, int):
+            out.append(f"[{step}]")
+        elif step.isascii() and step.isidentifier():
+            out.append(f".{step}")
+        else:
+            out.append(f"[{step!r}]")
+    return "".join(out)
+
+
+def _first_foreign(value: object, depth: int = 0) -> list[str | int] | None:
+    """The path (innermost step first) of the first value that is not a JSON type."""
+    if isinstance(value, str | bool | int | float) or value is None:
+        return None
+    if depth < MAX_DEPTH and isinstance(value, Mapping | list | tuple):
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for k, v in items:
+            found = _first_foreign(v, depth + 1)
+            if found is not None:
+                found.append(k if isinstance(k, str | int) else repr(k))
+                return found
+        return None
+    return []

@@ -60,6 +60,7 @@ class GovernanceApp:
     def status(self) -> dict[str, Any]:
         d = self.decider
         return {
+            "ready": d is not None,  # policies compiled, decisions served
             "policy_version": self._engine.version if self._engine else "",
             "decisions": d.decisions if d else 0,
             "denials": d.denials if d else 0,

@@ -147,6 +147,11 @@ def parse_batch(body: bytes, limits: Limits) -> list[msgspec.Raw]:
     return items
 
 
+def env_raw(env: IncomingEvent) -> bytes:
+    """An envelope as JSON again (what a rejected event is dead-lettered as, sanitized)."""
+    return _json.encode(env)
+
+
 def _utf8_error(exc: UnicodeDecodeError) -> str:
     """Where a JSON string holds bytes that are not UTF-8 (JSON text must be UTF-8)."""
     bad = exc.object[exc.start : exc.end][:8].hex(" ")
@@ -173,15 +178,27 @@ def _tokenize_leaves(value: Any, tok: Tokenizer) -> Any:
     return value
 
 
+def _redacted(raw: bytes) -> bytes:
+    return _json.encode(
+        {"redacted": True, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    )
+
+
 def sanitize(raw: bytes, registry: ContractRegistry, tok: Tokenizer) -> bytes:
     """A rejected event as it may be stored: PII fields tokenized when the contract is
-    known; every string in ``data`` tokenized when it is not; unparseable input redacted."""
+    known; every string in ``data`` tokenized when it is not; unparseable input, or input
+    nested too deeply to walk, redacted (size and hash)."""
+    try:
+        return _sanitize(raw, registry, tok)
+    except RecursionError:
+        return _redacted(raw)
+
+
+def _sanitize(raw: bytes, registry: ContractRegistry, tok: Tokenizer) -> bytes:
     try:
         doc = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-        return _json.encode(
-            {"redacted": True, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-        )
+        return _redacted(raw)
     if not isinstance(doc, dict):
         return _json.encode(_tokenize_leaves(doc, tok))
     data = doc.get("data")
@@ -333,7 +350,7 @@ class Validator:
         payload: Any,
         now_ms: int,
         trace_id: str,
-    ) -> Accepted:
+    ) -> Outcome:
         """Tokenize PII, pick the partition and stamp the stored form of a valid event."""
         if contract.pii_fields:
             token = self.tok.token
@@ -347,6 +364,17 @@ class Validator:
             if key not in lim.hot_keys
             else partition_for(key, env.event_id, lim)
         )
+        try:
+            data = _mp.encode(payload)
+        except OverflowError:  # an int field without bounds took a number past 64 bits
+            return self.reject(
+                index,
+                env_raw(env),
+                Reason.INVALID_PAYLOAD,
+                "data: a number is outside the 64-bit range (-2**63 .. 2**64-1)",
+                env.event_id,
+                env.producer_id,
+            )
         stored = StreamEvent(
             event_id=env.event_id,
             type=env.type,
@@ -358,7 +386,7 @@ class Validator:
             trace_id=env.trace_id or trace_id,
             entity_id=key,
             partition=part,
-            data=msgspec.Raw(_mp.encode(payload)),
+            data=msgspec.Raw(data),
         )
         return Accepted(index, env.event_id, stored)
 
@@ -413,6 +441,19 @@ class Validator:
         return out
 
 
+_HEADER_SAFE = re.compile(r"[!-~](?:[ -~]*[!-~])?")
+
+
+def event_msg_id(event_id: str) -> str:
+    """The ``Nats-Msg-Id`` of a one-event message: the id itself when a header carries it
+    unchanged (printable ASCII, no surrounding spaces), else a hash of it. nats-py strips a
+    header value and turns CR/LF into spaces, so ``" a"`` and ``"a"`` would share one id and
+    the second event would be dropped as a duplicate."""
+    if _HEADER_SAFE.fullmatch(event_id):
+        return event_id
+    return "id-sha256:" + hashlib.sha256(event_id.encode()).hexdigest()
+
+
 def plan_messages(
     accepted: list[Accepted], per_event: bool, max_per_message: int = MAX_EVENTS_PER_MESSAGE
 ) -> list[PlannedMessage]:
@@ -427,7 +468,7 @@ def plan_messages(
             PlannedMessage(
                 event_subject(a.event.partition),
                 _mp.encode([a.event]),
-                a.event_id,
+                event_msg_id(a.event_id),
                 (a.index,),
                 (a.event_id,),
             )

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -9,7 +11,7 @@ from nats.aio.client import Client as NATS
 from myelin import bus
 from myelin.contracts import StreamEvent
 from myelin.contracts.events import PurchaseV2
-from myelin.sdk import InvalidEvent, Producer
+from myelin.sdk import InvalidEvent, Producer, UnencodableEvent
 from myelin.settings import Settings
 from myelin.subjects import EVENTS_STREAM, ingest_subject
 from services.ingest.app import IngestApp
@@ -74,6 +76,102 @@ async def test_sdk_validates_locally_batches_and_flushes_on_close(
     )
     emails = {msgspec.msgpack.decode(e.data, type=PurchaseV2).email for e in stored}
     assert all(x.startswith("pii:") for x in emails)
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for _ in range(depth):
+        d = {"a": d}
+    return d
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize(
+    ("type_", "data", "message"),
+    [
+        (
+            "click",
+            {"user_id": "u\ud800", "item_id": "i"},
+            r"^\$\.data\.user_id: 'u\\ud800' is not valid Unicode: it holds the lone "
+            r"surrogate U\+D800, which UTF-8 \(and so JSON\) cannot encode$",
+        ),
+        (
+            "click",
+            {"user_id": "u", "item_id": "i", "\udc80": 1},
+            r"^\$\.data\['\\udc80'\]: '\\udc80' is not valid Unicode",
+        ),
+        (
+            "click",
+            {"user_id": "u", "item_id": "i", 7: "x"},
+            r"^\$\.data: the key 7 is not a string \(JSON object keys are\)$",
+        ),
+        (
+            "click",
+            {"user_id": b"u", "item_id": "i"},
+            r"^\$\.data\.user_id: bytes have no JSON form: decode them to str first$",
+        ),
+        (
+            "purchase",
+            {"user_id": "u", "item_id": "i", "amount": math.nan},
+            r"^\$\.data\.amount: nan has no JSON form \(it would be sent as null\)$",
+        ),
+        (
+            "purchase",
+            {"user_id": "u", "item_id": "i", "amount": -math.inf},
+            r"^\$\.data\.amount: -inf has no JSON form",
+        ),
+        (
+            "impression",
+            {"user_id": "u", "item_id": "i", "position": 2**64},
+            r"^\$\.data\.position: the int is outside the 64-bit range events are stored in$",
+        ),
+        (
+            "click",
+            {"user_id": "u", "item_id": "i", "x": _nested(5000)},
+            r"^\$\.data\.x(\.a){30}: nested more than 32 levels deep$",
+        ),
+        (
+            "click",
+            {"user_id": object(), "item_id": "i"},
+            r"^\$\.data\.user_id: Encoding objects of type object is unsupported$",
+        ),
+    ],
+    ids=[
+        "lone-surrogate-value",
+        "lone-surrogate-key",
+        "int-key",
+        "bytes",
+        "nan",
+        "minus-inf",
+        "int-beyond-64-bits",
+        "nested-5000-deep",
+        "unknown-type",
+    ],
+)
+async def test_a_value_json_cannot_carry_is_refused_naming_it(
+    ingest: IngestApp,
+    nc: NATS,
+    settings: Settings,
+    validate: bool,
+    type_: str,
+    data: dict[Any, Any],
+    message: str,
+) -> None:
+    """Each kind of value JSON cannot carry as it is raises UnencodableEvent (an
+    InvalidEvent) whose message starts with the field's path and says what is wrong, with
+    or without local validation (before: UnicodeEncodeError, RecursionError or TypeError
+    from inside msgspec, and NaN sent as null, bytes as base64). Nothing of it is queued:
+    the event sent before it and the one after are stored, and nothing else."""
+    version = 2 if type_ == "purchase" else 1
+    async with Producer(settings.nats_url, producer_id="p", batch_size=2, validate=validate) as p:
+        await p.send("click", 1, {"user_id": "u", "item_id": "i"}, event_id="before")
+        with pytest.raises(UnencodableEvent, match=message) as err:
+            await p.send(type_, version, data, event_id="hostile")
+        assert err.value.code == "unencodable_event" and isinstance(err.value, InvalidEvent)
+        assert str(err.value).startswith(str(err.value.details["path"]))
+        await p.send("click", 1, {"user_id": "u", "item_id": "i"}, event_id="after")
+    assert (p.accepted, p.rejected) == (2, [])
+    assert sorted(e.event_id for e in await stored_events(nc, settings)) == ["after", "before"]
 
 
 async def test_resending_the_same_ids_is_a_no_op(
