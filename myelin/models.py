@@ -6,7 +6,8 @@ KV bucket ``myelin_models``:
 - ``<name>.aliases``   ``{"champion": N, "challenger": M}``
 Object store ``myelin_model_artifacts``: ``<name>/v<N>.onnx``.
 
-Moving an alias asks governance (``promote``) first.
+Moving an alias asks governance (``promote``) first; the promote policy includes every
+serving rule, so an alias is never moved to a version that inference would refuse.
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ class ModelRegistry:
             return {}
         result: dict[str, int] = msgspec.json.decode(entry.value, type=dict[str, int])
         return result
+
+    async def aliased_models(self) -> list[str]:
+        """Every model that has an aliases key (what a server should keep loaded)."""
+        keys = await bus.kv_keys(self._js, MODELS_BUCKET)
+        suffix = ".aliases"
+        return sorted(k[: -len(suffix)] for k in keys if k.endswith(suffix))
 
     async def resolve(self, name: str, version_or_alias: str) -> ModelVersion:
         """``"3"`` -> version 3; ``"champion"`` -> what the alias points to."""

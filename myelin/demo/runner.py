@@ -73,6 +73,7 @@ class DemoReport:
     onnx_vs_sklearn_max_diff: float = 0.0
     denied_model: str = ""
     denied_status: str = ""
+    denied_promotion: str = ""
     predictions: int = 0
     predict_requests: int = 0
     predict_p50_ms: float = 0.0
@@ -335,13 +336,19 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
                     file=out,
                     flush=True,
                 )
-            await reg.set_alias(MODEL, "challenger", noise_v, requester="demo")
+            # The promote policy includes every serving rule: even the challenger alias is
+            # refused to a model that may not be served, before it takes effect.
+            try:
+                await reg.set_alias(MODEL, "challenger", noise_v, requester="demo")
+                report.denied_promotion = "ALLOWED (unexpected)"
+            except PromotionDenied as exc:
+                report.denied_promotion = exc.message
             report.denied_model = f"{MODEL} v{noise_v} (AUC {noise.metrics['auc']:.3f})"
             async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_grpc_port}") as ch:
-                try:
+                try:  # asked for by version: serving it is refused too
                     await mp_grpc.PredictorStub(ch).Predict(
                         mp.PredictRequest(
-                            model_name=MODEL, model_version="challenger", entity_ids=["user-00001"]
+                            model_name=MODEL, model_version=str(noise_v), entity_ids=["user-00001"]
                         )
                     )
                     report.denied_status = "SERVED (unexpected)"
@@ -447,9 +454,9 @@ def format_report(r: DemoReport) -> str:
         f"positive rate {r.metrics.get('positive_rate', 0):.3f}"
     )
     add(f"           ONNX vs scikit-learn max |diff| {r.onnx_vs_sklearn_max_diff:.2e}")
-    add(
-        f"governance champion promotion allowed; {r.denied_model} as challenger -> {r.denied_status}"
-    )
+    add(f"governance champion promotion allowed; {r.denied_model} as challenger refused:")
+    add(f"           {r.denied_promotion}")
+    add(f"           Predict on {r.denied_model.split(' (')[0]} -> {r.denied_status}")
     add("           audit trail: " + ", ".join(f"{k}={v}" for k, v in sorted(r.audit_rows.items())))
     add(
         f"inference  {r.predictions:,} predictions served in {r.predict_requests:,} single-entity requests "

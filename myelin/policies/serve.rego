@@ -1,4 +1,5 @@
 # Which models may be served. Consulted by inference before a model version takes traffic.
+# promote.rego includes every reason below, so no alias moves to a version this policy denies.
 # input.model: {name, version, alias, provenance: {training_window, feature_views, ...},
 #               metrics: {auc, ...}, labels: {...}}
 package myelin.serve

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -20,10 +21,23 @@ class ProcessError(MyelinError):
     code = "process_error"
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG: if the supervisor is killed, the kernel stops its children too.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+# Runs as its own small program (not between fork and exec: Python code there, in a process
+# whose other threads hold locks, e.g. gRPC's, can crash the child before it runs anything;
+# seen as SIGSEGV in the fault harness). PR_SET_PDEATHSIG survives the exec that follows.
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+def dying_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that the kernel stops it (SIGTERM) when the supervisor dies:
+    through util-linux's ``setpriv --pdeathsig``, or a two-line Python exec wrapper."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv]
+    return [sys.executable, "-c", _PDEATHSIG_EXEC, *argv]
 
 
 def describe_exit(code: int | None) -> str:
@@ -105,13 +119,12 @@ class ManagedProcess:
         env = {**os.environ, **(self.env or {})}
         try:
             self._proc = subprocess.Popen(
-                self.argv,
+                dying_with_parent(self.argv),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
-                preexec_fn=_die_with_parent,
             )
         except BaseException:
             log.close()

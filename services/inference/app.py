@@ -1,14 +1,18 @@
-"""inference composition root: registry + governance + online reader + recorder -> gRPC."""
+"""inference composition root: registry + governance + online reader + recorder -> gRPC,
+with readiness (models + Redis / JetStream probes) on OIP and grpc.health.v1."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from myelin import bus, online
 from myelin.decisions import GovernanceClient
@@ -18,7 +22,14 @@ from myelin.settings import Settings
 from services.inference.grpc_api import build_server
 from services.inference.model_host import ModelHost
 from services.inference.predictor import Predictor
+from services.inference.readiness import Probe, Readiness
 from services.inference.recorder import Recorder
+from services.inference.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+# A probe answers well within a second or the dependency counts as unreachable.
+PROBE_TIMEOUT_S = 0.5
 
 
 class InferenceApp:
@@ -28,10 +39,13 @@ class InferenceApp:
         self.settings = settings
         self._nc: NATS | None = None
         self._redis: aioredis.Redis | None = None
+        self._probe_redis: aioredis.Redis | None = None
         self._server: grpc.aio.Server | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
         self.recorder: Recorder | None = None
         self.predictor: Predictor | None = None
+        self.readiness: Readiness | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -40,23 +54,54 @@ class InferenceApp:
         js = bus.jetstream(self._nc, s)
         self._redis = online.connect(s.redis_url)
         await self._redis.ping()
+        # A client of its own, without the serving client's retries, so a probe measures
+        # reachability now instead of riding out an outage.
+        self._probe_redis = aioredis.Redis.from_url(
+            s.redis_url,
+            socket_timeout=PROBE_TIMEOUT_S,
+            socket_connect_timeout=PROBE_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
         host = ModelHost(ModelRegistry(self._nc, js), GovernanceClient(self._nc), s)
         self.recorder = Recorder(bus.Publisher(js, s))
         self.recorder.start()
         self.predictor = Predictor(host, OnlineReader(self._redis), self.recorder)
-        self._watch = asyncio.create_task(host.watch(), name="model-watch")
-        self._server, self.port = build_server(self.predictor, s.host, s.inference_grpc_port)
+        self.readiness = readiness = Readiness(
+            host,
+            [
+                Probe("redis", self._probe_redis.ping, PROBE_TIMEOUT_S),
+                Probe("jetstream", js.account_info, PROBE_TIMEOUT_S),
+            ],
+        )
+        await readiness.publish()  # NOT_SERVING until the models are in
+        self._server, self.port = build_server(
+            self.predictor, readiness, s.host, s.inference_grpc_port
+        )
+        # Listening early lets liveness checks through; readiness follows the models.
         await self._server.start()
+        try:
+            await host.refresh_once()  # every alias target loaded and warmed before ready
+        except Exception as exc:  # noqa: BLE001 - the watch below keeps trying
+            log.warning("initial model load incomplete: %r", exc)
+        await readiness.probe_once()
+        self._watch = asyncio.create_task(
+            host.watch(on_refresh=readiness.publish), name="model-watch"
+        )
+        self._probe = asyncio.create_task(readiness.run(), name="readiness-probes")
 
     async def stop(self) -> None:
-        # Stop intake (gRPC, with a grace period for in-flight calls), then flush records.
+        # Report NOT_SERVING, stop intake (gRPC, with a grace period for in-flight calls),
+        # then flush records.
+        if self._probe is not None:
+            await cancel_and_wait(self._probe)
+            self._probe = None
+        if self.readiness is not None:
+            await self.readiness.shutdown()
         if self._server is not None:
             await self._server.stop(grace=5.0)
             self._server = None
         if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            await cancel_and_wait(self._watch)
             self._watch = None
         if self.recorder is not None:
             await self.recorder.close()
@@ -67,10 +112,18 @@ class InferenceApp:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+        if self._probe_redis is not None:
+            await self._probe_redis.aclose()
+            self._probe_redis = None
 
     def status(self) -> dict[str, Any]:
         p = self.predictor
+        # "ready" overrides the health endpoint's default (always true): `myelin status`
+        # then shows whether this server would take traffic, and why not.
+        reasons = self.readiness.reasons() if self.readiness else ["not started"]
         return {
+            "ready": not reasons,
+            "not_ready": reasons,
             "grpc": f"{self.settings.host}:{self.port}",
             "requests": p.requests if p else 0,
             "predictions": p.predictions if p else 0,

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 from opentelemetry.trace import SpanKind
 
 from myelin import __version__, telemetry
@@ -23,6 +24,7 @@ from myelin.online import UnknownView
 from services.inference.logic import TensorError, decode_input, encode_output
 from services.inference.model_host import ModelDenied
 from services.inference.predictor import FeaturesUnavailable, NotFeatureAware, Predictor
+from services.inference.readiness import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,9 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
 
 
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Predictor, readiness: Readiness) -> None:
         self.p = predictor
+        self.readiness = readiness
 
     async def ServerLive(
         self, request: oip.ServerLiveRequest, context: Any
@@ -69,7 +72,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: oip.ServerReadyRequest, context: Any
     ) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self.p.host.ready())
+        return oip.ServerReadyResponse(ready=self.readiness.ready())
 
     async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: Any
@@ -79,11 +82,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: oip.ModelReadyRequest, context: Any
     ) -> oip.ModelReadyResponse:
-        try:
-            await self.p.host.get(request.name, request.version)
-            return oip.ModelReadyResponse(ready=True)
-        except (ModelNotFound, ModelDenied, Retryable):
-            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=self.p.host.model_ready(request.name, request.version))
 
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: Any
@@ -189,14 +188,17 @@ class PredictorServicer(mp_grpc.PredictorServicer):
             )
 
 
-def build_server(predictor: Predictor, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+def build_server(
+    predictor: Predictor, readiness: Readiness, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
     )
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor), server)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, readiness), server)
+    health_pb2_grpc.add_HealthServicer_to_server(readiness.health, server)
     mp_grpc.add_PredictorServicer_to_server(PredictorServicer(predictor), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     return server, bound

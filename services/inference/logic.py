@@ -8,12 +8,16 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from myelin.errors import MyelinError
 from myelin.gen import grpc_predict_v2_pb2 as pb
+
+if TYPE_CHECKING:
+    from myelin.models import TensorSpec
 
 
 class TensorError(MyelinError):
@@ -175,3 +179,19 @@ def positive_scores(probabilities: npt.NDArray[np.generic]) -> list[float]:
     if p.ndim == 2 and p.shape[1] >= 2:
         return p[:, 1].tolist()  # type: ignore[no-any-return,unused-ignore]
     return p.reshape(-1).tolist()  # type: ignore[no-any-return,unused-ignore]
+
+
+def zeros_feeds(inputs: Sequence[TensorSpec]) -> dict[str, npt.NDArray[Any]]:
+    """One input of zeros per tensor of a model's signature (unknown dims become 1), to run
+    a model once before it takes traffic."""
+    feeds: dict[str, npt.NDArray[Any]] = {}
+    for spec in inputs:
+        shape = [d if d > 0 else 1 for d in spec.shape]
+        dtype = OIP_TO_NUMPY.get(spec.datatype)
+        if dtype is None:
+            raise TensorError(f"input {spec.name!r}: unknown datatype {spec.datatype!r}")
+        if spec.datatype == "BYTES":
+            feeds[spec.name] = np.full(shape, "", dtype=np.object_)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+    return feeds

@@ -1,16 +1,24 @@
-"""Loaded models, alias resolution, hot swap and the serving policy check.
+"""Loaded models, alias resolution, hot swap, the serving policy check and model readiness.
 
-Traffic follows an alias only once the version it points to is loaded and allowed by
-governance: a new version loads beside the serving one, then the in-memory alias map
-flips. In-flight requests keep the session they started with, so none is dropped.
+The host follows the registry (``watch``): every model that has aliases is discovered, and
+each alias target is loaded beside what serves, warmed with one inference and checked with
+governance before the in-memory alias map flips. In-flight requests keep the session they
+started with, so none is dropped. A target that cannot be loaded, or that governance
+denies (the aliases key can be written without asking governance), never takes traffic:
+the previous target keeps serving and the host reports why the registry's wish is not met,
+because a deployment whose desired aliases cannot be served is not ready.
+
+Readiness is answered from memory; only requests for a version or model the host does not
+hold yet load anything.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import copy
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +44,25 @@ class LoadedModel:
     verdict: Verdict
     decided_at: float
     loaded_at: float = field(default_factory=time.time)
+    # why the last periodic re-decision failed ("" when it succeeded)
+    renew_error: str = ""
 
     @property
     def version(self) -> str:
         return str(self.mv.version)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Why an alias's registry target does not take traffic."""
+
+    version: int
+    reason: str  # for readiness, e.g. "ctr:champion -> v3 denied by governance: ..."
+    error: MyelinError  # what a request for the alias gets while nothing else serves it
+
+
+def _reasons(verdict: Verdict) -> str:
+    return "; ".join(verdict.reasons) or "no reason given"
 
 
 class ModelHost:
@@ -50,8 +73,13 @@ class ModelHost:
         self._gov = governance
         self._s = settings
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
-        self._aliases: dict[str, dict[str, int]] = {}
+        self._aliases: dict[str, dict[str, int]] = {}  # what traffic follows
+        self._desired: dict[str, dict[str, int]] = {}  # what the registry says
+        self._held: dict[tuple[str, str], _Held] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._follow_locks: dict[str, asyncio.Lock] = {}
+        self._synced = False
+        self._registry_error = ""
         self.default_alias = settings.model_alias
         self.swaps = 0
 
@@ -61,11 +89,56 @@ class ModelHost:
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
 
+    # ------------------------------------------------------------------ readiness
+
+    def not_ready(self) -> list[str]:
+        """Why not every alias target in the registry is loaded, warmed and allowed."""
+        reasons: list[str] = []
+        if not self._synced:
+            reasons.append(
+                "model registry not read yet"
+                + (f": {self._registry_error}" if self._registry_error else "")
+            )
+        elif self._registry_error:
+            reasons.append(self._registry_error)
+        now = time.monotonic()
+        for name in sorted(self._desired):
+            serving = self._aliases.get(name, {})
+            for alias, version in sorted(self._desired[name].items()):
+                model = self._loaded.get((name, version))
+                if serving.get(alias) != version or model is None:
+                    held = self._held.get((name, alias))
+                    if held is not None and held.version == version:
+                        reasons.append(held.reason)
+                    else:
+                        reasons.append(f"{name} v{version} not loaded yet")
+                elif not model.verdict.allow:
+                    reasons.append(
+                        f"{name}:{alias} -> v{version} denied by governance: "
+                        + _reasons(model.verdict)
+                    )
+                elif model.renew_error and now - model.decided_at > self._s.policy_cache_ttl_s:
+                    # requests re-decide an expired verdict themselves, and would fail too
+                    reasons.append(
+                        f"{name}:{alias} -> v{version}: serving verdict expired and could not "
+                        f"be renewed: {model.renew_error}"
+                    )
+        return reasons
+
     def ready(self) -> bool:
-        """At least one model loaded and allowed, and every alias points at a loaded one."""
-        if not any(m.verdict.allow for m in self._loaded.values()):
+        return not self.not_ready()
+
+    def model_ready(self, name: str, ref: str = "") -> bool:
+        """``ref`` (version, alias or empty for the default alias) is loaded and allowed.
+        From memory only: a readiness probe never loads a model."""
+        ref = ref.strip() or self.default_alias
+        version = int(ref) if ref.isdigit() else self._aliases.get(name, {}).get(ref)
+        if version is None:
             return False
-        return all((n, v) in self._loaded for n, al in self._aliases.items() for v in al.values())
+        model = self._loaded.get((name, version))
+        return model is not None and model.verdict.allow
+
+    # ------------------------------------------------------------------ serving
 
     async def get(self, name: str, ref: str = "") -> tuple[LoadedModel, str]:
         """Resolve ``ref`` (version, alias or empty for the default alias) to an allowed model."""
@@ -75,9 +148,13 @@ class ModelHost:
         else:
             alias = ref
             if name not in self._aliases:
-                self._aliases[name] = await self._registry.aliases(name)
+                # registered since the last poll: follow it now rather than answer NOT_FOUND
+                await self.follow(name)
             target = self._aliases[name].get(alias)
             if target is None:
+                held = self._held.get((name, alias))
+                if held is not None:
+                    raise copy.copy(held.error) from None
                 raise ModelNotFound(f"model {name!r} has no alias {alias!r}")
             version = target
         model = await self._load(name, version)
@@ -99,6 +176,10 @@ class ModelHost:
             ortm = await asyncio.to_thread(
                 load_onnx, data, self._s.ort_intra_threads, self._s.ort_inter_threads
             )
+            try:
+                await asyncio.to_thread(ortm.warm_up)
+            except Exception as exc:  # noqa: BLE001 - real inputs may still run; serve it cold
+                log.warning("warm-up of %s v%d failed, serving it cold: %r", name, version, exc)
             verdict = await self._decide(mv)
             model = LoadedModel(mv, ortm, verdict, time.monotonic())
             self._loaded[key] = model
@@ -127,29 +208,106 @@ class ModelHost:
                 policy_version=model.verdict.policy_version,
             )
 
-    async def refresh_once(self) -> None:
-        """Follow alias moves: preload the new target, then flip the alias."""
-        for name in list(self._aliases):
-            fresh = await self._registry.aliases(name)
+    # ------------------------------------------------------------------ following the registry
+
+    async def follow(self, name: str, fresh: dict[str, int] | None = None) -> None:
+        """Bring ``name``'s aliases in line with the registry (``fresh``, read if None): each
+        new target is loaded, warmed and allowed before its alias flips to it."""
+        async with self._follow_locks.setdefault(name, asyncio.Lock()):
+            if fresh is None:
+                fresh = await self._registry.aliases(name)
+            self._desired[name] = fresh
+            serving = self._aliases.setdefault(name, {})
             for alias, version in fresh.items():
-                if self._aliases[name].get(alias) == version:
+                if serving.get(alias) == version:
+                    self._held.pop((name, alias), None)
                     continue
                 try:
-                    await self._load(name, version)
+                    model = await self._load(name, version)
                 except Exception as exc:  # noqa: BLE001 - keep serving the old version
-                    log.warning("cannot load %s v%d for %s: %r", name, version, alias, exc)
+                    err = (
+                        exc
+                        if isinstance(exc, MyelinError)
+                        else Retryable(f"cannot load {name} v{version}: {exc!r}")
+                    )
+                    reason = f"{name}:{alias} -> v{version} not loaded: {err.message}"
+                    self._hold(name, alias, version, reason, err)
                     continue
-                old = self._aliases[name].get(alias)
-                self._aliases[name] = {**self._aliases[name], alias: version}
-                self.swaps += 1
+                if not model.verdict.allow:
+                    self._hold(
+                        name,
+                        alias,
+                        version,
+                        f"{name}:{alias} -> v{version} denied by governance: "
+                        + _reasons(model.verdict),
+                        ModelDenied(
+                            f"model {name} v{version} may not be served: "
+                            + _reasons(model.verdict),
+                            decision_id=model.verdict.decision_id,
+                            policy_version=model.verdict.policy_version,
+                        ),
+                    )
+                    continue
+                old = serving.get(alias)
+                serving = {**serving, alias: version}
+                self._aliases[name] = serving  # one assignment: readers see old or new map
+                self._held.pop((name, alias), None)
+                if old is not None:
+                    self.swaps += 1
                 log.info("%s:%s now v%d (was %s)", name, alias, version, old)
+
+    def _hold(self, name: str, alias: str, version: int, reason: str, error: MyelinError) -> None:
+        previous = self._held.get((name, alias))
+        self._held[(name, alias)] = _Held(version, reason, error)
+        if previous is None or previous.reason != reason:  # once, not every poll
+            current = self._aliases.get(name, {}).get(alias)
+            log.warning(
+                "%s; %s",
+                reason,
+                f"still serving v{current}" if current is not None else "the alias serves nothing",
+            )
+
+    async def refresh_once(self) -> None:
+        """Follow alias moves and newly aliased models, then renew expiring verdicts."""
+        try:
+            names = set(await self._registry.aliased_models())
+            for name in sorted(names | set(self._aliases)):
+                await self.follow(name, await self._registry.aliases(name) if name in names else {})
+        except MyelinError as exc:
+            self._registry_error = f"model registry unreadable: {exc.message}"
+            raise
+        except Exception as exc:
+            self._registry_error = f"model registry unreadable: {exc!r}"
+            raise
+        self._registry_error = ""
+        self._synced = True
         for model in self.loaded():
             if time.monotonic() - model.decided_at > self._s.policy_cache_ttl_s / 2:
-                with contextlib.suppress(MyelinError):
-                    model.verdict = await self._decide(model.mv)
-                    model.decided_at = time.monotonic()
+                await self._renew(model)
 
-    async def watch(self, interval_s: float = 0.5) -> None:
+    async def _renew(self, model: LoadedModel) -> None:
+        try:
+            verdict = await self._decide(model.mv)
+        except MyelinError as exc:
+            if not model.renew_error:
+                log.warning("%s", exc.message)
+            model.renew_error = exc.message
+            return
+        if verdict.allow != model.verdict.allow:
+            log.warning(
+                "governance now %s %s v%d%s",
+                "allows" if verdict.allow else "denies",
+                model.mv.name,
+                model.mv.version,
+                "" if verdict.allow else f": {_reasons(verdict)}",
+            )
+        model.verdict, model.decided_at, model.renew_error = verdict, time.monotonic(), ""
+
+    async def watch(
+        self,
+        interval_s: float = 0.5,
+        on_refresh: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         while True:
             try:
                 await self.refresh_once()
@@ -157,6 +315,11 @@ class ModelHost:
                 raise
             except Exception as exc:  # noqa: BLE001 - NATS restarting: try again
                 log.warning("model refresh failed: %r", exc)
+            if on_refresh is not None:
+                try:
+                    await on_refresh()
+                except Exception:  # the models must still be followed
+                    log.exception("after-refresh hook failed")
             await asyncio.sleep(interval_s)
 
     async def versions(self, name: str) -> list[int]:
@@ -169,5 +332,6 @@ class ModelHost:
                 for m in self._loaded.values()
             ],
             "aliases": self._aliases,
+            "desired_aliases": self._desired,
             "swaps": self.swaps,
         }

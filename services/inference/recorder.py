@@ -19,6 +19,7 @@ from myelin.bus import OutMsg, Publisher
 from myelin.errors import Overloaded
 from myelin.records import InferenceRecord
 from myelin.subjects import inference_subject
+from services.inference.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _enc = msgspec.msgpack.Encoder()
@@ -77,9 +78,7 @@ class Recorder:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._q.join(), timeout_s)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         self._task = None
 
     @property

@@ -10,7 +10,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from myelin.models import TensorSpec
-from services.inference.logic import ONNX_TO_OIP, onnx_shape
+from services.inference.logic import ONNX_TO_OIP, onnx_shape, zeros_feeds
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,12 @@ class OrtModel:
 
     def run_one(self, x: npt.NDArray[np.float32]) -> list[Any]:
         return self.run({self.inputs[0].name: x})
+
+    def warm_up(self) -> None:
+        """One inference on zeros of the input signature: onnxruntime allocates its buffers
+        and finishes kernel set-up on a session's first run, which would otherwise land on
+        the first request."""
+        self.run(zeros_feeds(self.inputs))
 
 
 def load_onnx(data: bytes, intra_threads: int, inter_threads: int) -> OrtModel:

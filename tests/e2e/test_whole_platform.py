@@ -55,9 +55,12 @@ async def test_demo_end_to_end(settings: Settings) -> None:
     assert report.onnx_vs_sklearn_max_diff < 1e-5
     assert report.oip_max_abs_diff == 0.0
     assert "FAILED_PRECONDITION" in report.denied_status and "serving floor" in report.denied_status
+    assert "to challenger was denied" in report.denied_promotion
+    assert "serving floor" in report.denied_promotion  # the serve rules, in the promote policy
     assert report.predictions > 0 and report.inference_rows == report.predictions
     assert (
-        report.audit_rows.get("promote:allow", 0) >= 2
+        report.audit_rows.get("promote:allow", 0) >= 1
+        and report.audit_rows.get("promote:deny", 0) >= 2
         and report.audit_rows.get("serve:deny", 0) >= 1
     )
     assert report.trace_chain and len(report.trace_chain["trace_id"]) == 32
