@@ -4,8 +4,10 @@ One small interface, two implementations, the same DDL and SQL on both. In embed
 mode chdb locks its data directory, so exactly one process (the warehouse service) opens
 it; everyone else reaches it with :data:`~myelin.subjects.RPC_WAREHOUSE_QUERY`.
 Tables are ReplacingMergeTree keyed on deterministic ids, so a replayed batch is not
-double-counted: read with ``FINAL`` (or argMax) for exact counts. In ``events`` the
-``late`` flag is the row version: the copy a view marked late replaces the plain one.
+double-counted: read with ``FINAL`` (or argMax) for exact counts. In ``events`` the rows
+of one event (its copies on the stream, and the late-marked row of a copy) collapse to the
+one that counted: the first copy on the stream, late-marked if a view found it late
+(``keep_rank``, see :func:`keep_rank`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ DDL: tuple[str, ...] = (
         partition UInt16,
         stream_seq UInt64,
         late UInt8,
-        data String
-    ) ENGINE = ReplacingMergeTree(late)
+        data String,
+        keep_rank UInt64
+    ) ENGINE = ReplacingMergeTree(keep_rank)
     PARTITION BY toYYYYMM(event_time)
     ORDER BY (type, entity_id, event_time, event_id)""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.feature_values (
@@ -95,6 +98,43 @@ DDL: tuple[str, ...] = (
     # tables made by earlier versions gain the columns added since (no-op on new ones)
     f"ALTER TABLE {DATABASE}.dead_letters ADD COLUMN IF NOT EXISTS detail Map(String, String)",
 )
+
+
+_RANK_TOP = (1 << 62) - 1
+
+
+def keep_rank(stream_seq: int, late: bool) -> int:
+    """The version raw history keeps the highest of, among the rows of one event: the
+    earliest copy on the stream wins (the one the pipeline applied; a resent copy was a
+    duplicate), and of one copy the row a view marked late."""
+    return ((_RANK_TOP - min(stream_seq, _RANK_TOP)) << 1) | int(late)
+
+
+# Raw history made by builds that versioned rows by ``late`` alone (a late resent copy then
+# replaced the copy that counted) is moved into the current table once, at start.
+_EVENTS_V1_MIGRATION = (
+    f"RENAME TABLE {DATABASE}.events TO {DATABASE}.events_v1",
+    "<create events>",
+    f"""INSERT INTO {DATABASE}.events
+        SELECT event_id, type, schema_version, entity_id, event_time, ingest_time, producer_id,
+               trace_id, partition, stream_seq, late, data,
+               bitOr(bitShiftLeft({_RANK_TOP} - least(stream_seq, {_RANK_TOP}), 1), late)
+        FROM {DATABASE}.events_v1""",
+    f"DROP TABLE {DATABASE}.events_v1",
+)
+
+
+def migrate(wh: Warehouse) -> bool:
+    """Bring tables made by earlier builds up to date; True if anything was moved."""
+    engines = wh.query_arrow(
+        f"SELECT engine_full FROM system.tables WHERE database = '{DATABASE}' AND name = 'events'"
+    ).column("engine_full").to_pylist()
+    if not engines or "ReplacingMergeTree(late)" not in engines[0]:
+        return False
+    create = next(stmt for stmt in DDL if ".events (" in stmt)
+    for stmt in _EVENTS_V1_MIGRATION:
+        wh.command(create if stmt == "<create events>" else stmt)
+    return True
 
 
 class WarehouseError(MyelinError):
@@ -221,6 +261,7 @@ def open_warehouse(settings: Settings) -> Warehouse:
     wh: Warehouse = ServerWarehouse(url) if url else ChdbWarehouse(settings.warehouse_dir)
     for stmt in DDL:
         wh.command(stmt)
+    migrate(wh)
     return wh
 
 

@@ -291,17 +291,12 @@ def point_in_time(rows: pd.DataFrame, labels: pd.DataFrame, view: View) -> pd.Da
 
 def clicked_impressions(events: pd.DataFrame, view: View, click_window_s: int) -> pd.DataFrame:
     """Labels: each impression the view applied, 1 when the same user clicked the same item
-    (any click, late or not) within ``click_window_s`` after it. As in the warehouse, where
-    the copy a view marked late replaces the others, an impression with a late copy (a
-    repeat of its id that came too late) is left out, although its first copy counted."""
+    (any click, late or not) within ``click_window_s`` after it. Raw history keeps, of an
+    event's copies, the first one on the stream (the one that counted), so an impression
+    applied once is labelled even if a copy of it came again too late."""
     ev = outcomes(events, view)
     imps = ev[ev["type"] == "impression"]
-    if "event_id" in imps.columns:
-        late = imps["partition_late"] | imps["entity_late"]
-        marked = set(imps.loc[late, "event_id"])
-        imps = imps[imps["applied"] & ~imps["event_id"].isin(marked)]
-    else:
-        imps = imps[imps["applied"]]
+    imps = imps[imps["applied"]]
     clicks = events[events["type"] == "click"]
     by_key: dict[tuple[str, str], I64] = {
         (str(k[0]), str(k[1])): np.sort(g["event_time"].to_numpy(np.int64))

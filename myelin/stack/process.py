@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -58,10 +59,35 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return ""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, chosen *below* the kernel's ephemeral range: a port from
+    ``bind(0)`` can be handed out again moments later as the local end of some outgoing
+    connection, and then the service meant to listen on it cannot (seen in the test suite
+    as "address already in use")."""
+    low, _ = _ephemeral_range()
+    if low > 11_000:
+        for _ in range(50):
+            port = random.randrange(10_000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _GIVEN.add(port)
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+_GIVEN: set[int] = set()
 
 
 async def wait_port(

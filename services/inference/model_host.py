@@ -147,10 +147,12 @@ class ModelHost:
             version, alias = int(ref), ""
         else:
             alias = ref
-            if name not in self._aliases:
-                # registered since the last poll: follow it now rather than answer NOT_FOUND
+            target = self._aliases.get(name, {}).get(alias)
+            if target is None and (name, alias) not in self._held:
+                # registered or moved since the last poll (perhaps being loaded by it right
+                # now): follow it now rather than answer NOT_FOUND
                 await self.follow(name)
-            target = self._aliases[name].get(alias)
+                target = self._aliases[name].get(alias)
             if target is None:
                 held = self._held.get((name, alias))
                 if held is not None:

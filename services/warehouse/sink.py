@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from myelin.contracts import StreamEvent
 from myelin.records import AuditRecord, DeadLetter, FeatureRow, FeatureRows, InferenceRecord
-from myelin.warehouse import DATABASE, Warehouse
+from myelin.warehouse import DATABASE, Warehouse, keep_rank
 
 T = TypeVar("T")
 TS = pa.timestamp("ms", tz="UTC")
@@ -48,7 +48,8 @@ class WarehouseSink:
 def events_table(events: list[tuple[int, StreamEvent]], late: bool = False) -> pa.Table:
     """Raw history, one row per ``(event_seq, event)``. The payload (msgpack, validated by
     ingest against its contract) is stored as JSON; ``late`` marks events a view found too
-    late for its windows (the row version: a late copy replaces the plain one)."""
+    late for its windows. Of the rows of one event, ClickHouse keeps the highest
+    ``keep_rank``: the first copy on the stream, late-marked if it was late."""
     evs = [ev for _, ev in events]
     n = len(evs)
     return pa.table(
@@ -65,6 +66,7 @@ def events_table(events: list[tuple[int, StreamEvent]], late: bool = False) -> p
             "stream_seq": pa.array([seq for seq, _ in events], pa.uint64()),
             "late": pa.array([int(late)] * n, pa.uint8()),
             "data": pa.array([_payload_json(e.data) for e in evs], pa.string()),
+            "keep_rank": pa.array([keep_rank(seq, late) for seq, _ in events], pa.uint64()),
         }
     )
 

@@ -14,9 +14,9 @@ from myelin.contracts import StreamEvent
 from myelin.records import FeatureRow, FeatureRows
 from myelin.settings import Settings
 from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, LATE_STREAM
-from myelin.warehouse import Warehouse
+from myelin.warehouse import DDL, Warehouse, keep_rank, migrate
 from services.warehouse.drains import SEQS_HEADER, events_drain, features_drain, late_drain
-from services.warehouse.sink import WarehouseSink
+from services.warehouse.sink import WarehouseSink, events_table
 
 pytestmark = pytest.mark.integration
 _mp = msgspec.msgpack.Encoder()
@@ -95,3 +95,49 @@ async def test_drains_store_raw_history_late_marks_and_feature_values_once(
         {"entity_id": "u0", "view_hash": "abc", "s": 2.5},
         {"entity_id": "u2", "view_hash": "abc", "s": 2.5},
     ]
+
+
+def test_raw_history_keeps_the_copy_that_counted(warehouse: Warehouse) -> None:
+    """An event stored twice on the stream (seq 1000, and resent at 5000, which a view then
+    found late): raw history keeps the first copy, whatever merges did. On main the late
+    resent copy replaced the copy the pipeline had applied."""
+    t = int(time.time() * 1000)
+    first, again = (1000, ev(1, t)), (5000, ev(1, t))
+    warehouse.insert_arrow("myelin.events", events_table([again], late=True))
+    warehouse.insert_arrow("myelin.events", events_table([first]))
+    warehouse.insert_arrow("myelin.events", events_table([again]))
+    warehouse.command("OPTIMIZE TABLE myelin.events FINAL")
+    rows = warehouse.query_arrow("SELECT stream_seq, late FROM myelin.events").to_pylist()
+    assert rows == [{"stream_seq": 1000, "late": 0}]
+
+
+def test_raw_history_of_an_earlier_build_is_migrated(warehouse: Warehouse) -> None:
+    """Tables versioned by ``late`` alone are moved into the current table at start."""
+    old = next(s for s in DDL if ".events (" in s)
+    old = old.replace(",\n        keep_rank UInt64", "").replace(
+        "ReplacingMergeTree(keep_rank)", "ReplacingMergeTree(late)"
+    )
+    warehouse.command("DROP TABLE myelin.events")
+    warehouse.command(old)
+    t = int(time.time() * 1000)
+    legacy = events_table([(1000, ev(1, t)), (2000, ev(2, t))]).drop_columns(["keep_rank"])
+    warehouse.insert_arrow("myelin.events", legacy)
+    try:
+        assert migrate(warehouse) and not migrate(warehouse)  # once
+        rows = warehouse.query_arrow(
+            "SELECT event_id, stream_seq, keep_rank FROM myelin.events ORDER BY stream_seq"
+        ).to_pylist()
+        assert [(r["event_id"], r["stream_seq"]) for r in rows] == [("w1", 1000), ("w2", 2000)]
+        assert [r["keep_rank"] for r in rows] == [keep_rank(1000, False), keep_rank(2000, False)]
+    finally:  # leave the current table for the other tests, whatever happened
+        warehouse.command("DROP TABLE IF EXISTS myelin.events_v1")
+        if (
+            "ReplacingMergeTree(late)"
+            in warehouse.query_arrow(
+                "SELECT engine_full FROM system.tables WHERE database = 'myelin' AND name = 'events'"
+            )
+            .column("engine_full")
+            .to_pylist()[0]
+        ):
+            warehouse.command("DROP TABLE myelin.events")
+            warehouse.command(next(s for s in DDL if ".events (" in s))
