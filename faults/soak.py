@@ -1,7 +1,12 @@
 """The soak: the platform under a steady load for many minutes with a fault every ~45 s,
-reporting memory and lag as it goes and at the end. Passes when no acknowledged event is
-lost or duplicated, every process's memory stays bounded (no growth after warm-up beyond
-a margin) and the lag at the end drains."""
+reporting memory and lag as it goes and at the end.
+
+Event time runs 18 times faster than the clock (three hours of events in ten minutes), so
+every window state fills to its steady size (the longest window is an hour) within the
+first third of the run: from then on nothing should grow. Passes when no acknowledged
+event is lost or duplicated, no Myelin service grew by more than ``GROWTH_MB`` over the
+second half of the run, and the lag drained. The engines' memory (nats-server caches
+stream blocks, redis-server holds the states) is reported beside it."""
 
 from __future__ import annotations
 
@@ -32,14 +37,17 @@ FAULTS = (
     "warehouse down",
     "kill ingest-2",
 )
-GROWTH_MB = 150.0  # allowed RSS growth of one process between warm-up and the end
+GROWTH_MB = 50.0  # allowed RSS growth of one service over the second half of the run
+ENGINES = ("nats-server", "redis-server")
+EVENT_TIME_SPAN_MS = 3 * 3600_000
 
 
 async def run_soak(minutes: float, seed: int, workdir: Path, rate: float = 2_500) -> bool:
     rng = random.Random(seed)
     n = int(minutes * 60 * rate)
-    faults = tuple(FAULTS[k % len(FAULTS)] for k in range(max(1, int(minutes * 60 / 45))))
-    rng.shuffle(list(faults))
+    order = list(FAULTS)
+    rng.shuffle(order)
+    faults = tuple(order[k % len(order)] for k in range(max(1, int(minutes * 60 / 45))))
     mode = replace(
         MODES["short"],
         name="soak",
@@ -65,11 +73,11 @@ async def run_soak(minutes: float, seed: int, workdir: Path, rate: float = 2_500
         f"events: stored once {c.stored_once:,}, lost {c.lost:,}, duplicated {c.duplicated:,}, "
         f"not in raw history {c.missing_raw:,}, never taken by ingest {len(parts.load.gave_up):,}"
     )
-    warm = parts.rss_timeline[min(2, len(parts.rss_timeline) - 1)][1]
+    half = parts.rss_timeline[len(parts.rss_timeline) // 2][1]
     end = parts.rss_timeline[-1][1]
-    growth = {k: end[k] - warm.get(k, end[k]) for k in end}
-    grew = {k: round(g) for k, g in growth.items() if g > GROWTH_MB}
-    print(f"memory growth after warm-up (MB): { {k: round(g) for k, g in growth.items()} }")
+    growth = {k: end[k] - half.get(k, end[k]) for k in end}
+    grew = {k: round(g) for k, g in growth.items() if g > GROWTH_MB and k not in ENGINES}
+    print(f"memory growth over the second half (MB): { {k: round(g) for k, g in growth.items()} }")
     ok = c.ok and not parts.load.gave_up and not grew and parts.drained_s < 120
     print(
         "RESULT: "

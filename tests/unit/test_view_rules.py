@@ -12,7 +12,14 @@ import pytest
 
 from myelin.contracts.events import ClickV1, PurchaseV1
 from myelin.contracts.registry import default_registry
-from services.features.logic import STATE_FORMAT, EntityState, Outcome, WindowEngine
+from services.features.logic import (
+    STATE_FORMAT,
+    EntityState,
+    Outcome,
+    WindowEngine,
+    id_hash,
+    seen,
+)
 from services.features.vector_code import generated_filename
 from services.features.views import (
     USER_ACTIVITY,
@@ -147,16 +154,34 @@ def test_the_same_event_id_has_one_effect_whatever_its_sequence() -> None:
     assert off.vector(st)["purchases_1h"] == 2
 
 
-def test_states_of_the_previous_format_read_with_empty_id_slots() -> None:
+def test_states_of_earlier_formats_read_and_keep_their_ids() -> None:
+    """Format 2 had no id slot (read as empty); format 3 kept ids as strings (hashed when
+    read, so a copy of an event applied before the upgrade is still a duplicate)."""
     eng = WindowEngine(USER_ACTIVITY)
     st = EntityState()
     eng.apply(st, 1, "click", T0, CLK, "c1")
     fmt, seq, wm, late, rows = msgspec.msgpack.decode(st.encode())
-    assert fmt == STATE_FORMAT == 3
-    old = msgspec.msgpack.encode([2, seq, wm, late, [[b, row[:-1]] for b, row in rows]])
-    again = EntityState.decode(old)
-    assert eng.vector(again) == eng.vector(st)
-    assert eng.apply(again, 2, "click", T0, CLK, "c2") == Outcome.APPLIED
+    assert fmt == STATE_FORMAT == 4
+    assert rows[0][1][-1] == id_hash("c1")  # 8 bytes per id
+    v2 = EntityState.decode(
+        msgspec.msgpack.encode([2, seq, wm, late, [[b, row[:-1]] for b, row in rows]])
+    )
+    assert eng.vector(v2) == eng.vector(st)
+    assert eng.apply(v2, 2, "click", T0, CLK, "c2") == Outcome.APPLIED
+    v3 = EntityState.decode(
+        msgspec.msgpack.encode([3, seq, wm, late, [[b, [*row[:-1], ["c1"]]] for b, row in rows]])
+    )
+    assert eng.vector(v3) == eng.vector(st)
+    assert eng.apply(v3, 2, "click", T0, CLK, "c1") == Outcome.DUPLICATE
+    assert eng.apply(v3, 3, "click", T0, CLK, "c3") == Outcome.APPLIED
+
+
+def test_the_guard_only_matches_whole_entries() -> None:
+    """A hash found across two stored entries (bytes 4..11 of two hashes) is no match."""
+    a, b = bytes(range(8)), bytes(range(8, 16))
+    assert seen(bytearray(a + b), b) and seen(a + b, a)
+    assert not seen(bytearray(a + b), bytes(range(4, 12)))
+    assert not seen(bytearray(), a)
 
 
 def test_generated_code_shows_in_tracebacks() -> None:
