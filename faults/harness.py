@@ -62,6 +62,7 @@ class Mode:
     nats_short_s: float
     ack_wait_s: float  # features' and the inbox's ack wait (SIGSTOPs last past it)
     faults: tuple[str, ...]
+    fault_share: float = 0.85  # the faults are spread over this first share of the load
 
     @property
     def events(self) -> int:
@@ -229,11 +230,12 @@ async def _outage(stack: Stack, name: str, seconds: float) -> str:
 async def run_faults(
     stack: Stack, mode: Mode, seed: int, duration_s: float, log_: FaultLog, t0: float
 ) -> None:
-    """The mode's faults one after another, spread over the load's first 85% with seeded
-    jitter, so each one hits a platform under load (and none overlaps the next)."""
+    """The mode's faults one after another, spread over the load's first ``fault_share``
+    with seeded jitter, so each one hits a platform under load (and none overlaps the
+    next)."""
     rng = random.Random(seed)
     lengths = [fault_length_s(f, mode, stack.settings) for f in mode.faults]
-    gap = max(1.0, (0.85 * duration_s - sum(lengths)) / (len(lengths) + 1))
+    gap = max(1.0, (mode.fault_share * duration_s - sum(lengths)) / (len(lengths) + 1))
     at = t0
     for fault, length in zip(mode.faults, lengths, strict=True):
         at += gap * (0.6 + 0.8 * rng.random())
@@ -508,7 +510,8 @@ class Parts:
     restarts: dict[str, int]
     rss_end: dict[str, float]
     rss_peak: dict[str, float]
-    rss_timeline: list[tuple[float, dict[str, float]]]
+    rss_timeline: list[tuple[float, dict[str, float]]]  # while the load ran
+    rss_after_drain: tuple[float, dict[str, float]]  # after the final queries, too
     lag_at_end: dict[str, int]  # when the load stopped, before draining
     drained_s: float
     wall_s: float
@@ -550,7 +553,7 @@ async def faulted_run_parts(
         drained = await wait_drained(settings)
         state, effects, raw, inf, twice = await final_state(settings, workload)
         end_rss = rss_of(stack)
-        timeline.append((time.monotonic() - t0, end_rss))
+        after_drain = (time.monotonic() - t0, end_rss)
         restarts = dict(stack.restarts)
     return Parts(
         load=stats,
@@ -564,6 +567,7 @@ async def faulted_run_parts(
         rss_end=end_rss,
         rss_peak=peaks,
         rss_timeline=timeline,
+        rss_after_drain=after_drain,
         lag_at_end=lag,
         drained_s=drained,
         wall_s=time.monotonic() - t_start,
