@@ -13,6 +13,7 @@ import pyarrow as pa
 from nats.aio.client import Client as NATS
 
 from myelin import bus
+from myelin.contracts import StreamEvent
 from myelin.demo.trainer import Trained, train
 from myelin.models import ModelRegistry, Provenance
 from myelin.settings import Settings
@@ -128,3 +129,23 @@ async def offline_counts(nc: NATS) -> dict[str, int]:
     )
     [row] = msgspec.json.decode(await bus.request(nc, RPC_WAREHOUSE_QUERY, {"sql": q}))["data"]
     return {k: int(v) for k, v in row.items()}
+
+
+def stream_event(
+    event_id: str, user: str, t: int, *, typ: str = "click", partition: int = 0, **data: Any
+) -> StreamEvent:
+    """An event as ingest stores it on the EVENTS stream (what features and the warehouse
+    consume), for tests that publish to the stream or feed the pipeline directly."""
+    return StreamEvent(
+        event_id=event_id,
+        type=typ,
+        schema_version=1,
+        event_time=t,
+        ingest_time=t,
+        producer_id="p",
+        client_version="",
+        trace_id="",
+        entity_id=user,
+        partition=partition,
+        data=msgspec.Raw(msgspec.msgpack.encode({"user_id": user, "item_id": "i", **data})),
+    )

@@ -27,26 +27,15 @@ from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
 from services.features.views import USER_ACTIVITY
 from services.warehouse.sink import events_table
+from tests.helpers import stream_event
 
 pytestmark = pytest.mark.integration
 MIN = 60_000
 _mp = msgspec.msgpack.Encoder()
 
 
-def ev(event_id: str, user: str, t: int, partition: int = 0, typ: str = "click") -> StreamEvent:
-    return StreamEvent(
-        event_id=event_id,
-        type=typ,
-        schema_version=1,
-        event_time=t,
-        ingest_time=t,
-        producer_id="p",
-        client_version="",
-        trace_id="",
-        entity_id=user,
-        partition=partition,
-        data=msgspec.Raw(_mp.encode({"user_id": user, "item_id": "i"})),
-    )
+def ev(event_id: str, user: str, t: int, partition: int = 0) -> StreamEvent:
+    return stream_event(event_id, user, t, partition=partition)
 
 
 async def run(

@@ -19,7 +19,6 @@ from nats.js import api
 
 from myelin import bus
 from myelin.consume import PullLoop, ensure_consumer
-from myelin.contracts import StreamEvent
 from myelin.contracts.registry import default_registry
 from myelin.dead_letters import consumer_dead_letters
 from myelin.errors import Retryable
@@ -34,6 +33,7 @@ from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline, ViewFailed
 from services.features.views import USER_ACTIVITY
 from services.ingest.app import IngestApp
+from tests.helpers import stream_event
 
 pytestmark = pytest.mark.integration
 _mp = msgspec.msgpack.Encoder()
@@ -194,24 +194,7 @@ async def test_invalid_utf8_on_the_inbox_no_longer_wedges_it(
 
 
 def _events(seq0: int, n: int, t: int, user: str = "u") -> bytes:
-    return _mp.encode(
-        [
-            StreamEvent(
-                event_id=f"e{seq0}-{i}",
-                type="click",
-                schema_version=1,
-                event_time=t,
-                ingest_time=t,
-                producer_id="p",
-                client_version="",
-                trace_id="",
-                entity_id=f"{user}{i}",
-                partition=0,
-                data=msgspec.Raw(_mp.encode({"user_id": f"{user}{i}", "item_id": "i"})),
-            )
-            for i in range(n)
-        ]
-    )
+    return _mp.encode([stream_event(f"e{seq0}-{i}", f"{user}{i}", t) for i in range(n)])
 
 
 def _pipeline(

@@ -15,13 +15,13 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
 from myelin import bus, online
-from myelin.contracts import StreamEvent
 from myelin.errors import RemoteError
 from myelin.records import AuditRecord
 from myelin.settings import Settings
 from myelin.subjects import RPC_FEATURES_VIEWS, VIEWS_BUCKET
 from services.features.app import FeaturesApp
 from services.features.views import USER_ACTIVITY, view_doc
+from tests.helpers import stream_event
 
 pytestmark = pytest.mark.integration
 
@@ -118,24 +118,7 @@ async def test_a_failed_served_version_can_be_retired_and_others_keep_flowing(
 
     runner.pipeline.engine.apply = broken  # type: ignore[method-assign,assignment]
     js = bus.jetstream(nc, settings)
-    now = int(time.time() * 1000)
-    body = msgspec.msgpack.encode(
-        [
-            StreamEvent(
-                event_id="e1",
-                type="click",
-                schema_version=1,
-                event_time=now,
-                ingest_time=now,
-                producer_id="p",
-                client_version="",
-                trace_id="",
-                entity_id="u1",
-                partition=0,
-                data=msgspec.Raw(msgspec.msgpack.encode({"user_id": "u1", "item_id": "i"})),
-            )
-        ]
-    )
+    body = msgspec.msgpack.encode([stream_event("e1", "u1", int(time.time() * 1000))])
     await js.publish("myelin.events.0", body)
     for _ in range(200):
         status = features.status()
