@@ -17,9 +17,23 @@ class Prediction(msgspec.Struct, frozen=True, array_like=True):
     source_trace_id: str
 
 
+class TensorRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A tensor as served (an OIP input or output): always its shape, size and a SHA-256 of
+    its bytes; its values too, flattened, when it is no larger than the ledger's cap
+    (``MYELIN_LEDGER_TENSOR_CAP_BYTES``)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    nbytes: int
+    sha256: str
+    values: list[float | int | bool | str] = []
+
+
 class InferenceRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One inference request (one or many rows). Each message on the INFERENCES stream is
-    a msgpack list of these: the recorder publishes them in batches."""
+    a msgpack list of these: the recorder publishes them in batches. A request id is
+    recorded once per model."""
 
     request_id: str
     ts_ms: int
@@ -27,10 +41,15 @@ class InferenceRecord(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     model_version: str
     alias: str
-    latency_us: int
+    latency_us: int  # the whole request, as the server handled it
     trace_id: str
     predictions: list[Prediction] = []
     rows: int = 0
+    route: str = ""  # how the version was chosen: the alias ("champion", ...) or "pinned"
+    read_us: int = 0  # reading online features (Predict)
+    score_us: int = 0  # running the model
+    inputs: list[TensorRecord] = []  # OIP: the input tensors as served
+    outputs: list[TensorRecord] = []  # OIP: the output tensors returned
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -93,6 +93,8 @@ class Settings:
     # the policies that ship with the package (``myelin/policies``), wherever it is run from
     policy_dir: Path = field(default_factory=lambda: Path(__file__).parent / "policies")
     policy_cache_ttl_s: float = 30.0
+    # the inference ledger keeps an OIP tensor's values up to this size, its hash beyond
+    ledger_tensor_cap_bytes: int = 16 * 1024
     ort_intra_threads: int = 1
     ort_inter_threads: int = 1
     pii_keys: Secret = field(default_factory=lambda: Secret(""))
@@ -145,6 +147,7 @@ class Settings:
             model_alias=_env("MODEL_ALIAS", d.model_alias),
             policy_dir=Path(_env("POLICY_DIR", str(d.policy_dir))).absolute(),
             policy_cache_ttl_s=_float("POLICY_CACHE_TTL_S", d.policy_cache_ttl_s),
+            ledger_tensor_cap_bytes=_int("LEDGER_TENSOR_CAP_BYTES", d.ledger_tensor_cap_bytes),
             ort_intra_threads=_int("ORT_INTRA_THREADS", d.ort_intra_threads),
             ort_inter_threads=_int("ORT_INTER_THREADS", d.ort_inter_threads),
             pii_keys=Secret(_env("PII_KEYS", "")),

@@ -53,6 +53,9 @@ DDL: tuple[str, ...] = (
         values Map(LowCardinality(String), Float64)
     ) ENGINE = ReplacingMergeTree
     ORDER BY (view, view_hash, entity_id, as_of, stream_seq)""",
+    # The ledger: one row per request and entity (OIP: per request), a request id once per
+    # model (a client's retry collapses under FINAL); partitioned by month with a min-max
+    # index on ts for time ranges.
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.inferences (
         request_id String,
         row UInt32,
@@ -68,9 +71,16 @@ DDL: tuple[str, ...] = (
         feature_status LowCardinality(String),
         latency_us UInt32,
         trace_id String,
-        source_trace_id String
+        source_trace_id String,
+        route LowCardinality(String),
+        read_us UInt32,
+        score_us UInt32,
+        inputs String,
+        outputs String,
+        INDEX ts_range ts TYPE minmax GRANULARITY 1
     ) ENGINE = ReplacingMergeTree
-    ORDER BY (model, ts, request_id, row)""",
+    PARTITION BY toYYYYMM(ts)
+    ORDER BY (model, request_id, row)""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.audit (
         decision_id String,
         ts DateTime64(3, 'UTC'),
@@ -124,17 +134,42 @@ _EVENTS_V1_MIGRATION = (
 )
 
 
+# A ledger keyed on (model, ts, request_id, row), without the per-stage and tensor columns.
+_INFERENCES_V1_MIGRATION = (
+    f"RENAME TABLE {DATABASE}.inferences TO {DATABASE}.inferences_v1",
+    "<create inferences>",
+    f"""INSERT INTO {DATABASE}.inferences
+        SELECT request_id, row, ts, api, model, model_version, alias, entity_id, score,
+               features, feature_age_ms, feature_status, latency_us, trace_id,
+               source_trace_id, alias, 0, 0, '', ''
+        FROM {DATABASE}.inferences_v1""",
+    f"DROP TABLE {DATABASE}.inferences_v1",
+)
+
+
+def _table(wh: Warehouse, name: str) -> dict[str, str]:
+    rows = wh.query_arrow(
+        f"SELECT engine_full, sorting_key FROM system.tables "
+        f"WHERE database = '{DATABASE}' AND name = '{name}'"
+    ).to_pylist()
+    return {k: str(v) for k, v in rows[0].items()} if rows else {}
+
+
 def migrate(wh: Warehouse) -> bool:
     """Bring tables made by earlier builds up to date; True if anything was moved."""
-    engines = wh.query_arrow(
-        f"SELECT engine_full FROM system.tables WHERE database = '{DATABASE}' AND name = 'events'"
-    ).column("engine_full").to_pylist()
-    if not engines or "ReplacingMergeTree(late)" not in engines[0]:
-        return False
-    create = next(stmt for stmt in DDL if ".events (" in stmt)
-    for stmt in _EVENTS_V1_MIGRATION:
-        wh.command(create if stmt == "<create events>" else stmt)
-    return True
+    moved = False
+    plans = (
+        ("events", "engine_full", "ReplacingMergeTree(late)", _EVENTS_V1_MIGRATION),
+        ("inferences", "sorting_key", "model, ts, request_id, row", _INFERENCES_V1_MIGRATION),
+    )
+    for table, field, old, steps in plans:
+        if old not in _table(wh, table).get(field, ""):
+            continue
+        create = next(stmt for stmt in DDL if f".{table} (" in stmt)
+        for stmt in steps:
+            wh.command(create if stmt == f"<create {table}>" else stmt)
+        moved = True
+    return moved
 
 
 class WarehouseError(MyelinError):

@@ -63,15 +63,24 @@ class InferenceApp:
             retry=Retry(NoBackoff(), 0),
         )
         host = ModelHost(ModelRegistry(self._nc, js), GovernanceClient(self._nc), s)
-        self.recorder = Recorder(bus.Publisher(js, s))
+        self.recorder = recorder = Recorder(bus.Publisher(js, s))
         self.recorder.start()
-        self.predictor = Predictor(host, OnlineReader(self._redis), self.recorder)
+        self.predictor = Predictor(
+            host, OnlineReader(self._redis), self.recorder, s.ledger_tensor_cap_bytes
+        )
+
+        def ledger() -> str | None:
+            if recorder.nearly_full:
+                return f"inference ledger queue over 90% full ({recorder.queued} records)"
+            return None
+
         self.readiness = readiness = Readiness(
             host,
             [
                 Probe("redis", self._probe_redis.ping, PROBE_TIMEOUT_S),
                 Probe("jetstream", js.account_info, PROBE_TIMEOUT_S),
             ],
+            checks=[ledger],
         )
         await readiness.publish()  # NOT_SERVING until the models are in
         self._server, self.port = build_server(
@@ -129,5 +138,7 @@ class InferenceApp:
             "predictions": p.predictions if p else 0,
             "recorded": self.recorder.published if self.recorder else 0,
             "record_queue": self.recorder.queued if self.recorder else 0,
+            "records_dropped": self.recorder.dropped if self.recorder else 0,
+            "records_deduplicated": self.recorder.deduplicated if self.recorder else 0,
             **(p.host.status() if p else {}),
         }

@@ -14,6 +14,7 @@ from myelin import telemetry
 from myelin.errors import MyelinError
 from myelin.online import EntityVector, OnlineReader, UnknownView
 from myelin.records import InferenceRecord, Prediction
+from services.inference.ledger import tensor_record
 from services.inference.logic import TensorError, feature_matrix, positive_scores
 from services.inference.model_host import LoadedModel, ModelHost
 from services.inference.recorder import Recorder
@@ -50,10 +51,19 @@ class PredictResult:
 
 
 class Predictor:
-    def __init__(self, host: ModelHost, reader: OnlineReader, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        reader: OnlineReader,
+        recorder: Recorder,
+        tensor_cap_bytes: int = 16 * 1024,
+    ) -> None:
+        """``tensor_cap_bytes``: the largest OIP tensor the ledger keeps the values of
+        (past it: shape, size and SHA-256)."""
         self.host = host
         self.reader = reader
         self.recorder = recorder
+        self.tensor_cap_bytes = tensor_cap_bytes
         self.predictions = 0
         self.requests = 0
 
@@ -71,13 +81,16 @@ class Predictor:
             raise NotFeatureAware(
                 f"model {name} v{model.version} has no feature view in its provenance; use ModelInfer"
             )
+        t_read = time.perf_counter()
         vectors = await self._read(name, model, entity_ids)
+        t_score = time.perf_counter()
         x = feature_matrix([v.values for v in vectors], len(prov.features))
         outputs = model.ort.run_one(x)
         scores = positive_scores(_probabilities(model, outputs))
+        t_end = time.perf_counter()
         rid = request_id or uuid.uuid4().hex
         trace_id = telemetry.trace_id_hex()
-        latency_us = int((time.perf_counter() - t0) * 1e6)
+        latency_us = int((t_end - t0) * 1e6)
         self.recorder.record(
             InferenceRecord(
                 request_id=rid,
@@ -88,6 +101,9 @@ class Predictor:
                 alias=alias,
                 latency_us=latency_us,
                 trace_id=trace_id,
+                route=alias or "pinned",
+                read_us=int((t_score - t_read) * 1e6),
+                score_us=int((t_end - t_score) * 1e6),
                 predictions=[
                     Prediction(
                         v.entity_id,
@@ -145,11 +161,14 @@ class Predictor:
         extra = [n for n in feeds if n not in {i.name for i in model.ort.inputs}]
         if extra:
             raise TensorError(f"unknown input(s) {extra}")
+        t_score = time.perf_counter()
         try:
             results = model.ort.run(feeds, names)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain errors on bad inputs
             raise TensorError(f"the model rejected the inputs: {exc}") from None
+        t_end = time.perf_counter()
         rows = int(next(iter(feeds.values())).shape[0]) if feeds else 0
+        cap = self.tensor_cap_bytes
         self.recorder.record(
             InferenceRecord(
                 request_id=request_id or uuid.uuid4().hex,
@@ -158,9 +177,13 @@ class Predictor:
                 model=name,
                 model_version=model.version,
                 alias=alias,
-                latency_us=int((time.perf_counter() - t0) * 1e6),
+                latency_us=int((t_end - t0) * 1e6),
                 trace_id=telemetry.trace_id_hex(),
                 rows=rows,
+                route=alias or "pinned",
+                score_us=int((t_end - t_score) * 1e6),
+                inputs=[tensor_record(n, a, cap) for n, a in feeds.items()],
+                outputs=[tensor_record(n, r, cap) for n, r in zip(names, results, strict=True)],
             )
         )
         self.requests += 1

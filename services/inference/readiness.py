@@ -73,9 +73,18 @@ class Readiness:
     """Ready = every alias target of every known model loaded, warmed and allowed, and every
     probe fresh and OK (Triton's strict readiness)."""
 
-    def __init__(self, host: ModelHost, probes: list[Probe], interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        probes: list[Probe],
+        interval_s: float = 1.0,
+        checks: list[Callable[[], str | None]] | None = None,
+    ) -> None:
+        """``checks``: more conditions read from memory (e.g. the ledger's queue), each a
+        reason when not ready."""
         self.host = host
         self.probes = probes
+        self.checks = checks or []
         self.interval_s = interval_s
         self.stale_after_s = 3 * interval_s
         self.health = health_aio.HealthServicer()
@@ -86,6 +95,7 @@ class Readiness:
     def reasons(self) -> list[str]:
         now = time.monotonic()
         probes = [p.problem(now, self.stale_after_s) for p in self.probes]
+        probes += [check() for check in self.checks]
         return [r for r in probes if r] + self.host.not_ready()
 
     def ready(self) -> bool:

@@ -1,9 +1,13 @@
-"""Outbound adapter: every inference onto the INFERENCES stream.
+"""Outbound adapter: every inference onto the INFERENCES stream (the ledger).
 
-A bounded queue between request handlers and one publisher task: requests never wait on
-JetStream, and when the queue is full the server answers RESOURCE_EXHAUSTED instead of
-serving unrecorded inferences. On shutdown the queue is drained before the connection
-closes, so nothing recorded is lost.
+A bounded queue between request handlers and one publisher task: recording never waits on
+JetStream and never changes a response. Policy when the queue is full (JetStream
+unreachable for longer than the queue lasts: 20,000 records, ~20 s at 1,000 requests/s):
+the new record is dropped and counted (``records_dropped``), the response goes out as it
+would have, and the service reports itself not ready while the queue is over 90% full.
+A request id is recorded once per model: a client's retry of a request it already got an
+answer to adds nothing (``records_deduplicated``; ClickHouse also keys the ledger on it).
+On shutdown the queue is drained before the connection closes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import uuid
 import msgspec
 
 from myelin.bus import OutMsg, Publisher
-from myelin.errors import Overloaded
 from myelin.records import InferenceRecord
 from myelin.subjects import inference_subject
 from services.inference.tasks import cancel_and_wait
@@ -25,19 +28,47 @@ log = logging.getLogger(__name__)
 _enc = msgspec.msgpack.Encoder()
 
 
+RECENT_IDS = 100_000  # request ids remembered for the once-per-request rule
+
+
 class Recorder:
     def __init__(self, publisher: Publisher, max_queued: int = 20_000, batch: int = 256) -> None:
         self._pub = publisher
         self._q: asyncio.Queue[InferenceRecord] = asyncio.Queue(max_queued)
+        self._max = max_queued
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
+        self._recent: dict[tuple[str, str], None] = {}
         self.published = 0
+        self.dropped = 0
+        self.deduplicated = 0
 
     def record(self, rec: InferenceRecord) -> None:
+        """Queue ``rec``; never raises and never waits (see the module's policy)."""
+        key = (rec.model, rec.request_id)
+        if key in self._recent:
+            self.deduplicated += 1
+            return
         try:
             self._q.put_nowait(rec)
         except asyncio.QueueFull:
-            raise Overloaded("inference recorder is full; retry shortly", retry_after=0.5) from None
+            self.dropped += 1
+            if self.dropped == 1 or not self.dropped % 1000:
+                log.error(
+                    "inference ledger queue full (%d): %d records dropped so far; is JetStream "
+                    "reachable?",
+                    self._max,
+                    self.dropped,
+                )
+            return
+        recent = self._recent
+        recent[key] = None
+        if len(recent) > RECENT_IDS:
+            del recent[next(iter(recent))]
+
+    @property
+    def nearly_full(self) -> bool:
+        return self._q.qsize() > 0.9 * self._max
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="inference-recorder")

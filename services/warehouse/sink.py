@@ -127,10 +127,24 @@ def inferences_table(records: list[InferenceRecord]) -> pa.Table:
             "latency_us",
             "trace_id",
             "source_trace_id",
+            "route",
+            "read_us",
+            "score_us",
+            "inputs",
+            "outputs",
         )
     }
     for r in records:
         preds = r.predictions
+        inputs = _json.encode(r.inputs).decode() if r.inputs else ""
+        outputs = _json.encode(r.outputs).decode() if r.outputs else ""
+        stages = (
+            ("route", r.route or r.alias),
+            ("read_us", r.read_us),
+            ("score_us", r.score_us),
+            ("inputs", inputs),
+            ("outputs", outputs),
+        )
         for i, p in enumerate(preds):
             for k, v in (
                 ("request_id", r.request_id),
@@ -148,6 +162,7 @@ def inferences_table(records: list[InferenceRecord]) -> pa.Table:
                 ("latency_us", r.latency_us),
                 ("trace_id", r.trace_id),
                 ("source_trace_id", p.source_trace_id),
+                *stages,
             ):
                 cols[k].append(v)
         if not preds:  # raw OIP inference: one row per request, no entity
@@ -167,6 +182,7 @@ def inferences_table(records: list[InferenceRecord]) -> pa.Table:
                 ("latency_us", r.latency_us),
                 ("trace_id", r.trace_id),
                 ("source_trace_id", ""),
+                *stages,
             ):
                 cols[k].append(v)
     types = {
@@ -176,6 +192,8 @@ def inferences_table(records: list[InferenceRecord]) -> pa.Table:
         "features": FMAP,
         "feature_age_ms": pa.int64(),
         "latency_us": pa.uint32(),
+        "read_us": pa.uint32(),
+        "score_us": pa.uint32(),
     }
     return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in cols.items()})
 

@@ -244,3 +244,71 @@ async def test_open_inference_protocol(stack: Settings, nc: NATS) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expects FP32" in (
             err.value.details() or ""
         )
+
+
+async def ledger_records(nc: NATS, settings: Settings, n: int) -> list[InferenceRecord]:
+    """The first ``n`` records on the INFERENCES stream (waiting for them)."""
+    js = bus.jetstream(nc, settings)
+    sub = await js.pull_subscribe("myelin.inferences.>", stream=INFERENCES_STREAM)
+    out: list[InferenceRecord] = []
+    deadline = time.monotonic() + 10
+    while len(out) < n and time.monotonic() < deadline:
+        try:
+            for m in await sub.fetch(10, timeout=0.5):
+                out += msgspec.msgpack.decode(m.data, type=list[InferenceRecord])
+        except TimeoutError:
+            continue
+    await sub.unsubscribe()
+    return out
+
+
+async def test_the_ledger_records_each_request_once_with_its_stages_and_tensors(
+    stack: Settings, nc: NATS
+) -> None:
+    """Every Predict and ModelInfer is recorded once per request id, with its route, the
+    time spent reading features and scoring, and (OIP) its tensors: values under the cap,
+    a hash beyond it. On main a retried request id was recorded twice, and nothing of the
+    stages or tensors was kept."""
+    await register(nc, stack, tiny_model())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.inference_grpc_port}") as ch:
+        predictor = mp_grpc.PredictorStub(ch)
+        for _ in range(2):  # a client's retry of the same request
+            await predictor.Predict(
+                mp.PredictRequest(model_name="ctr", entity_ids=["u0", "u1"], request_id="same")
+            )
+        await predictor.Predict(
+            mp.PredictRequest(
+                model_name="ctr", model_version="1", entity_ids=["u2"], request_id="v1"
+            )
+        )
+        oip_stub = oip_grpc.GRPCInferenceServiceStub(ch)
+        for rid, rows in (("small", 8), ("large", 1024)):  # 416 B and 53 KB of FP32
+            x = np.full((rows, len(FEATURES)), 2.0, dtype=np.float32)
+            req = oip.ModelInferRequest(model_name="ctr", id=rid)
+            req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+            req.raw_input_contents.append(x.tobytes())
+            await oip_stub.ModelInfer(req)
+    recs = {r.request_id: r for r in await ledger_records(nc, stack, 4)}
+    assert sorted(recs) == ["large", "same", "small", "v1"]  # "same" once
+    same = recs["same"]
+    assert (same.route, same.rows, [p.entity_id for p in same.predictions]) == (
+        "champion",
+        2,
+        ["u0", "u1"],
+    )
+    assert same.read_us > 0 and same.score_us > 0
+    assert same.latency_us >= same.read_us + same.score_us
+    assert recs["v1"].route == "pinned"
+    small, large = recs["small"], recs["large"]
+    [inp] = small.inputs
+    assert (inp.name, inp.datatype, inp.shape, inp.values[:2]) == (
+        "input",
+        "FP32",
+        [8, len(FEATURES)],
+        [2.0, 2.0],
+    )
+    assert {o.name for o in small.outputs} == {"label", "probabilities"}
+    assert small.outputs[0].values  # the outputs as returned, too
+    [big] = large.inputs
+    assert big.values == [] and big.nbytes == 1024 * len(FEATURES) * 4 and len(big.sha256) == 64
+    assert small.score_us > 0 and small.read_us == 0  # OIP reads no features

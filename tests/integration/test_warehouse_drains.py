@@ -11,12 +11,12 @@ from nats.aio.client import Client as NATS
 
 from myelin import bus
 from myelin.contracts import StreamEvent
-from myelin.records import FeatureRow, FeatureRows
+from myelin.records import FeatureRow, FeatureRows, InferenceRecord, Prediction
 from myelin.settings import Settings
 from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, LATE_STREAM
 from myelin.warehouse import DDL, Warehouse, keep_rank, migrate
 from services.warehouse.drains import SEQS_HEADER, events_drain, features_drain, late_drain
-from services.warehouse.sink import WarehouseSink, events_table
+from services.warehouse.sink import WarehouseSink, events_table, inferences_table
 
 pytestmark = pytest.mark.integration
 _mp = msgspec.msgpack.Encoder()
@@ -141,3 +141,57 @@ def test_raw_history_of_an_earlier_build_is_migrated(warehouse: Warehouse) -> No
         ):
             warehouse.command("DROP TABLE myelin.events")
             warehouse.command(next(s for s in DDL if ".events (" in s))
+
+
+def _inference(request_id: str, ts_ms: int) -> InferenceRecord:
+    return InferenceRecord(
+        request_id=request_id,
+        ts_ms=ts_ms,
+        api="predict",
+        model="ctr",
+        model_version="1",
+        alias="champion",
+        latency_us=900,
+        trace_id="",
+        route="champion",
+        read_us=300,
+        score_us=200,
+        predictions=[Prediction("u1", 0.5, {"f": 1.0}, 10, "FRESH", "")],
+        rows=1,
+    )
+
+
+def test_the_ledger_keeps_one_row_per_request_and_entity(warehouse: Warehouse) -> None:
+    """A request id recorded again (another replica, a retry after a restart) collapses:
+    the ledger is keyed on (model, request id, row), not on the time it was recorded."""
+    t = int(time.time() * 1000)
+    warehouse.insert_arrow("myelin.inferences", inferences_table([_inference("r1", t)]))
+    warehouse.insert_arrow("myelin.inferences", inferences_table([_inference("r1", t + 5000)]))
+    rows = warehouse.query_arrow(
+        "SELECT request_id, route, read_us, score_us FROM myelin.inferences FINAL"
+    ).to_pylist()
+    assert rows == [{"request_id": "r1", "route": "champion", "read_us": 300, "score_us": 200}]
+
+
+def test_a_ledger_of_an_earlier_build_is_migrated(warehouse: Warehouse) -> None:
+    create = next(s for s in DDL if ".inferences (" in s)
+    old = (
+        create.split("        route LowCardinality(String)")[0].rstrip().rstrip(",")
+        + "\n    ) ENGINE = ReplacingMergeTree\n    ORDER BY (model, ts, request_id, row)"
+    )
+    warehouse.command("DROP TABLE myelin.inferences")
+    warehouse.command(old)
+    legacy = inferences_table([_inference("r1", int(time.time() * 1000))]).drop_columns(
+        ["route", "read_us", "score_us", "inputs", "outputs"]
+    )
+    warehouse.insert_arrow("myelin.inferences", legacy)
+    try:
+        assert migrate(warehouse) and not migrate(warehouse)
+        [row] = warehouse.query_arrow(
+            "SELECT request_id, entity_id, route FROM myelin.inferences"
+        ).to_pylist()
+        assert row == {"request_id": "r1", "entity_id": "u1", "route": "champion"}
+    finally:  # leave the current table for the other tests, whatever happened
+        warehouse.command("DROP TABLE IF EXISTS myelin.inferences_v1")
+        warehouse.command("DROP TABLE IF EXISTS myelin.inferences")
+        warehouse.command(create)
