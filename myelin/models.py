@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -48,6 +48,28 @@ class TensorSpec(msgspec.Struct, frozen=True):
     shape: list[int]
 
 
+_IDENT = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class LabelSource(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where a model's outcomes come from, to join them to its inferences
+    (:mod:`myelin.quality`).
+
+    - ``kind="event"``: the outcome of an inference of entity *e* at time *t* is 1 when an
+      event of ``event_type`` of *e* follows within ``window_s`` (a click after a
+      recommendation), else 0; only inferences older than the window are judged.
+    - ``kind="request"``: events of ``event_type`` name the inference they label in
+      ``request_field`` and carry the outcome (0 or 1) in ``value_field`` (a labels stream
+      keyed by request id); unlabelled inferences are left out.
+    """
+
+    kind: Literal["event", "request"] = "event"
+    event_type: Annotated[str, msgspec.Meta(pattern=_IDENT)]
+    window_s: Annotated[int, msgspec.Meta(ge=1, le=90 * 86400)] = 3600
+    request_field: Annotated[str, msgspec.Meta(pattern=_IDENT)] = "request_id"
+    value_field: Annotated[str, msgspec.Meta(pattern=_IDENT)] = "label"
+
+
 class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     training_window: list[int] = []  # [start_ms, end_ms] of the training data's event time
     feature_views: list[str] = []  # "name@hash"
@@ -56,6 +78,7 @@ class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     training_rows: int = 0
     training_query: str = ""
     created_by: str = ""
+    label_source: LabelSource | None = None  # how its outcomes are known (quality views)
 
 
 class ModelVersion(msgspec.Struct, frozen=True, kw_only=True):

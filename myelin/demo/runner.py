@@ -26,7 +26,7 @@ from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
 from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
-from myelin.models import ModelRegistry, PromotionDenied, Provenance
+from myelin.models import LabelSource, ModelRegistry, PromotionDenied, Provenance
 from myelin.settings import Settings
 from myelin.sql_client import wait_stored
 from myelin.stack.process import free_port
@@ -191,6 +191,8 @@ async def register(
             training_rows=t.train_rows,
             training_query=query.strip(),
             created_by="myelin demo",
+            # outcomes: a click by the user within a minute of the score (myelin.quality)
+            label_source=LabelSource(kind="event", event_type="click", window_s=60),
         ),
     )
     return mv.version
