@@ -33,7 +33,13 @@ class AuditLog:
 
 
 def platform_record(
-    action: str, subject: str, reasons: list[str], input_doc: dict[str, Any], trace_id: str = ""
+    action: str,
+    subject: str,
+    reasons: list[str],
+    input_doc: dict[str, Any],
+    trace_id: str = "",
+    *,
+    allow: bool = False,
 ) -> AuditRecord:
     """An audit record of something the platform did by itself (no policy was asked)."""
     return AuditRecord(
@@ -41,7 +47,7 @@ def platform_record(
         ts_ms=int(time.time() * 1000),
         action=action,
         subject=subject,
-        allow=False,
+        allow=allow,
         reasons=reasons,
         policy_version="",
         input_json=json.dumps(input_doc, sort_keys=True, separators=(",", ":"), default=str),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,8 +24,15 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from myelin import bus
+from myelin.audit import platform_record
+from myelin.drift import Reference
 from myelin.errors import MyelinError
-from myelin.subjects import ARTIFACTS_BUCKET, MODELS_BUCKET, RPC_GOVERNANCE_DECIDE
+from myelin.subjects import (
+    ARTIFACTS_BUCKET,
+    MODELS_BUCKET,
+    RPC_GOVERNANCE_DECIDE,
+    audit_subject,
+)
 
 ALIASES = ("champion", "challenger", "shadow")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -81,6 +89,14 @@ class Provenance(msgspec.Struct, frozen=True, kw_only=True):
     label_source: LabelSource | None = None  # how its outcomes are known (quality views)
 
 
+class Routes(msgspec.Struct, frozen=True, kw_only=True):
+    """How a model's default-alias traffic is split (registry key ``<name>.routes``)."""
+
+    canary: int = 0  # a version taking ``canary_share`` of the requests (0: none)
+    canary_share: float = 0.0  # by a sticky hash of the request's (first) entity id
+    shadow: int = 0  # a version scored beside the champion on the same features (0: none)
+
+
 class ModelVersion(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     version: int
@@ -94,9 +110,13 @@ class ModelVersion(msgspec.Struct, frozen=True, kw_only=True):
     provenance: Provenance = Provenance()
     metrics: dict[str, float] = {}
     labels: dict[str, str] = {}
+    # every input feature's and the score's training distribution, frozen as quantile bins
+    # (myelin.drift): what the serving process measures drift against
+    reference: Reference | None = None
 
 
 _mv_dec = msgspec.json.Decoder(ModelVersion)
+_routes_dec = msgspec.json.Decoder(Routes)
 _json = msgspec.json.Encoder()
 
 
@@ -179,8 +199,18 @@ class ModelRegistry:
         provenance: Provenance,
         metrics: dict[str, float],
         labels: dict[str, str] | None = None,
+        reference: Reference | None = None,
     ) -> ModelVersion:
         check_name(name)
+        if (
+            reference is not None
+            and provenance.features
+            and reference.features != list(provenance.features)
+        ):
+            raise RegistryError(
+                f"the drift reference covers {reference.features}, but the model reads "
+                f"{list(provenance.features)}: build it from the training matrix in that order"
+            )
         kv, obj = await self._stores()
         for _ in range(20):
             existing = await self.versions(name)
@@ -198,6 +228,7 @@ class ModelRegistry:
                 provenance=provenance,
                 metrics=metrics,
                 labels=labels or {},
+                reference=reference,
             )
             await obj.put(artifact, onnx_bytes)
             try:
@@ -207,46 +238,171 @@ class ModelRegistry:
             return mv
         raise RegistryError(f"could not allocate a version for {name}")
 
-    async def set_alias(
-        self, name: str, alias: str, version: int, *, requester: str = "cli"
+    async def _ask_promote(
+        self, mv: ModelVersion, alias: str, requester: str, **extra: Any
     ) -> None:
-        """Point ``alias`` at ``version`` if governance allows the promotion."""
-        mv = await self.get(name, version)
+        """Governance's ``promote`` decision on ``mv`` taking ``alias`` (or route); raises
+        :class:`PromotionDenied` with the policy's reasons."""
         decision = msgspec.json.decode(
             await bus.request(
                 self._nc,
                 RPC_GOVERNANCE_DECIDE,
                 {
                     "action": "promote",
-                    "subject": f"{name}:v{version}",
+                    "subject": f"{mv.name}:v{mv.version}",
                     "input": {
                         "alias": alias,
                         "requester": requester,
                         "model": msgspec.to_builtins(mv),
+                        **extra,
                     },
                 },
             )
         )
         if not decision["allow"]:
             raise PromotionDenied(
-                f"promoting {name} v{version} to {alias} was denied: {'; '.join(decision['reasons'])}",
+                f"promoting {mv.name} v{mv.version} to {alias} was denied: "
+                f"{'; '.join(decision['reasons'])}",
                 decision_id=decision["decision_id"],
             )
+
+    async def _update(self, key: str, change: Callable[[bytes | None], bytes]) -> None:
+        """Compare-and-set ``key`` to ``change(current value or None)``."""
         kv, _ = await self._stores()
         for _ in range(20):
             try:
-                entry = await kv.get(f"{name}.aliases")
-                current = msgspec.json.decode(entry.value, type=dict[str, int])
-                revision = entry.revision
+                entry = await kv.get(key)
+                current, revision = entry.value, entry.revision
             except KeyNotFoundError:
-                current, revision = {}, 0
-            current[alias] = version
+                current, revision = None, 0
+            value = change(current)
             try:
                 if revision:
-                    await kv.update(f"{name}.aliases", _json.encode(current), last=revision)
+                    await kv.update(key, value, last=revision)
                 else:
-                    await kv.create(f"{name}.aliases", _json.encode(current))
+                    await kv.create(key, value)
                 return
             except KeyWrongLastSequenceError:
                 continue
-        raise RegistryError(f"could not update aliases of {name}: too much contention")
+        raise RegistryError(f"could not update {key}: too much contention")
+
+    async def set_alias(
+        self, name: str, alias: str, version: int, *, requester: str = "cli"
+    ) -> None:
+        """Point ``alias`` at ``version`` if governance allows the promotion."""
+        mv = await self.get(name, version)
+        routes = await self.routes(name)
+        await self._ask_promote(mv, alias, requester, routes=msgspec.to_builtins(routes))
+
+        def change(current: bytes | None) -> bytes:
+            aliases = msgspec.json.decode(current, type=dict[str, int]) if current else {}
+            aliases[alias] = version
+            return _json.encode(aliases)
+
+        await self._update(f"{name}.aliases", change)
+        if alias == "champion" and version in (routes.canary, routes.shadow):
+            # a version leaves its route when it becomes the champion
+            await self._write_routes(
+                name,
+                lambda r: msgspec.structs.replace(
+                    r,
+                    canary=0 if r.canary == version else r.canary,
+                    canary_share=0.0 if r.canary == version else r.canary_share,
+                    shadow=0 if r.shadow == version else r.shadow,
+                ),
+            )
+
+    # ------------------------------------------------------------------ routes
+
+    async def routes(self, name: str) -> Routes:
+        """``name``'s canary and shadow (``Routes()`` when it has none)."""
+        kv, _ = await self._stores()
+        try:
+            entry = await kv.get(f"{name}.routes")
+        except KeyNotFoundError:
+            return Routes()
+        return _routes_dec.decode(entry.value)
+
+    async def _write_routes(self, name: str, change: Callable[[Routes], Routes]) -> None:
+        def encode(current: bytes | None) -> bytes:
+            return _json.encode(change(_routes_dec.decode(current) if current else Routes()))
+
+        await self._update(f"{name}.routes", encode)
+
+    async def set_routes(
+        self,
+        name: str,
+        *,
+        canary: int | None = None,
+        canary_share: float | None = None,
+        shadow: int | None = None,
+        requester: str = "cli",
+    ) -> Routes:
+        """Move ``name``'s canary (a version and its share of the champion's traffic) and / or
+        shadow (a version scored beside the champion, off the hot path); ``0`` removes a
+        route. Each new target asks governance (``promote`` to ``canary`` / ``shadow``)."""
+        check_name(name)
+        current = await self.routes(name)
+        champion = (await self.aliases(name)).get("champion")
+        new = current
+        if canary is not None:
+            share = current.canary_share if canary_share is None else canary_share
+            new = msgspec.structs.replace(new, canary=canary, canary_share=share if canary else 0.0)
+        elif canary_share is not None:
+            new = msgspec.structs.replace(new, canary_share=canary_share)
+        if shadow is not None:
+            new = msgspec.structs.replace(new, shadow=shadow)
+        if new.canary and not 0.0 < new.canary_share <= 1.0:
+            raise RegistryError(f"a canary share is in (0, 1], got {new.canary_share}")
+        for route, version in (("canary", new.canary), ("shadow", new.shadow)):
+            if version and version == champion:
+                raise RegistryError(
+                    f"v{version} is the champion of {name}; it cannot also be its {route}"
+                )
+        if new.canary and new.canary == new.shadow:
+            raise RegistryError(f"v{new.canary} cannot be both canary and shadow")
+        if new.shadow and champion is not None and new.shadow != current.shadow:
+            theirs = (await self.get(name, champion)).provenance.features
+            mine = (await self.get(name, new.shadow)).provenance.features
+            if list(mine) != list(theirs):
+                raise RegistryError(
+                    f"a shadow is scored on the features the champion was served: v{new.shadow} "
+                    f"reads {list(mine)}, the champion v{champion} {list(theirs)}"
+                )
+        for route, version, was in (
+            ("canary", new.canary, (current.canary, current.canary_share)),
+            ("shadow", new.shadow, (current.shadow, 0.0)),
+        ):
+            now = (version, new.canary_share if route == "canary" else 0.0)
+            if version and now != was:
+                await self._ask_promote(
+                    await self.get(name, version),
+                    route,
+                    requester,
+                    share=now[1],
+                    champion=champion,
+                    routes=msgspec.to_builtins(current),
+                )
+        await self._write_routes(name, lambda _: new)
+        return new
+
+    async def rollback(self, name: str, *, requester: str = "cli") -> Routes:
+        """Take every route away: the champion serves all traffic and nothing is shadowed.
+        Always allowed (it only takes traffic off versions), and audited."""
+        previous = await self.routes(name)
+        await self._write_routes(name, lambda _: Routes())
+        record = platform_record(
+            "rollback",
+            f"{name}",
+            [f"routes of {name} cleared by {requester}"],
+            {"model": name, "requester": requester, "previous": msgspec.to_builtins(previous)},
+            allow=True,
+        )
+        ack = await self._js.publish(
+            audit_subject(record.action),
+            msgspec.msgpack.encode(record),
+            headers={"Nats-Msg-Id": f"audit-{record.decision_id}"},
+        )
+        if ack.seq <= 0:
+            raise RegistryError("the audit trail did not store the rollback")
+        return previous

@@ -5,8 +5,8 @@ A model names where its outcomes come from (:class:`~myelin.models.LabelSource`,
 provenance). :func:`outcomes_sql` gives one row per scored entity of a Predict with its
 ``label``; :func:`quality_sql` aggregates them per model version and hour, and optionally
 per cohort (a bucket of one feature value, as served): count, positives, ROC AUC
-(``arrayAUC``, equal to scikit-learn's ``roc_auc_score``, ties included), log loss (scores
-clipped to [1e-15, 1 - 1e-15]), mean score, positive rate and their difference
+(``arrayAUC``, equal to scikit-learn's ``roc_auc_score``, ties included), log loss (the argument
+of each log floored at 1e-15), mean score, positive rate and their difference
 (calibration gap), and the expected calibration error over ten score bins.
 """
 
@@ -90,3 +90,33 @@ SELECT model_version, toDateTime64(toStartOfHour(ts), 3, 'UTC') AS hour, {cohort
 FROM ({outcomes_sql(model, source)}) AS o
 GROUP BY model_version, hour, cohort
 ORDER BY model_version, hour, cohort"""
+
+
+def agreement_sql(model: str, *, threshold: float = 0.5, hours: int = 24) -> str:
+    """Agreement of each pair (served version, shadow version) of ``model`` per hour over
+    the last ``hours``: rows compared, mean and largest absolute score difference, score
+    correlation, and decision flips (one score at or over ``threshold``, the other under),
+    from the ledger rows a shadow scored beside the version that answered."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError("the decision threshold is in (0, 1)")
+    if not 0 < hours <= 24 * 366:
+        raise ValueError("hours is between 1 and 8784")
+    t = float(threshold)
+    return f"""
+SELECT s.model_version AS served_version, h.model_version AS shadow_version,
+       toDateTime64(toStartOfHour(s.ts), 3, 'UTC') AS hour,
+       count() AS n,
+       avg(abs(h.score - s.score)) AS mean_abs_diff,
+       max(abs(h.score - s.score)) AS max_abs_diff,
+       corr(s.score, h.score) AS correlation,
+       countIf((s.score >= {t!r}) != (h.score >= {t!r})) AS flips,
+       flips / n AS flip_rate
+FROM (SELECT request_id, row, model_version, ts, score FROM {DATABASE}.inferences FINAL
+      WHERE model = '{_model(model)}' AND api = 'predict' AND route != 'shadow'
+        AND ts >= now64(3) - INTERVAL {int(hours)} HOUR) AS s
+INNER JOIN (SELECT request_id, row, model_version, score FROM {DATABASE}.inferences FINAL
+            WHERE model = '{_model(model)}' AND api = 'predict' AND route = 'shadow'
+              AND ts >= now64(3) - INTERVAL {int(hours)} HOUR) AS h
+  ON h.request_id = s.request_id AND h.row = s.row
+GROUP BY served_version, shadow_version, hour
+ORDER BY served_version, shadow_version, hour"""

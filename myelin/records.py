@@ -107,3 +107,33 @@ class LateEvents(msgspec.Struct, frozen=True, kw_only=True):
     view: str
     seqs: list[int]
     events: list[StreamEvent]
+
+
+class ColumnDrift(msgspec.Struct, frozen=True, kw_only=True):
+    """One input feature's (or the score's, ``__score__``) drift figures in a window
+    (definitions: :mod:`myelin.drift`)."""
+
+    feature: str
+    samples: int
+    psi: float
+    js: float
+    wasserstein: float
+    ks: float
+    breached: list[str]  # the figures at or over their threshold
+
+
+class DriftDetected(msgspec.Struct, frozen=True, kw_only=True):
+    """A served model version whose inputs or score left their training distribution in a
+    window of traffic. One message per breach on ``myelin.drift.<model>`` (msgpack; the
+    message id is ``drift_id``), drained into ``myelin.drift_events``."""
+
+    drift_id: str  # "<model>:v<version>:<window_start_ms>"
+    ts_ms: int
+    model: str
+    model_version: str
+    window_start_ms: int
+    window_end_ms: int
+    samples: int  # requests' rows counted in the window
+    drifted: list[str]  # the columns with a breach
+    columns: list[ColumnDrift]  # every column, breached or not
+    thresholds: dict[str, float]  # min_samples and each figure's threshold

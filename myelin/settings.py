@@ -95,6 +95,17 @@ class Settings:
     policy_cache_ttl_s: float = 30.0
     # the inference ledger keeps an OIP tensor's values up to this size, its hash beyond
     ledger_tensor_cap_bytes: int = 16 * 1024
+    # inference counts served values per drift bin in windows this long (myelin.drift)
+    drift_window_s: float = 60.0
+    # retraining (myelin.retraining, services/retrainer)
+    trainer: str = ""  # MODULE:FUNCTION (myelin.trainers); '' is the scikit-learn default
+    retrain_every_s: float = 0.0  # retrain every champion on a schedule (0: on drift only)
+    retrain_min_rows: int = 200  # fewer training rows than this fail the job
+    retrain_holdout_share: float = 0.2  # the newest rows, scored for challenger and champion
+    retrain_canary_share: float = 0.1  # the traffic a challenger gets when it leaves shadow
+    retrain_stale_s: float = 120.0  # a running job silent this long (crashed) is taken over
+    retrain_retry_s: float = 600.0  # a failed job runs again on a trigger after this long
+    retrain_wait_s: float = 300.0  # for the warehouse to store everything up to the bound
     ort_intra_threads: int = 1
     ort_inter_threads: int = 1
     pii_keys: Secret = field(default_factory=lambda: Secret(""))
@@ -148,6 +159,15 @@ class Settings:
             policy_dir=Path(_env("POLICY_DIR", str(d.policy_dir))).absolute(),
             policy_cache_ttl_s=_float("POLICY_CACHE_TTL_S", d.policy_cache_ttl_s),
             ledger_tensor_cap_bytes=_int("LEDGER_TENSOR_CAP_BYTES", d.ledger_tensor_cap_bytes),
+            drift_window_s=_float("DRIFT_WINDOW_S", d.drift_window_s),
+            trainer=_env("TRAINER", d.trainer),
+            retrain_every_s=_float("RETRAIN_EVERY_S", d.retrain_every_s),
+            retrain_min_rows=_int("RETRAIN_MIN_ROWS", d.retrain_min_rows),
+            retrain_holdout_share=_float("RETRAIN_HOLDOUT_SHARE", d.retrain_holdout_share),
+            retrain_canary_share=_float("RETRAIN_CANARY_SHARE", d.retrain_canary_share),
+            retrain_stale_s=_float("RETRAIN_STALE_S", d.retrain_stale_s),
+            retrain_retry_s=_float("RETRAIN_RETRY_S", d.retrain_retry_s),
+            retrain_wait_s=_float("RETRAIN_WAIT_S", d.retrain_wait_s),
             ort_intra_threads=_int("ORT_INTRA_THREADS", d.ort_intra_threads),
             ort_inter_threads=_int("ORT_INTER_THREADS", d.ort_inter_threads),
             pii_keys=Secret(_env("PII_KEYS", "")),

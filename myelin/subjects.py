@@ -14,10 +14,12 @@ LATE_STREAM = "MYELIN_LATE"  # events too late for a view's windows (still in Cl
 INFERENCES_STREAM = "MYELIN_INFERENCES"
 AUDIT_STREAM = "MYELIN_AUDIT"
 FEATURES_STREAM = "MYELIN_FEATURES"  # offline feature values, drained into ClickHouse
+DRIFT_STREAM = "MYELIN_DRIFT"  # DriftDetected: a served model version left its reference
 
 MODELS_BUCKET = "myelin_models"
 VIEWS_BUCKET = "myelin_views"  # feature view versions, key ``<view>.<hash>``, written once
 ARTIFACTS_BUCKET = "myelin_model_artifacts"
+RETRAINS_BUCKET = "myelin_retrains"  # retrain jobs by id (myelin.retraining), claimed by create
 
 RPC_INGEST_PUBLISH = "myelin.rpc.ingest.publish"
 RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
@@ -59,6 +61,10 @@ def inference_subject(model: str) -> str:
     return f"myelin.inferences.{model}"
 
 
+def drift_subject(model: str) -> str:
+    return f"myelin.drift.{model}"
+
+
 def audit_subject(action: str) -> str:
     return f"myelin.audit.{action}"
 
@@ -79,6 +85,7 @@ def stream_specs(duplicate_window_s: float) -> list[StreamSpec]:
         StreamSpec(LATE_STREAM, ("myelin.late.>",), duplicate_window_s),
         StreamSpec(INFERENCES_STREAM, ("myelin.inferences.>",), duplicate_window_s),
         StreamSpec(AUDIT_STREAM, ("myelin.audit.>",), duplicate_window_s),
+        StreamSpec(DRIFT_STREAM, ("myelin.drift.>",), duplicate_window_s),
         # derived data: rebuilt by replay, so a week of it is kept
         StreamSpec(
             FEATURES_STREAM, ("myelin.features.>",), duplicate_window_s, max_age_s=7 * 86400.0

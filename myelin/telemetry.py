@@ -110,6 +110,11 @@ MONOTONIC = frozenset(
         "decisions",
         "denials",
         "swaps",
+        "shadow_scored",
+        "shadow_dropped",
+        "shadow_failed",
+        "drift_windows",
+        "drift_detected",
     }
 )
 
@@ -148,9 +153,13 @@ def observe_status(
 ) -> None:
     """One observable instrument per numeric status field, read at collection time."""
     meter = provider.get_meter(f"myelin.{service}")
-    for key, _, _ in list(_numbers(status())):
-        if key.endswith("_ms") or key == "pid":
-            continue
+    # numbers, and maps of numbers (one series per key), even while a map is still empty
+    keys = [
+        k
+        for k, v in status().items()
+        if isinstance(v, bool | int | float | dict) and not (k.endswith("_ms") or k == "pid")
+    ]
+    for key in keys:
 
         def callback(_options: CallbackOptions, key: str = key) -> Iterable[Observation]:
             return [Observation(v, attrs) for k, v, attrs in _numbers(status()) if k == key]

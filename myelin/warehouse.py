@@ -80,7 +80,25 @@ DDL: tuple[str, ...] = (
         INDEX ts_range ts TYPE minmax GRANULARITY 1
     ) ENGINE = ReplacingMergeTree
     PARTITION BY toYYYYMM(ts)
-    ORDER BY (model, request_id, row)""",
+    ORDER BY (model, request_id, route, row)""",
+    # DriftDetected records, one row per column (input feature or __score__) of a breach
+    f"""CREATE TABLE IF NOT EXISTS {DATABASE}.drift_events (
+        drift_id String,
+        ts DateTime64(3, 'UTC'),
+        model LowCardinality(String),
+        model_version LowCardinality(String),
+        window_start DateTime64(3, 'UTC'),
+        window_end DateTime64(3, 'UTC'),
+        samples UInt64,
+        feature LowCardinality(String),
+        psi Float64,
+        js Float64,
+        wasserstein Float64,
+        ks Float64,
+        breached Array(LowCardinality(String)),
+        thresholds Map(LowCardinality(String), Float64)
+    ) ENGINE = ReplacingMergeTree
+    ORDER BY (model, model_version, drift_id, feature)""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.audit (
         decision_id String,
         ts DateTime64(3, 'UTC'),
@@ -134,6 +152,16 @@ _EVENTS_V1_MIGRATION = (
 )
 
 
+# A ledger keyed on (model, request_id, row): a shadow's score of a request collapsed into
+# the champion's. The columns are the same; only the key gains the route.
+_INFERENCES_V2_MIGRATION = (
+    f"RENAME TABLE {DATABASE}.inferences TO {DATABASE}.inferences_v2",
+    "<create inferences>",
+    f"INSERT INTO {DATABASE}.inferences SELECT * FROM {DATABASE}.inferences_v2",
+    f"DROP TABLE {DATABASE}.inferences_v2",
+)
+
+
 # A ledger keyed on (model, ts, request_id, row), without the per-stage and tensor columns.
 _INFERENCES_V1_MIGRATION = (
     f"RENAME TABLE {DATABASE}.inferences TO {DATABASE}.inferences_v1",
@@ -161,6 +189,7 @@ def migrate(wh: Warehouse) -> bool:
     plans = (
         ("events", "engine_full", "ReplacingMergeTree(late)", _EVENTS_V1_MIGRATION),
         ("inferences", "sorting_key", "model, ts, request_id, row", _INFERENCES_V1_MIGRATION),
+        ("inferences", "sorting_key", "model, request_id, row", _INFERENCES_V2_MIGRATION),
     )
     for table, field, old, steps in plans:
         if old not in _table(wh, table).get(field, ""):

@@ -46,6 +46,7 @@ async def register(
     alias: str | None = "champion",
     labels: dict[str, str] | None = None,
     provenance: bool = True,
+    reference: bool = True,
 ) -> int:
     reg = ModelRegistry(nc, bus.jetstream(nc, settings))
     prov = (
@@ -67,6 +68,7 @@ async def register(
         provenance=prov,
         metrics=t.metrics,
         labels=labels,
+        reference=t.reference if reference else None,
     )
     if alias:
         await reg.set_alias("ctr", alias, mv.version, requester="test")
@@ -149,3 +151,43 @@ def stream_event(
         partition=partition,
         data=msgspec.Raw(msgspec.msgpack.encode({"user_id": user, "item_id": "i", **data})),
     )
+
+
+async def seed_online_features(
+    nc: NATS, settings: Settings, redis_client: Any, *, users: int = 5, events: int = 40
+) -> None:
+    """Real online features for users u0..u{users-1}, through the features pipeline: every
+    third event a click, the others impressions, in the last minute."""
+    from myelin.contracts import default_registry
+    from services.features.feature_rows import rows_publisher
+    from services.features.logic import WindowEngine
+    from services.features.online_store import OnlineStore
+    from services.features.pipeline import FeaturePipeline
+
+    mp = msgspec.msgpack.Encoder()
+    now = int(time.time() * 1000)
+    p = FeaturePipeline(
+        WindowEngine(USER_ACTIVITY),
+        default_registry(),
+        OnlineStore(redis_client, USER_ACTIVITY, 3600),
+        rows_publisher(bus.Publisher(bus.jetstream(nc, settings), settings)),
+    )
+    await p.start()
+    batch = []
+    for i in range(events):
+        user = f"u{i % users}"
+        ev = StreamEvent(
+            event_id=f"e{i}",
+            type="click" if i % 3 == 0 else "impression",
+            schema_version=1,
+            event_time=now - 60_000 + i,
+            ingest_time=now,
+            producer_id="t",
+            client_version="",
+            trace_id=f"{i + 1:032x}",
+            entity_id=user,
+            partition=0,
+            data=msgspec.Raw(mp.encode({"user_id": user, "item_id": "x"})),
+        )
+        batch.append((i + 1, mp.encode([ev])))
+    await p.process(batch)

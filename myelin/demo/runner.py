@@ -183,6 +183,7 @@ async def register(
         outputs=t.outputs,
         metrics=t.metrics,
         labels=labels,
+        reference=t.reference,
         provenance=Provenance(
             training_window=list(t.window),
             feature_views=[f"{VIEW}@{view_hash}"],

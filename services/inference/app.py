@@ -19,11 +19,13 @@ from myelin.decisions import GovernanceClient
 from myelin.models import ModelRegistry
 from myelin.online import OnlineReader
 from myelin.settings import Settings
+from services.inference.drift_watch import DriftWatch
 from services.inference.grpc_api import build_server
 from services.inference.model_host import ModelHost
 from services.inference.predictor import Predictor
 from services.inference.readiness import Probe, Readiness
 from services.inference.recorder import Recorder
+from services.inference.shadow import ShadowScorer
 from services.inference.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ class InferenceApp:
         self._watch: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self.recorder: Recorder | None = None
+        self.shadows: ShadowScorer | None = None
+        self.drift: DriftWatch | None = None
+        self._drift_task: asyncio.Task[None] | None = None
         self.predictor: Predictor | None = None
         self.readiness: Readiness | None = None
         self.port = 0
@@ -63,10 +68,18 @@ class InferenceApp:
             retry=Retry(NoBackoff(), 0),
         )
         host = ModelHost(ModelRegistry(self._nc, js), GovernanceClient(self._nc), s)
-        self.recorder = recorder = Recorder(bus.Publisher(js, s))
+        publisher = bus.Publisher(js, s)
+        self.recorder = recorder = Recorder(publisher)
         self.recorder.start()
+        self.shadows = ShadowScorer(recorder)
+        self.shadows.start()
+        self.drift = DriftWatch(host, publisher, s.drift_window_s)
         self.predictor = Predictor(
-            host, OnlineReader(self._redis), self.recorder, s.ledger_tensor_cap_bytes
+            host,
+            OnlineReader(self._redis),
+            self.recorder,
+            s.ledger_tensor_cap_bytes,
+            shadows=self.shadows,
         )
 
         def ledger() -> str | None:
@@ -97,6 +110,7 @@ class InferenceApp:
             host.watch(on_refresh=readiness.publish), name="model-watch"
         )
         self._probe = asyncio.create_task(readiness.run(), name="readiness-probes")
+        self._drift_task = asyncio.create_task(self.drift.run(), name="drift-watch")
 
     async def stop(self) -> None:
         # Report NOT_SERVING, stop intake (gRPC, with a grace period for in-flight calls),
@@ -112,6 +126,11 @@ class InferenceApp:
         if self._watch is not None:
             await cancel_and_wait(self._watch)
             self._watch = None
+        if self._drift_task is not None:
+            await cancel_and_wait(self._drift_task)
+            self._drift_task = None
+        if self.shadows is not None:
+            await self.shadows.close()
         if self.recorder is not None:
             await self.recorder.close()
         if self._nc is not None:
@@ -140,5 +159,12 @@ class InferenceApp:
             "record_queue": self.recorder.queued if self.recorder else 0,
             "records_dropped": self.recorder.dropped if self.recorder else 0,
             "records_deduplicated": self.recorder.deduplicated if self.recorder else 0,
+            "shadow_scored": self.shadows.scored if self.shadows else 0,
+            "shadow_dropped": self.shadows.dropped if self.shadows else 0,
+            "shadow_failed": self.shadows.failed if self.shadows else 0,
+            "drift_windows": self.drift.windows if self.drift else 0,
+            "drift_detected": dict(self.drift.detected) if self.drift else {},
+            "drift_score": dict(self.drift.scores) if self.drift else {},
+            "drift_pending_rows": self.drift.pending_rows() if self.drift else {},
             **(p.host.status() if p else {}),
         }

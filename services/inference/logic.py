@@ -173,6 +173,14 @@ def feature_matrix(rows: Sequence[Sequence[float]], width: int) -> npt.NDArray[n
     return np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def probabilities(specs: Sequence[TensorSpec], outputs: Sequence[Any]) -> npt.NDArray[np.float64]:
+    """The probability output of a classifier (by its usual names), else the last output."""
+    for spec, value in zip(specs, outputs, strict=True):
+        if spec.name in ("probabilities", "output_probability", "probability"):
+            return np.asarray(value, dtype=np.float64)
+    return np.asarray(outputs[-1], dtype=np.float64)
+
+
 def positive_scores(probabilities: npt.NDArray[np.generic]) -> list[float]:
     """The positive-class column of a [n, 2] probability output (or a [n] score vector)."""
     p = np.asarray(probabilities, dtype=np.float64)

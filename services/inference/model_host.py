@@ -26,8 +26,10 @@ import msgspec
 
 from myelin.decisions import GovernanceClient, Verdict
 from myelin.errors import MyelinError, Retryable
-from myelin.models import ModelNotFound, ModelRegistry, ModelVersion
+from myelin.models import ModelNotFound, ModelRegistry, ModelVersion, Routes
 from myelin.settings import Settings
+from services.inference.drift_counters import DriftCounters
+from services.inference.routing import canary_takes
 from services.inference.runtime import OrtModel, load_onnx
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,34 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     # why the last periodic re-decision failed ("" when it succeeded)
     renew_error: str = ""
+    # served values per reference bin in the current window (None: no reference registered)
+    drift: DriftCounters | None = None
 
     @property
     def version(self) -> str:
         return str(self.mv.version)
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """A model's routes as the host follows them: only loaded, allowed targets take part."""
+
+    routes: Routes
+    canary: LoadedModel | None = None
+    shadow: LoadedModel | None = None
+    canary_problem: str = ""  # why the registry's canary takes no traffic (readiness)
+    shadow_problem: str = ""  # why the registry's shadow is not scored (status)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where one request goes: the version that answers it, how it was chosen, and the
+    version scored beside it off the hot path, if any."""
+
+    model: LoadedModel
+    alias: str
+    route: str  # "champion" (the default alias), "canary", another alias, or "pinned"
+    shadow: LoadedModel | None
 
 
 @dataclass(frozen=True)
@@ -78,6 +104,7 @@ class ModelHost:
         self._held: dict[tuple[str, str], _Held] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._follow_locks: dict[str, asyncio.Lock] = {}
+        self._routes: dict[str, RouteTable] = {}
         self._synced = False
         self._registry_error = ""
         self.default_alias = settings.model_alias
@@ -123,6 +150,9 @@ class ModelHost:
                         f"{name}:{alias} -> v{version}: serving verdict expired and could not "
                         f"be renewed: {model.renew_error}"
                     )
+        for _, table in sorted(self._routes.items()):
+            if table.canary_problem:
+                reasons.append(table.canary_problem)
         return reasons
 
     def ready(self) -> bool:
@@ -163,6 +193,30 @@ class ModelHost:
         await self._check(model)
         return model, alias
 
+    async def route(self, name: str, ref: str, entity_id: str) -> Routed:
+        """Resolve a Predict: the default alias follows the model's routes (a canary takes
+        its share of entities by a sticky hash; a shadow is scored beside the champion);
+        an explicit alias or version is served as asked."""
+        ref = ref.strip() or self.default_alias
+        model, alias = await self.get(name, ref)
+        if alias != self.default_alias:
+            return Routed(model, alias, alias or "pinned", None)
+        table = self._routes.get(name)
+        if table is None:
+            return Routed(model, alias, alias, None)
+        canary = table.canary
+        if canary is not None and canary_takes(name, entity_id, table.routes.canary_share):
+            try:
+                await self._check(canary)
+            except ModelDenied:
+                pass  # denied since it was followed: the champion answers
+            else:
+                return Routed(canary, alias, "canary", None)
+        shadow = table.shadow
+        return Routed(
+            model, alias, alias, shadow if shadow is not None and shadow.verdict.allow else None
+        )
+
     async def _load(self, name: str, version: int) -> LoadedModel:
         key = (name, version)
         model = self._loaded.get(key)
@@ -183,7 +237,8 @@ class ModelHost:
             except Exception as exc:  # noqa: BLE001 - real inputs may still run; serve it cold
                 log.warning("warm-up of %s v%d failed, serving it cold: %r", name, version, exc)
             verdict = await self._decide(mv)
-            model = LoadedModel(mv, ortm, verdict, time.monotonic())
+            drift = DriftCounters(mv.reference) if mv.reference is not None else None
+            model = LoadedModel(mv, ortm, verdict, time.monotonic(), drift=drift)
             self._loaded[key] = model
             log.info("loaded %s v%d (allowed=%s)", name, version, verdict.allow)
             return model
@@ -258,6 +313,58 @@ class ModelHost:
                     self.swaps += 1
                 log.info("%s:%s now v%d (was %s)", name, alias, version, old)
 
+    async def follow_routes(self, name: str, routes: Routes) -> None:
+        """Load and check ``name``'s canary and shadow; a target that cannot be loaded or
+        is denied takes no part (the champion serves), and says why."""
+        current = self._routes.get(name)
+        if routes == Routes():
+            self._routes.pop(name, None)
+            return
+        if (
+            current is not None
+            and current.routes == routes
+            and not (current.canary_problem or current.shadow_problem)
+        ):
+            return
+        targets: dict[str, tuple[LoadedModel | None, str]] = {}
+        for route, version in (("canary", routes.canary), ("shadow", routes.shadow)):
+            if not version:
+                targets[route] = (None, "")
+                continue
+            try:
+                model = await self._load(name, version)
+            except Exception as exc:  # noqa: BLE001 - the champion keeps serving
+                message = exc.message if isinstance(exc, MyelinError) else repr(exc)
+                targets[route] = (None, f"{name}:{route} -> v{version} not loaded: {message}")
+                continue
+            if not model.verdict.allow:
+                targets[route] = (
+                    None,
+                    f"{name}:{route} -> v{version} denied by governance: "
+                    + _reasons(model.verdict),
+                )
+                continue
+            targets[route] = (model, "")
+        table = RouteTable(
+            routes,
+            canary=targets["canary"][0],
+            shadow=targets["shadow"][0],
+            canary_problem=targets["canary"][1],
+            shadow_problem=targets["shadow"][1],
+        )
+        for problem in (table.canary_problem, table.shadow_problem):
+            if problem and problem not in (
+                current.canary_problem if current else "",
+                current.shadow_problem if current else "",
+            ):
+                log.warning("%s; the champion serves its traffic", problem)
+        if current is None or current.routes != routes:
+            log.info("%s routes now %s", name, routes)
+        self._routes[name] = table
+
+    def routes(self, name: str) -> RouteTable | None:
+        return self._routes.get(name)
+
     def _hold(self, name: str, alias: str, version: int, reason: str, error: MyelinError) -> None:
         previous = self._held.get((name, alias))
         self._held[(name, alias)] = _Held(version, reason, error)
@@ -275,6 +382,9 @@ class ModelHost:
             names = set(await self._registry.aliased_models())
             for name in sorted(names | set(self._aliases)):
                 await self.follow(name, await self._registry.aliases(name) if name in names else {})
+                await self.follow_routes(
+                    name, await self._registry.routes(name) if name in names else Routes()
+                )
         except MyelinError as exc:
             self._registry_error = f"model registry unreadable: {exc.message}"
             raise
@@ -335,5 +445,15 @@ class ModelHost:
             ],
             "aliases": self._aliases,
             "desired_aliases": self._desired,
+            "routes": {
+                name: {
+                    "canary": t.routes.canary,
+                    "canary_share": t.routes.canary_share,
+                    "shadow": t.routes.shadow,
+                    **({"canary_problem": t.canary_problem} if t.canary_problem else {}),
+                    **({"shadow_problem": t.shadow_problem} if t.shadow_problem else {}),
+                }
+                for name, t in self._routes.items()
+            },
             "swaps": self.swaps,
         }

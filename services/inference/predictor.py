@@ -15,9 +15,15 @@ from myelin.errors import MyelinError
 from myelin.online import EntityVector, OnlineReader, UnknownView
 from myelin.records import InferenceRecord, Prediction
 from services.inference.ledger import tensor_record
-from services.inference.logic import TensorError, feature_matrix, positive_scores
+from services.inference.logic import (
+    TensorError,
+    feature_matrix,
+    positive_scores,
+    probabilities,
+)
 from services.inference.model_host import LoadedModel, ModelHost
 from services.inference.recorder import Recorder
+from services.inference.shadow import ShadowScorer
 
 MAX_ENTITIES = 10_000
 
@@ -57,6 +63,7 @@ class Predictor:
         reader: OnlineReader,
         recorder: Recorder,
         tensor_cap_bytes: int = 16 * 1024,
+        shadows: ShadowScorer | None = None,
     ) -> None:
         """``tensor_cap_bytes``: the largest OIP tensor the ledger keeps the values of
         (past it: shape, size and SHA-256)."""
@@ -64,6 +71,7 @@ class Predictor:
         self.reader = reader
         self.recorder = recorder
         self.tensor_cap_bytes = tensor_cap_bytes
+        self.shadows = shadows
         self.predictions = 0
         self.requests = 0
 
@@ -75,7 +83,8 @@ class Predictor:
             raise TensorError("entity_ids is empty")
         if len(entity_ids) > MAX_ENTITIES:
             raise TensorError(f"{len(entity_ids)} entity ids; at most {MAX_ENTITIES} per request")
-        model, alias = await self.host.get(name, ref)
+        routed = await self.host.route(name, ref, entity_ids[0])
+        model, alias = routed.model, routed.alias
         prov = model.mv.provenance
         if not prov.feature_view or not prov.features:
             raise NotFeatureAware(
@@ -86,38 +95,45 @@ class Predictor:
         t_score = time.perf_counter()
         x = feature_matrix([v.values for v in vectors], len(prov.features))
         outputs = model.ort.run_one(x)
-        scores = positive_scores(_probabilities(model, outputs))
+        scores = positive_scores(probabilities(model.ort.outputs, outputs))
         t_end = time.perf_counter()
+        if model.drift is not None:
+            model.drift.observe(x.tolist(), scores)
         rid = request_id or uuid.uuid4().hex
         trace_id = telemetry.trace_id_hex()
         latency_us = int((t_end - t0) * 1e6)
-        self.recorder.record(
-            InferenceRecord(
-                request_id=rid,
-                ts_ms=int(time.time() * 1000),
-                api="predict",
-                model=name,
-                model_version=model.version,
-                alias=alias,
-                latency_us=latency_us,
-                trace_id=trace_id,
-                route=alias or "pinned",
-                read_us=int((t_score - t_read) * 1e6),
-                score_us=int((t_end - t_score) * 1e6),
-                predictions=[
-                    Prediction(
-                        v.entity_id,
-                        s,
-                        dict(zip(prov.features, v.values, strict=True)),
-                        v.age_ms,
-                        v.status.value,
-                        v.trace_id,
-                    )
-                    for v, s in zip(vectors, scores, strict=True)
-                ],
-                rows=len(entity_ids),
-            )
+        record = InferenceRecord(
+            request_id=rid,
+            ts_ms=int(time.time() * 1000),
+            api="predict",
+            model=name,
+            model_version=model.version,
+            alias=alias,
+            latency_us=latency_us,
+            trace_id=trace_id,
+            route=routed.route,
+            read_us=int((t_score - t_read) * 1e6),
+            score_us=int((t_end - t_score) * 1e6),
+            predictions=[
+                Prediction(
+                    v.entity_id,
+                    s,
+                    dict(zip(prov.features, v.values, strict=True)),
+                    v.age_ms,
+                    v.status.value,
+                    v.trace_id,
+                )
+                for v, s in zip(vectors, scores, strict=True)
+            ],
+            rows=len(entity_ids),
         )
+        self.recorder.record(record)
+        if routed.shadow is not None and self.shadows is not None:
+            shadow = routed.shadow
+            if list(shadow.mv.provenance.features) == list(prov.features):
+                self.shadows.submit(shadow, x, record)
+            else:
+                self.shadows.mismatched += 1
         self.requests += 1
         self.predictions += len(entity_ids)
         return PredictResult(model, alias, rid, vectors, scores, list(prov.features), trace_id)
@@ -168,6 +184,8 @@ class Predictor:
             raise TensorError(f"the model rejected the inputs: {exc}") from None
         t_end = time.perf_counter()
         rows = int(next(iter(feeds.values())).shape[0]) if feeds else 0
+        if model.drift is not None:
+            _observe_tensors(model, feeds, results, names)
         cap = self.tensor_cap_bytes
         self.recorder.record(
             InferenceRecord(
@@ -191,8 +209,22 @@ class Predictor:
         return model, list(zip(names, results, strict=True))
 
 
-def _probabilities(model: LoadedModel, outputs: list[Any]) -> npt.NDArray[np.float64]:
-    for spec, value in zip(model.ort.outputs, outputs, strict=True):
-        if spec.name in ("probabilities", "output_probability", "probability"):
-            return np.asarray(value, dtype=np.float64)
-    return np.asarray(outputs[-1], dtype=np.float64)
+def _observe_tensors(
+    model: LoadedModel,
+    feeds: dict[str, npt.NDArray[Any]],
+    results: list[Any],
+    names: list[str],
+) -> None:
+    """Drift counts for a ModelInfer whose single input is the [rows, features] matrix the
+    reference describes (other signatures are not counted)."""
+    assert model.drift is not None
+    width = len(model.drift.reference.features)
+    if len(feeds) != 1 or "probabilities" not in names:
+        return
+    x = next(iter(feeds.values()))
+    if x.ndim != 2 or x.shape[1] != width or x.dtype.kind != "f":
+        return
+    p = results[names.index("probabilities")]
+    scores = positive_scores(np.asarray(p, dtype=np.float64))
+    clean = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    model.drift.observe(clean.tolist(), scores)

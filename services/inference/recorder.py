@@ -5,8 +5,9 @@ JetStream and never changes a response. Policy when the queue is full (JetStream
 unreachable for longer than the queue lasts: 20,000 records, ~20 s at 1,000 requests/s):
 the new record is dropped and counted (``records_dropped``), the response goes out as it
 would have, and the service reports itself not ready while the queue is over 90% full.
-A request id is recorded once per model: a client's retry of a request it already got an
-answer to adds nothing (``records_deduplicated``; ClickHouse also keys the ledger on it).
+A request id is recorded once per model and route: a client's retry of a request it already
+got an answer to adds nothing (``records_deduplicated``; ClickHouse also keys the ledger on
+it), and the shadow's score of a request is recorded beside the champion's.
 On shutdown the queue is drained before the connection closes.
 """
 
@@ -38,14 +39,14 @@ class Recorder:
         self._max = max_queued
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
-        self._recent: dict[tuple[str, str], None] = {}
+        self._recent: dict[tuple[str, str, str], None] = {}
         self.published = 0
         self.dropped = 0
         self.deduplicated = 0
 
     def record(self, rec: InferenceRecord) -> None:
         """Queue ``rec``; never raises and never waits (see the module's policy)."""
-        key = (rec.model, rec.request_id)
+        key = (rec.model, rec.request_id, rec.route)
         if key in self._recent:
             self.deduplicated += 1
             return

@@ -24,6 +24,7 @@ from myelin.settings import Settings
 from myelin.subjects import (
     AUDIT_STREAM,
     DLQ_STREAM,
+    DRIFT_STREAM,
     EVENTS_STREAM,
     FEATURES_STREAM,
     INFERENCES_STREAM,
@@ -34,6 +35,7 @@ from myelin.warehouse import open_warehouse
 from services.warehouse.drains import (
     audit_drain,
     dlq_drain,
+    drift_drain,
     events_drain,
     features_drain,
     inference_drain,
@@ -83,6 +85,7 @@ class WarehouseApp:
             "warehouse-inferences": (INFERENCES_STREAM, inference_drain(self.sink), 1000),
             "warehouse-audit": (AUDIT_STREAM, audit_drain(self.sink), 1000),
             "warehouse-dlq": (DLQ_STREAM, dlq_drain(self.sink), 1000),
+            "warehouse-drift": (DRIFT_STREAM, drift_drain(self.sink), 100),
         }
         for durable, (stream, _, batch) in self._handlers.items():
             # Resume right after the last acked batch: what a killed predecessor had fetched

@@ -1,4 +1,4 @@
-"""Inbound adapters: the EVENTS, LATE, FEATURES, INFERENCES, AUDIT and DLQ streams
+"""Inbound adapters: the EVENTS, LATE, FEATURES, INFERENCES, AUDIT, DLQ and DRIFT streams
 drained into ClickHouse.
 
 Idempotent: rows are keyed on ids carried by the records, in ReplacingMergeTree tables,
@@ -17,11 +17,19 @@ from nats.aio.msg import Msg
 from myelin.consume import PoisonMessages
 from myelin.contracts import StreamEvent
 from myelin.errors import BAD_INPUT
-from myelin.records import AuditRecord, DeadLetter, FeatureRows, InferenceRecord, LateEvents
+from myelin.records import (
+    AuditRecord,
+    DeadLetter,
+    DriftDetected,
+    FeatureRows,
+    InferenceRecord,
+    LateEvents,
+)
 from services.warehouse.sink import (
     WarehouseSink,
     audit_table,
     dead_letters_table,
+    drift_table,
     events_table,
     feature_values_table,
     inferences_table,
@@ -33,6 +41,7 @@ T = TypeVar("T")
 _inf = msgspec.msgpack.Decoder(list[InferenceRecord])  # the recorder publishes batches
 _aud = msgspec.msgpack.Decoder(AuditRecord)
 _dlq = msgspec.msgpack.Decoder(DeadLetter)
+_drift = msgspec.msgpack.Decoder(DriftDetected)
 _events = msgspec.msgpack.Decoder(list[StreamEvent])
 _rows = msgspec.msgpack.Decoder(FeatureRows)
 _late = msgspec.msgpack.Decoder(LateEvents)
@@ -85,6 +94,13 @@ def audit_drain(sink: WarehouseSink) -> Callable[[list[Msg]], Awaitable[None]]:
     async def handle(msgs: list[Msg]) -> None:
         recs = [r for _, r in _decode_all(msgs, _aud)]
         await sink.insert("audit", audit_table(recs))
+
+    return handle
+
+
+def drift_drain(sink: WarehouseSink) -> Callable[[list[Msg]], Awaitable[None]]:
+    async def handle(msgs: list[Msg]) -> None:
+        await sink.insert("drift_events", drift_table([r for _, r in _decode_all(msgs, _drift)]))
 
     return handle
 

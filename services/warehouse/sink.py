@@ -15,7 +15,14 @@ import msgspec
 import pyarrow as pa
 
 from myelin.contracts import StreamEvent
-from myelin.records import AuditRecord, DeadLetter, FeatureRow, FeatureRows, InferenceRecord
+from myelin.records import (
+    AuditRecord,
+    DeadLetter,
+    DriftDetected,
+    FeatureRow,
+    FeatureRows,
+    InferenceRecord,
+)
 from myelin.warehouse import DATABASE, Warehouse, keep_rank
 
 T = TypeVar("T")
@@ -211,6 +218,31 @@ def audit_table(records: list[AuditRecord]) -> pa.Table:
             "input": pa.array([r.input_json for r in records], pa.string()),
             "trace_id": pa.array([r.trace_id for r in records], pa.string()),
             "cached": pa.array([int(r.cached) for r in records], pa.uint8()),
+        }
+    )
+
+
+def drift_table(records: list[DriftDetected]) -> pa.Table:
+    """One row per column (input feature or ``__score__``) of each DriftDetected record."""
+    rows = [(r, c) for r in records for c in r.columns]
+    return pa.table(
+        {
+            "drift_id": pa.array([r.drift_id for r, _ in rows], pa.string()),
+            "ts": pa.array([r.ts_ms for r, _ in rows], TS),
+            "model": pa.array([r.model for r, _ in rows], pa.string()),
+            "model_version": pa.array([r.model_version for r, _ in rows], pa.string()),
+            "window_start": pa.array([r.window_start_ms for r, _ in rows], TS),
+            "window_end": pa.array([r.window_end_ms for r, _ in rows], TS),
+            "samples": pa.array([c.samples for _, c in rows], pa.uint64()),
+            "feature": pa.array([c.feature for _, c in rows], pa.string()),
+            "psi": pa.array([c.psi for _, c in rows], pa.float64()),
+            "js": pa.array([c.js for _, c in rows], pa.float64()),
+            "wasserstein": pa.array([c.wasserstein for _, c in rows], pa.float64()),
+            "ks": pa.array([c.ks for _, c in rows], pa.float64()),
+            "breached": pa.array([c.breached for _, c in rows], pa.list_(pa.string())),
+            "thresholds": pa.array(
+                [list(r.thresholds.items()) for r, _ in rows], pa.map_(pa.string(), pa.float64())
+            ),
         }
     )
 

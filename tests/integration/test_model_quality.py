@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from myelin.contracts import StreamEvent
 from myelin.models import LabelSource
-from myelin.quality import outcomes_sql, quality_sql
+from myelin.quality import agreement_sql, outcomes_sql, quality_sql
 from myelin.records import InferenceRecord, Prediction
 from myelin.warehouse import Warehouse
 from services.warehouse.sink import events_table, inferences_table
@@ -147,3 +147,48 @@ def test_outcomes_from_a_labels_stream_keyed_by_request_id(warehouse: Warehouse)
         for r in warehouse.query_arrow(outcomes_sql("ctr", source)).to_pylist()
     )
     assert got == [("r1", 0), ("r2", 1), ("r3", 1), ("r5", 0)]
+
+
+def test_agreement_of_a_shadow_with_the_version_that_served(warehouse: Warehouse) -> None:
+    """Pairs of rows (served, shadow) of one request, compared per hour: oracle numpy."""
+    rng = random.Random(5)
+    now = int(time.time() * 1000)
+    served: list[InferenceRecord] = []
+    shadow: list[InferenceRecord] = []
+    pairs: list[tuple[int, float, float]] = []
+    for k in range(300):
+        a, b = rng.random(), rng.random()
+        ts = now - rng.randrange(3 * HOUR)
+        for route, version, score, out in (
+            ("champion", "1", a, served),
+            ("shadow", "2", b, shadow),
+        ):
+            out.append(
+                InferenceRecord(
+                    request_id=f"r{k}",
+                    ts_ms=ts,
+                    api="predict",
+                    model="ctr",
+                    model_version=version,
+                    alias=route,
+                    latency_us=1,
+                    trace_id="",
+                    route=route,
+                    predictions=[Prediction(f"u{k}", score, {}, 5, "FRESH", "")],
+                    rows=1,
+                )
+            )
+        pairs.append((ts // HOUR * HOUR, a, b))
+    warehouse.insert_arrow("myelin.inferences", inferences_table(served + shadow))
+    got = warehouse.query_arrow(agreement_sql("ctr", threshold=0.5, hours=4)).to_pylist()
+    hours = sorted({h for h, _, _ in pairs})
+    assert [int(g["hour"].timestamp() * 1000) for g in got] == hours
+    for g in got:
+        hour = int(g["hour"].timestamp() * 1000)
+        sa = np.array([x for h, x, _ in pairs if h == hour])
+        sb = np.array([y for h, _, y in pairs if h == hour])
+        assert (g["served_version"], g["shadow_version"], g["n"]) == ("1", "2", len(sa))
+        assert g["mean_abs_diff"] == pytest.approx(float(np.abs(sa - sb).mean()), rel=1e-9)
+        assert g["max_abs_diff"] == pytest.approx(float(np.abs(sa - sb).max()), rel=1e-9)
+        assert g["correlation"] == pytest.approx(float(np.corrcoef(sa, sb)[0, 1]), rel=1e-6)
+        assert g["flips"] == int(((sa >= 0.5) != (sb >= 0.5)).sum())

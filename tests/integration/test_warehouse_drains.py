@@ -171,6 +171,16 @@ def test_the_ledger_keeps_one_row_per_request_and_entity(warehouse: Warehouse) -
         "SELECT request_id, route, read_us, score_us FROM myelin.inferences FINAL"
     ).to_pylist()
     assert rows == [{"request_id": "r1", "route": "champion", "read_us": 300, "score_us": 200}]
+    # the shadow's score of the same request is kept beside the champion's
+    shadow = msgspec.structs.replace(_inference("r1", t + 10), route="shadow", model_version="2")
+    warehouse.insert_arrow("myelin.inferences", inferences_table([shadow]))
+    rows = warehouse.query_arrow(
+        "SELECT route, model_version FROM myelin.inferences FINAL ORDER BY route"
+    ).to_pylist()
+    assert rows == [
+        {"route": "champion", "model_version": "1"},
+        {"route": "shadow", "model_version": "2"},
+    ]
 
 
 def test_a_ledger_of_an_earlier_build_is_migrated(warehouse: Warehouse) -> None:
@@ -193,5 +203,32 @@ def test_a_ledger_of_an_earlier_build_is_migrated(warehouse: Warehouse) -> None:
         assert row == {"request_id": "r1", "entity_id": "u1", "route": "champion"}
     finally:  # leave the current table for the other tests, whatever happened
         warehouse.command("DROP TABLE IF EXISTS myelin.inferences_v1")
+        warehouse.command("DROP TABLE IF EXISTS myelin.inferences")
+        warehouse.command(create)
+
+
+def test_a_ledger_keyed_without_the_route_is_migrated(warehouse: Warehouse) -> None:
+    create = next(s for s in DDL if ".inferences (" in s)
+    warehouse.command("DROP TABLE myelin.inferences")
+    warehouse.command(
+        create.replace(
+            "ORDER BY (model, request_id, route, row)", "ORDER BY (model, request_id, row)"
+        )
+    )
+    warehouse.insert_arrow(
+        "myelin.inferences", inferences_table([_inference("r1", int(time.time() * 1000))])
+    )
+    try:
+        assert migrate(warehouse) and not migrate(warehouse)
+        [row] = warehouse.query_arrow(
+            "SELECT request_id, route, read_us FROM myelin.inferences"
+        ).to_pylist()
+        assert row == {"request_id": "r1", "route": "champion", "read_us": 300}
+        key = warehouse.query_arrow(
+            "SELECT sorting_key FROM system.tables WHERE database = 'myelin' AND name = 'inferences'"
+        ).to_pylist()[0]["sorting_key"]
+        assert key == "model, request_id, route, row"
+    finally:
+        warehouse.command("DROP TABLE IF EXISTS myelin.inferences_v2")
         warehouse.command("DROP TABLE IF EXISTS myelin.inferences")
         warehouse.command(create)

@@ -1,0 +1,127 @@
+"""Shadow scoring, off the hot path: a version scored on exactly the features the champion
+was served, recorded with route ``shadow``, never seen by the client.
+
+Requests hand their feature matrix and ledger record to a bounded queue and return; one
+task drains the queue, scores everything queued for a version in one onnxruntime call in
+a worker thread (onnxruntime releases the GIL, so it runs beside the event loop), counts
+drift for the shadow version and records each request. When the queue is full the shadow
+score of that request is dropped and counted (``shadow_dropped``): the champion's answer
+never waits on its shadow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from myelin.records import InferenceRecord
+from services.inference.logic import positive_scores, probabilities
+from services.inference.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from services.inference.model_host import LoadedModel
+    from services.inference.recorder import Recorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Job:
+    model: LoadedModel
+    x: npt.NDArray[np.float32]
+    served: InferenceRecord  # the champion's record: the shadow's mirrors it
+
+
+class ShadowScorer:
+    def __init__(self, recorder: Recorder, max_queued: int = 10_000, batch: int = 512) -> None:
+        self._recorder = recorder
+        self._q: asyncio.Queue[_Job] = asyncio.Queue(max_queued)
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+        self.scored = 0
+        self.mismatched = 0  # shadow reads other features than the champion: not scored
+        self.dropped = 0
+        self.failed = 0
+
+    def submit(
+        self, model: LoadedModel, x: npt.NDArray[np.float32], served: InferenceRecord
+    ) -> None:
+        """Queue a shadow score; never waits, never raises."""
+        try:
+            self._q.put_nowait(_Job(model, x, served))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped == 1 or not self.dropped % 1000:
+                log.warning("shadow queue full: %d shadow scores dropped so far", self.dropped)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="shadow-scorer")
+
+    async def _run(self) -> None:
+        while True:
+            jobs = [await self._q.get()]
+            while len(jobs) < self._batch and not self._q.empty():
+                jobs.append(self._q.get_nowait())
+            by_model: dict[int, list[_Job]] = {}
+            for job in jobs:
+                by_model.setdefault(id(job.model), []).append(job)
+            for group in by_model.values():
+                try:
+                    await self._score(group)
+                except Exception:
+                    self.failed += len(group)
+                    log.exception("shadow scoring of %s failed", group[0].model.mv.name)
+            for _ in jobs:
+                self._q.task_done()
+
+    async def _score(self, jobs: list[_Job]) -> None:
+        model = jobs[0].model
+        x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+        t0 = time.perf_counter()
+        outputs = await asyncio.to_thread(model.ort.run_one, x)
+        score_us = int((time.perf_counter() - t0) * 1e6 / len(jobs))
+        scores = positive_scores(probabilities(model.ort.outputs, outputs))
+        if model.drift is not None:
+            model.drift.observe(x.tolist(), scores)
+        at = 0
+        for job in jobs:
+            n = len(job.served.predictions)
+            mine = scores[at : at + n]
+            at += n
+            self._recorder.record(
+                msgspec.structs.replace(
+                    job.served,
+                    model_version=model.version,
+                    alias="shadow",
+                    route="shadow",
+                    read_us=0,
+                    score_us=score_us,
+                    latency_us=score_us,
+                    predictions=[
+                        msgspec.structs.replace(p, score=s)
+                        for p, s in zip(job.served.predictions, mine, strict=True)
+                    ],
+                )
+            )
+        self.scored += len(jobs)
+
+    @property
+    def queued(self) -> int:
+        return self._q.qsize()
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._q.join(), timeout_s)
+        except TimeoutError:
+            log.warning("%d shadow scores not done at shutdown", self._q.qsize())
+        await cancel_and_wait(self._task)
+        self._task = None
