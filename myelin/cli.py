@@ -298,72 +298,7 @@ async def _check(settings: Settings, sample: int, view: str) -> int:
     return 0 if not res["mismatches"] else 1
 
 
-async def _models(settings: Settings, name: str) -> int:
-    from myelin.models import ModelRegistry
-
-    nc = await _connect(settings)
-    try:
-        reg = ModelRegistry(nc, bus.jetstream(nc, settings))
-        aliases = await reg.aliases(name)
-        for v in await reg.versions(name):
-            mv = await reg.get(name, v)
-            tags = ",".join(a for a, t in aliases.items() if t == v)
-            print(
-                f"{name} v{v} {tags or '-'} auc={mv.metrics.get('auc', float('nan')):.3f} "
-                f"view={mv.provenance.feature_view} rows={mv.provenance.training_rows}"
-            )
-    finally:
-        await nc.close()
-    return 0
-
-
-async def _quality(settings: Settings, name: str, cohort: str) -> int:
-    """Quality per version and hour (and cohort) from the ledger joined to the outcomes the
-    model's provenance names (``label_source``)."""
-    from myelin.models import ModelRegistry
-    from myelin.quality import quality_sql
-    from myelin.sql_client import query
-
-    feature, _, width = cohort.partition(":")
-    try:
-        width_f = float(width) if width else 1.0
-    except ValueError:
-        raise MyelinError(f"--cohort {cohort!r}: use FEATURE:WIDTH, e.g. clicks_1h:2") from None
-    nc = await _connect(settings)
-    try:
-        reg = ModelRegistry(nc, bus.jetstream(nc, settings))
-        versions = await reg.versions(name)
-        if not versions:
-            raise MyelinError(f"no model {name!r}; see `myelin models list NAME`")
-        source = (await reg.get(name, versions[-1])).provenance.label_source
-        if source is None:
-            raise MyelinError(
-                f"model {name} v{versions[-1]} names no label source (provenance.label_source): "
-                "its outcomes cannot be joined"
-            )
-        try:
-            sql = quality_sql(name, source, cohort_feature=feature, cohort_width=width_f)
-        except ValueError as exc:
-            raise MyelinError(str(exc)) from None
-        rows = (await query(nc, sql, timeout=120)).to_pylist()
-    finally:
-        await nc.close()
-    print(
-        f"{'version':>7} {'hour':<17} {'cohort':>7} {'n':>7} {'pos':>6} {'auc':>6} "
-        f"{'logloss':>8} {'mean':>6} {'rate':>6} {'ece':>6}"
-    )
-    for r in rows:
-        print(
-            f"{r['model_version']:>7} {r['hour']:%Y-%m-%d %H:%M} {r['cohort']:>7g} {r['n']:>7,} "
-            f"{r['positives']:>6,} {r['auc']:>6.3f} {r['logloss']:>8.4f} {r['mean_score']:>6.3f} "
-            f"{r['positive_rate']:>6.3f} {r['ece']:>6.3f}"
-        )
-    if not rows:
-        print("no judged inferences yet (outcomes arrive after the label window)", file=sys.stderr)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="myelin", description="Myelin real-time decision platform"
     )
@@ -417,15 +352,17 @@ def main(argv: list[str] | None = None) -> None:
         pp.add_argument("--requester", required=True, help="who asks (recorded in the audit trail)")
     ex = fs.add_parser("export", help="print a version's definition as JSON")
     ex.add_argument("view", help="NAME@HASH or NAME (the served version)")
-    m = sub.add_parser("models", help="model registry and quality")
-    m.add_argument("action", choices=["list", "quality"])
-    m.add_argument("name")
-    m.add_argument(
-        "--cohort",
-        default="",
-        help="quality per cohort: FEATURE:WIDTH buckets of a served feature value",
-    )
-    args = parser.parse_args(argv)
+    from myelin import models_cli
+
+    models_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from myelin import models_cli
+    from myelin.contracts import cli as contracts_cli
+
+    args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
         if args.cmd == "up":
@@ -447,10 +384,8 @@ def main(argv: list[str] | None = None) -> None:
             code = asyncio.run(contracts_cli.run(args, settings))
         elif args.cmd == "sql":
             code = asyncio.run(_sql(settings, args.query, args.max_rows))
-        elif args.action == "quality":
-            code = asyncio.run(_quality(settings, args.name, args.cohort))
         else:
-            code = asyncio.run(_models(settings, args.name))
+            code = asyncio.run(models_cli.run(args, settings))
     except MyelinError as exc:
         print(f"myelin: {exc.code}: {exc.message}", file=sys.stderr)
         code = 2

@@ -352,6 +352,8 @@ class ModelRegistry:
             new = msgspec.structs.replace(new, canary_share=canary_share)
         if shadow is not None:
             new = msgspec.structs.replace(new, shadow=shadow)
+        elif canary and canary == current.shadow:
+            new = msgspec.structs.replace(new, shadow=0)  # it moves up from shadow to canary
         if new.canary and not 0.0 < new.canary_share <= 1.0:
             raise RegistryError(f"a canary share is in (0, 1], got {new.canary_share}")
         for route, version in (("canary", new.canary), ("shadow", new.shadow)):

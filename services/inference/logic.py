@@ -40,21 +40,6 @@ OIP_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
     "BYTES": np.dtype(np.object_),
 }
 
-ONNX_TO_OIP = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 NUMPY_TO_OIP = {v: k for k, v in OIP_TO_NUMPY.items() if k != "BYTES"}
 
@@ -72,11 +57,6 @@ _CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-
-
-def onnx_shape(dims: Sequence[int | str | None]) -> list[int]:
-    """ONNX symbolic / unknown dims become -1, as OIP metadata expects."""
-    return [d if isinstance(d, int) and d >= 0 else -1 for d in dims]
 
 
 def _check_shape(name: str, shape: list[int]) -> int:

@@ -10,7 +10,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from myelin.models import TensorSpec
-from services.inference.logic import ONNX_TO_OIP, onnx_shape, zeros_feeds
+from myelin.onnx_signature import signature
+from services.inference.logic import zeros_feeds
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,5 @@ def load_onnx(data: bytes, intra_threads: int, inter_threads: int) -> OrtModel:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
-    inputs = [
-        TensorSpec(i.name, ONNX_TO_OIP.get(i.type, i.type), onnx_shape(i.shape))
-        for i in sess.get_inputs()
-    ]
-    outputs = [
-        TensorSpec(o.name, ONNX_TO_OIP.get(o.type, o.type), onnx_shape(o.shape))
-        for o in sess.get_outputs()
-    ]
+    inputs, outputs = signature(sess)
     return OrtModel(sess, inputs, outputs)

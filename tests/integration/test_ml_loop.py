@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
@@ -15,7 +14,6 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 import pytest
-import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
 from myelin import bus
@@ -26,30 +24,12 @@ from myelin.models import ModelRegistry, PromotionDenied, RegistryError, Routes
 from myelin.records import AuditRecord, DriftDetected, InferenceRecord
 from myelin.settings import Settings
 from myelin.subjects import AUDIT_STREAM, DRIFT_STREAM, INFERENCES_STREAM
-from services.governance.app import GovernanceApp
 from services.inference.app import InferenceApp
 from services.inference.routing import bucket
-from tests.helpers import FEATURES, register, seed_online_features, tiny_model
+from tests.helpers import FEATURES, register, tiny_model
+from tests.integration.conftest import USERS
 
 pytestmark = pytest.mark.integration
-USERS = 60
-
-
-@pytest.fixture
-async def serving(
-    nc: NATS, settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[tuple[Settings, InferenceApp]]:
-    s = replace(settings, policy_cache_ttl_s=2.0, drift_window_s=3600.0)  # windows on demand
-    gov = GovernanceApp(s)
-    await gov.start()
-    await seed_online_features(nc, s, redis_client, users=USERS, events=8 * USERS)
-    inf = InferenceApp(s)
-    await inf.start()
-    try:
-        yield replace(s, inference_grpc_port=inf.port), inf
-    finally:
-        await inf.stop()
-        await gov.stop()
 
 
 async def _records(nc: NATS, settings: Settings, subject: str, stream: str, n: int) -> list[bytes]:

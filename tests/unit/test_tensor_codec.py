@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from myelin.gen import grpc_predict_v2_pb2 as pb
+from myelin.onnx_signature import onnx_shape
 from services.inference.logic import (
     TensorError,
     decode_bytes_tensor,
@@ -11,7 +12,6 @@ from services.inference.logic import (
     encode_bytes_tensor,
     encode_output,
     feature_matrix,
-    onnx_shape,
     positive_scores,
 )
 
