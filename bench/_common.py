@@ -11,7 +11,8 @@ def pct(samples: list[float], q: float) -> float:
 
 def table(title: str, rows: list[tuple[str, str, float, float, str]]) -> str:
     """rows: (path, unit, ours, ceiling, note). Ratio is ours/ceiling for throughput and
-    ceiling/ours for latency (unit ending in 'ms'), so higher is always better."""
+    ceiling/ours for latency and cost (unit ending in 'ms' or starting with 'us/'), so
+    higher is always better."""
     out = [
         title,
         "",
@@ -19,6 +20,7 @@ def table(title: str, rows: list[tuple[str, str, float, float, str]]) -> str:
         "| --- | --- | ---: | ---: | ---: | --- |",
     ]
     for path, unit, ours, ceiling, note in rows:
-        ratio = ceiling / ours if unit.endswith("ms") else ours / ceiling
+        cost = unit.endswith("ms") or unit.startswith("us/")
+        ratio = ceiling / ours if cost else ours / ceiling
         out.append(f"| {path} | {unit} | {ours:,.3f} | {ceiling:,.3f} | {ratio:.2f}x | {note} |")
     return "\n".join(out)

@@ -6,6 +6,10 @@ bare libraries measured in the same run on the same machine:
 - one bare redis-py HMGET of the same entities;
 - onnxruntime called directly on the same rows.
 
+With the CPU the inference process spends per request (beside the echo server's), the
+cost of a shadow version (scored off the hot path) on the champion's latency, and what
+the drift counters cost per request (in process, timed on the same rows).
+
 Run: .venv/bin/python -m bench.inference_bench  (prints a markdown table)
 """
 
@@ -23,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import msgspec
 import numpy as np
 import onnxruntime as ort
+import psutil
 import redis.asyncio as aioredis
 
 from bench._common import pct, table
@@ -33,10 +39,14 @@ from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
 from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
+from myelin.models import ModelRegistry
 from myelin.online import OnlineReader
 from myelin.settings import Settings
 from myelin.stack.process import free_port, wait_port
 from myelin.stack.supervisor import Stack, with_ports
+from myelin.subjects import health_subject
+from myelin.trainers import Trained
+from services.inference.drift_counters import DriftCounters
 from tests.helpers import FEATURES, register, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +82,43 @@ async def load(
     return n / (time.perf_counter() - t0), lat
 
 
+def cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) a process has used, its threads included."""
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+async def wait_shadow(nc: Any, version: int, timeout_s: float = 20.0) -> None:
+    """Until the inference service follows the shadow route."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        h = msgspec.json.decode(await bus.request(nc, health_subject("inference"), {}))
+        if h.get("routes", {}).get("ctr", {}).get("shadow") == version:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError("inference did not follow the shadow route")
+
+
+def drift_cost(trained: Trained, predict_cpu_us: float) -> tuple[str, str, float, float, str]:
+    """The drift counters' cost for a 1-entity request, timed in process on served rows."""
+    counters = DriftCounters(trained.reference)
+    rng = np.random.default_rng(0)
+    rows = rng.poisson(3, (10_000, len(FEATURES))).astype(np.float32).tolist()
+    scores = rng.random(10_000).tolist()
+    t = time.perf_counter()
+    for row, score in zip(rows, scores, strict=True):
+        counters.observe([row], [score])
+    per_request = (time.perf_counter() - t) / len(rows) * 1e6
+    return (
+        "Drift counters, 1-entity request",
+        "us/req",
+        per_request,
+        predict_cpu_us,
+        f"{len(FEATURES)} features + score, in process; beside: the whole Predict's server "
+        "CPU per request (ratio: how many times smaller)",
+    )
+
+
 async def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="myelin-bench-"))
     base = replace(Settings.from_env(), state_dir=state, policy_dir=ROOT / "policies")
@@ -87,11 +134,12 @@ async def main() -> None:
     rows: list[tuple[str, str, float, float, str]] = []
     try:
         await wait_port("127.0.0.1", echo_port, 20)
-        async with Stack(s, log=lambda _m: None):
+        async with Stack(s, log=lambda _m: None) as stack:
+            server = psutil.Process(stack.child("inference").pid)
+            echo_proc = psutil.Process(echo.pid)
             nc = await bus.connect(s, "bench")
             trained = tiny_model()
-            await register(nc, s, trained)
-            await nc.close()
+            await register(nc, s, trained)  # with its drift reference: counters on
             users = [f"user-{i}" for i in range(1000)]
             r = aioredis.Redis.from_url(s.redis_url)
             meta = await OnlineReader(r).meta("user_activity")
@@ -173,9 +221,13 @@ async def main() -> None:
                         "Predict minus echo (read, score, record) vs bare redis-py HMGET",
                     ),
                 ]
-                # throughput at 32 in flight
+                # throughput at 32 in flight, and the server CPU per request
+                c0 = cpu_s(server)
                 rp, lp32 = await load(predict1, 6000, 32)
+                cpu_predict = (cpu_s(server) - c0) / 6000 * 1e6
+                c0 = cpu_s(echo_proc)
                 re_, le32 = await load(echo1, 6000, 32)
+                cpu_echo = (cpu_s(echo_proc) - c0) / 6000 * 1e6
                 rows += [
                     (
                         "Predict 1 entity, 32 in flight",
@@ -185,6 +237,13 @@ async def main() -> None:
                         "ceiling: grpc.aio echo, same client",
                     ),
                     ("Predict 1 entity, 32 in flight", "p99 ms", pct(lp32, 99), pct(le32, 99), ""),
+                    (
+                        "Predict 1 entity, 32 in flight: server CPU",
+                        "us/req",
+                        cpu_predict,
+                        cpu_echo,
+                        "inference process vs echo server process (ratio: echo / ours)",
+                    ),
                 ]
                 _, lp100 = await load(predict100, 500, 1)
                 _, lr100 = await load(redis100, 500, 1)
@@ -212,7 +271,43 @@ async def main() -> None:
                         f"ceiling: echo + onnxruntime direct ({ort_ms:.3f} ms)",
                     )
                 ]
+                # a shadow version, scored off the hot path on the same features
+                reg = ModelRegistry(nc, bus.jetstream(nc, s))
+                v2 = await register(nc, s, tiny_model(7), alias=None)
+                await reg.set_routes("ctr", shadow=v2, requester="bench")
+                await wait_shadow(nc, v2)
+                await load(predict1, 500, 8)
+                _, ls1 = await load(predict1, 2000, 1)
+                c0 = cpu_s(server)
+                rs, ls32 = await load(predict1, 6000, 32)
+                cpu_shadow = (cpu_s(server) - c0) / 6000 * 1e6
+                rows += [
+                    (
+                        "Predict with a shadow, 1 in flight",
+                        "p99 ms",
+                        pct(ls1, 99),
+                        pct(lp, 99),
+                        "ceiling: the same Predict without a shadow (above)",
+                    ),
+                    (
+                        "Predict with a shadow, 32 in flight",
+                        "p99 ms",
+                        pct(ls32, 99),
+                        pct(lp32, 99),
+                        "ceiling: the same Predict without a shadow (above)",
+                    ),
+                    (
+                        "Predict with a shadow, 32 in flight",
+                        "req/s",
+                        rs,
+                        rp,
+                        f"server CPU {cpu_shadow:.0f} us/req with the shadow",
+                    ),
+                ]
+                await reg.rollback("ctr", requester="bench")
+            await nc.close()
             await r.aclose()
+        rows.append(drift_cost(trained, cpu_predict))
     finally:
         echo.terminate()
         echo.wait()

@@ -349,6 +349,36 @@ async def cmd_agreement(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_advance(args: argparse.Namespace, settings: Settings) -> int:
+    from myelin.retraining import advance
+
+    nc, reg = await _registry(settings)
+    try:
+        stage = await advance(
+            reg, args.name, args.version, requester=args.requester, canary_share=args.share
+        )
+    finally:
+        await nc.close()
+    print(f"{args.name} v{args.version} is now the {stage} (governance allowed)")
+    return 0
+
+
+async def cmd_retrains(args: argparse.Namespace, settings: Settings) -> int:
+    from myelin.retraining import list_jobs
+
+    nc, _ = await _registry(settings)
+    try:
+        jobs = await list_jobs(nc, settings, args.name)
+    finally:
+        await nc.close()
+    for j in jobs:
+        doc = msgspec.to_builtins(j)
+        print(json.dumps(doc, sort_keys=True))
+    if not jobs:
+        print("no retrain jobs", file=sys.stderr)
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = sub.add_parser("models", help="model registry, routes, drift, quality, backtest, retrain")
     ms = m.add_subparsers(dest="models_cmd", required=True)
@@ -411,6 +441,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="EVENTS stream sequence to train up to (default: now)",
     )
     re_.add_argument("--force", action="store_true", help="train again for the same bound")
+    re_.add_argument("--requester", default="cli", help="who asks (recorded in the audit trail)")
+    adv = ms.add_parser(
+        "advance", help="ask governance for a version's next stage: shadow -> canary -> champion"
+    )
+    adv.add_argument("name")
+    adv.add_argument("version", type=int)
+    adv.add_argument("--share", type=float, default=0.1, help="the canary's share of entities")
+    adv.add_argument("--requester", required=True, help="who asks (recorded in the audit trail)")
+    jobs = ms.add_parser("retrains", help="retrain jobs (their trigger, state, version, reason)")
+    jobs.add_argument("name", nargs="?", default="")
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -422,7 +462,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "retrain":
         from myelin.retraining import retrain_command
 
-        return await retrain_command(settings, args.name, bound=args.bound, force=args.force)
+        return await retrain_command(
+            settings, args.name, bound=args.bound, force=args.force, requester=args.requester
+        )
     handlers = {
         "register": cmd_register,
         "list": cmd_list,
@@ -432,5 +474,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         "drift": cmd_drift,
         "quality": cmd_quality,
         "agreement": cmd_agreement,
+        "advance": cmd_advance,
+        "retrains": cmd_retrains,
     }
     return await handlers[cmd](args, settings)

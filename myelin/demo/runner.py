@@ -32,7 +32,7 @@ from myelin.sql_client import wait_stored
 from myelin.stack.process import free_port
 from myelin.stack.supervisor import Stack, with_ports
 from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, health_subject
-from myelin.training import clicked_impressions_sql, training_set_sql
+from myelin.training import clicked_impressions_sql, labels_spec, training_set_sql
 
 VIEW = "user_activity"
 FEATURES = [
@@ -318,7 +318,9 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
             trained = await asyncio.to_thread(train, table, FEATURES)
             report.metrics = trained.metrics
             report.onnx_vs_sklearn_max_diff = trained.max_abs_diff_vs_sklearn
-            report.model_version = await register(nc, settings, trained, view_hash, query)
+            # how its labels were built, so that a retrain (on drift) can rebuild them
+            spec = {"training_labels": labels_spec("clicked_impressions", CLICK_WINDOW_S)}
+            report.model_version = await register(nc, settings, trained, view_hash, query, spec)
             reg = ModelRegistry(nc, bus.jetstream(nc, settings))
             await reg.set_alias(MODEL, "champion", report.model_version, requester="demo")
             print(

@@ -1,7 +1,8 @@
-"""``myelin up``: engines, provisioning, the five services, readiness and an ordered stop.
+"""``myelin up``: engines, provisioning, the six services, readiness and an ordered stop.
 
 Start order: nats-server, redis-server, provisioning, then governance, warehouse, features,
-inference, ingest (intake last). Stop order is the reverse (intake first).
+inference, ingest (intake), retrainer (it only reacts to what the others produce). Stop
+order is the reverse: a retrain job in flight stops before the services it reads.
 
 With ``supervise=True`` a monitor checks every child twice a second once the stack is up:
 a child that exits is started again after a backoff (:class:`CrashPolicy`), and after too
@@ -34,7 +35,7 @@ from myelin.stack.ports import PortClaim, check_ports_free
 from myelin.stack.process import ManagedProcess, ProcessError, describe_exit, log_tail
 from myelin.subjects import health_subject
 
-SERVICES = ("governance", "warehouse", "features", "inference", "ingest")
+SERVICES = ("governance", "warehouse", "features", "inference", "ingest", "retrainer")
 ENGINES = ("nats-server", "redis-server")
 
 

@@ -18,6 +18,7 @@ from myelin import bus, online
 from myelin.decisions import GovernanceClient
 from myelin.models import ModelRegistry
 from myelin.online import OnlineReader
+from myelin.redis_wire import RedisWire
 from myelin.settings import Settings
 from services.inference.drift_watch import DriftWatch
 from services.inference.grpc_api import build_server
@@ -42,6 +43,7 @@ class InferenceApp:
         self._nc: NATS | None = None
         self._redis: aioredis.Redis | None = None
         self._probe_redis: aioredis.Redis | None = None
+        self._wire: RedisWire | None = None
         self._server: grpc.aio.Server | None = None
         self._watch: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
@@ -59,6 +61,7 @@ class InferenceApp:
         js = bus.jetstream(self._nc, s)
         self._redis = online.connect(s.redis_url)
         await self._redis.ping()
+        self._wire = RedisWire(s.redis_url)  # the online read, on the hot path
         # A client of its own, without the serving client's retries, so a probe measures
         # reachability now instead of riding out an outage.
         self._probe_redis = aioredis.Redis.from_url(
@@ -76,7 +79,7 @@ class InferenceApp:
         self.drift = DriftWatch(host, publisher, s.drift_window_s)
         self.predictor = Predictor(
             host,
-            OnlineReader(self._redis),
+            OnlineReader(self._redis, self._wire),
             self.recorder,
             s.ledger_tensor_cap_bytes,
             shadows=self.shadows,
@@ -140,6 +143,9 @@ class InferenceApp:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+        if self._wire is not None:
+            await self._wire.close()
+            self._wire = None
         if self._probe_redis is not None:
             await self._probe_redis.aclose()
             self._probe_redis = None

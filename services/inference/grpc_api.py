@@ -23,7 +23,8 @@ from myelin.models import ModelNotFound, RegistryError
 from myelin.online import UnknownView
 from services.inference.logic import TensorError, decode_input, encode_output
 from services.inference.model_host import ModelDenied
-from services.inference.predictor import FeaturesUnavailable, NotFeatureAware, Predictor
+from services.inference.predict_batch import FeaturesUnavailable
+from services.inference.predictor import NotFeatureAware, Predictor
 from services.inference.readiness import Readiness
 
 log = logging.getLogger(__name__)

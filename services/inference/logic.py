@@ -149,8 +149,11 @@ def encode_output(
 def feature_matrix(rows: Sequence[Sequence[float]], width: int) -> npt.NDArray[np.float32]:
     """Entity feature rows -> float32 [n, width]; missing values (NaN) become 0, the same
     imputation the training set uses (an ASOF miss reads as 0)."""
-    m = np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
-    return np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+    m = np.array(rows, dtype=np.float32).reshape(len(rows), width)
+    bad = ~np.isfinite(m)  # (np.nan_to_num costs ~10x more on the small matrices served)
+    if bad.any():
+        m[bad] = 0.0
+    return m
 
 
 def probabilities(specs: Sequence[TensorSpec], outputs: Sequence[Any]) -> npt.NDArray[np.float64]:

@@ -12,16 +12,15 @@ import numpy.typing as npt
 
 from myelin import telemetry
 from myelin.errors import MyelinError
-from myelin.online import EntityVector, OnlineReader, UnknownView
+from myelin.online import EntityVector, OnlineReader
 from myelin.records import InferenceRecord, Prediction
 from services.inference.ledger import tensor_record
 from services.inference.logic import (
     TensorError,
-    feature_matrix,
     positive_scores,
-    probabilities,
 )
 from services.inference.model_host import LoadedModel, ModelHost
+from services.inference.predict_batch import PredictBatcher
 from services.inference.recorder import Recorder
 from services.inference.shadow import ShadowScorer
 
@@ -30,19 +29,6 @@ MAX_ENTITIES = 10_000
 
 class NotFeatureAware(MyelinError):
     code = "not_feature_aware"
-
-
-class FeaturesUnavailable(MyelinError):
-    code = "features_unavailable"
-
-
-def pinned_version(view: str, refs: list[str]) -> str:
-    """The hash ``view@hash`` in a model's provenance pins for ``view`` ('' if none)."""
-    for ref in refs:
-        name, _, version = ref.partition("@")
-        if name == view and version:
-            return version
-    return ""
 
 
 @dataclass(frozen=True)
@@ -72,6 +58,7 @@ class Predictor:
         self.recorder = recorder
         self.tensor_cap_bytes = tensor_cap_bytes
         self.shadows = shadows
+        self._batcher = PredictBatcher(reader)
         self.predictions = 0
         self.requests = 0
 
@@ -90,15 +77,9 @@ class Predictor:
             raise NotFeatureAware(
                 f"model {name} v{model.version} has no feature view in its provenance; use ModelInfer"
             )
-        t_read = time.perf_counter()
-        vectors = await self._read(name, model, entity_ids)
-        t_score = time.perf_counter()
-        x = feature_matrix([v.values for v in vectors], len(prov.features))
-        outputs = model.ort.run_one(x)
-        scores = positive_scores(probabilities(model.ort.outputs, outputs))
+        part = await self._batcher.score(model, entity_ids)
+        vectors, scores = part.vectors, part.scores
         t_end = time.perf_counter()
-        if model.drift is not None:
-            model.drift.observe(x.tolist(), scores)
         rid = request_id or uuid.uuid4().hex
         trace_id = telemetry.trace_id_hex()
         latency_us = int((t_end - t0) * 1e6)
@@ -112,8 +93,8 @@ class Predictor:
             latency_us=latency_us,
             trace_id=trace_id,
             route=routed.route,
-            read_us=int((t_score - t_read) * 1e6),
-            score_us=int((t_end - t_score) * 1e6),
+            read_us=part.read_us,
+            score_us=part.score_us,
             predictions=[
                 Prediction(
                     v.entity_id,
@@ -131,30 +112,12 @@ class Predictor:
         if routed.shadow is not None and self.shadows is not None:
             shadow = routed.shadow
             if list(shadow.mv.provenance.features) == list(prov.features):
-                self.shadows.submit(shadow, x, record)
+                self.shadows.submit(shadow, part.x, record)
             else:
                 self.shadows.mismatched += 1
         self.requests += 1
         self.predictions += len(entity_ids)
         return PredictResult(model, alias, rid, vectors, scores, list(prov.features), trace_id)
-
-    async def _read(
-        self, name: str, model: LoadedModel, entity_ids: list[str]
-    ) -> list[EntityVector]:
-        """Features from the view version the model was trained on (its provenance pins
-        ``view@hash``): a newer served version of the view never skews an older model."""
-        prov = model.mv.provenance
-        pinned = pinned_version(prov.feature_view, prov.feature_views)
-        try:
-            return await self.reader.read(
-                prov.feature_view, entity_ids, list(prov.features), version=pinned or None
-            )
-        except UnknownView as exc:
-            raise FeaturesUnavailable(
-                f"model {name} v{model.version} reads {prov.feature_view}"
-                + (f"@{pinned}" if pinned else "")
-                + f", which the online store does not have: {exc}"
-            ) from None
 
     async def infer(
         self,

@@ -33,11 +33,18 @@ RECENT_IDS = 100_000  # request ids remembered for the once-per-request rule
 
 
 class Recorder:
-    def __init__(self, publisher: Publisher, max_queued: int = 20_000, batch: int = 256) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        max_queued: int = 20_000,
+        batch: int = 256,
+        linger_s: float = 0.005,
+    ) -> None:
         self._pub = publisher
         self._q: asyncio.Queue[InferenceRecord] = asyncio.Queue(max_queued)
         self._max = max_queued
         self._batch = batch
+        self._linger_s = linger_s  # records gather this long into one message under load
         self._task: asyncio.Task[None] | None = None
         self._recent: dict[tuple[str, str, str], None] = {}
         self.published = 0
@@ -77,6 +84,8 @@ class Recorder:
     async def _run(self) -> None:
         while True:
             first = await self._q.get()
+            if self._q.qsize() < self._batch and self._linger_s:
+                await asyncio.sleep(self._linger_s)
             recs = [first]
             while len(recs) < self._batch and not self._q.empty():
                 recs.append(self._q.get_nowait())

@@ -44,7 +44,7 @@ def scrape(port: int) -> str:
 def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
     ports = {settings.nats_port, settings.redis_port}
     ports |= {settings.ingest_http_port, settings.inference_grpc_port}
-    metrics_base = free_port_run(5, ports)  # one Prometheus port per service
+    metrics_base = free_port_run(6, ports)  # one Prometheus port per service
     env = {**os.environ, **settings.to_env(), "MYELIN_METRICS_PORT": str(metrics_base)}
     for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
         env.pop(k, None)
@@ -74,7 +74,7 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
             sum("nats-server" in n for n in names) == 1
             and sum("redis-server" in n for n in names) == 1
         )
-        assert len(children) >= 7  # two engines + five services
+        assert len(children) >= 8  # two engines + six services
         listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
         assert settings.ingest_http_port in listening and settings.inference_grpc_port in listening
         for c in psutil.net_connections("tcp"):
@@ -87,7 +87,8 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
                 assert c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), (
                     c
                 )  # loopback by default
-        # governance, warehouse, features, inference, ingest get consecutive Prometheus ports
+        # governance, warehouse, features, inference, ingest, retrainer get consecutive
+        # Prometheus ports
         ingest_metrics = scrape(metrics_base + 4)
         assert "myelin_ingest_accepted_total" in ingest_metrics
         assert "myelin_ingest_in_flight" in ingest_metrics

@@ -368,6 +368,29 @@ async def test_training_set_matches_the_oracle(warehouse: Warehouse, view: Featu
             want = pit_oracle.point_in_time(want_rows, labels, oracle_view)
             diffs = _compare(got, want, oracle_view)
             assert not diffs, f"{labels_sql}: {len(diffs)} differences, first {diffs[:10]}"
+
+        # Bounded by a stream sequence (a retrain's training set): what the platform knew
+        # once that message was applied, though the whole stream is stored. Labels count
+        # only clicks up to the bound, and only impressions whose click window had closed
+        # by the bound's newest event time.
+        bound = messages[len(messages) // 2][0]
+        prefix = events[events["seq"] < (bound + 1) * SEQ_STRIDE]
+        known = pit_oracle.clicked_impressions(prefix, oracle_view, 60)
+        known = known[known["ts"] + 60_000 <= prefix["event_time"].max()]
+        assert 0 < len(known) < len(clicked) and known["label"].sum() >= 10
+        sql = training_set_sql(
+            view.name,
+            names,
+            clicked_impressions_sql(60, max_seq=bound),
+            version=view.content_hash,
+            max_seq=bound,
+        )
+        got = warehouse.query_arrow(sql)
+        want = pit_oracle.point_in_time(
+            want_rows[want_rows["seq"] < (bound + 1) * SEQ_STRIDE], known, oracle_view
+        )
+        diffs = _compare(got, want, oracle_view)
+        assert not diffs, f"bounded at {bound}: {len(diffs)} differences, first {diffs[:10]}"
     finally:
         warehouse.command(f"DROP TABLE IF EXISTS {LABELS}")
 

@@ -4,7 +4,7 @@ import pytest
 
 from services.features.versions import VersionError, VersionState, parse_ref, promotion_input
 from services.features.views import USER_ACTIVITY, InvalidView, view_doc, view_from_doc
-from services.inference.predictor import pinned_version
+from services.inference.predict_batch import pinned_version
 
 
 def test_a_definition_round_trips_to_the_same_version() -> None:
