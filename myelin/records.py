@@ -50,6 +50,39 @@ class InferenceRecord(msgspec.Struct, frozen=True, kw_only=True):
     score_us: int = 0  # running the model
     inputs: list[TensorRecord] = []  # OIP: the input tensors as served
     outputs: list[TensorRecord] = []  # OIP: the output tensors returned
+    # Predict with a shadow: the shadow version's score of each row, on the same features
+    # (the warehouse stores them as rows of route "shadow": see with_shadow_rows)
+    shadow_version: str = ""
+    shadow_scores: list[float] = []
+    shadow_us: int = 0  # the shadow's scoring time (its share of the batch it ran in)
+
+
+def with_shadow_rows(records: list[InferenceRecord]) -> list[InferenceRecord]:
+    """The ledger as stored: each record, and after one with shadow scores the shadow's own
+    record (route ``shadow``, the same request id, features, ages and trace)."""
+    out: list[InferenceRecord] = []
+    for r in records:
+        out.append(r)
+        if r.shadow_version and len(r.shadow_scores) == len(r.predictions):
+            out.append(
+                msgspec.structs.replace(
+                    r,
+                    model_version=r.shadow_version,
+                    alias="shadow",
+                    route="shadow",
+                    read_us=0,
+                    score_us=r.shadow_us,
+                    latency_us=r.shadow_us,
+                    predictions=[
+                        msgspec.structs.replace(p, score=s)
+                        for p, s in zip(r.predictions, r.shadow_scores, strict=True)
+                    ],
+                    shadow_version="",
+                    shadow_scores=[],
+                    shadow_us=0,
+                )
+            )
+    return out
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):

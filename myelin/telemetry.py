@@ -11,6 +11,7 @@ when that port is set, as ``myelin_<service>_<name>`` (counters end in ``_total`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -51,7 +52,9 @@ def shutdown_tracing() -> None:
         _provider.shutdown()
 
 
+@functools.cache
 def tracer(name: str) -> trace.Tracer:
+    """A tracer per name, made once (a proxy until tracing is set up, then the real one)."""
     return trace.get_tracer(name)
 
 

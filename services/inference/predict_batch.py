@@ -1,8 +1,9 @@
 """Adaptive micro-batching of Predict: while a batch for a model version is being read and
-scored, the requests for it that arrive wait and then go together, in one online read (one
-Redis round trip) and one onnxruntime run. Python's per-call costs are then paid per batch
-rather than per request, and batches grow with the load: a lone request starts at once
-and is scored alone.
+scored (or, when the server is busy, for up to 2 ms before it starts), the requests for
+it that arrive wait and then go together, in one online read (one Redis round trip) and
+one onnxruntime run. Python's per-call costs are then paid per batch rather than per
+request, and batches grow with the load: a lone request starts at once and is scored
+alone.
 
 Each request gets its own rows back; the read and score times are those of the batch it
 was part of. A failure of the shared read (an unknown view, Redis down) fails every
@@ -27,7 +28,11 @@ from services.inference.logic import feature_matrix, positive_scores, probabilit
 if TYPE_CHECKING:
     from services.inference.model_host import LoadedModel
 
-MAX_BATCH_ROWS = 2048  # past this, requests of one iteration are scored in several batches
+MAX_BATCH_ROWS = 2048  # past this, waiting requests are scored in several batches
+# A request that arrives while another is being served (the server is busy: gRPC hands
+# requests over one at a time, so under load they queue in gRPC, not here) starts a batch
+# that waits LINGER_S for company; a request alone starts at once, latency untouched.
+LINGER_S = 0.002
 
 
 class FeaturesUnavailable(MyelinError):
@@ -64,16 +69,23 @@ class PredictBatcher:
     def __init__(self, reader: OnlineReader) -> None:
         self._reader = reader
         self._waiting: dict[int, list[_Ask]] = {}  # per model: requests for the next batch
-        self._busy: set[int] = set()  # models with a batch in flight
+        self._busy: set[int] = set()  # models with a batch in flight (or lingering)
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
 
-    def score(self, model: LoadedModel, entity_ids: list[str]) -> asyncio.Future[Scored]:
+    def score(
+        self, model: LoadedModel, entity_ids: list[str], crowded: bool = False
+    ) -> asyncio.Future[Scored]:
+        """``crowded``: other requests are in progress (the batch may wait for company)."""
         future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
         key = id(model)
         self._waiting.setdefault(key, []).append(_Ask(entity_ids, future))
         if key not in self._busy:
-            self._next(model)
+            if crowded:
+                self._busy.add(key)
+                asyncio.get_running_loop().call_later(LINGER_S, self._next, model)
+            else:
+                self._next(model)
         return future
 
     def _next(self, model: LoadedModel) -> None:

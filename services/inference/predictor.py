@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from services.inference.recorder import Recorder
 from services.inference.shadow import ShadowScorer
 
 MAX_ENTITIES = 10_000
+# A request arriving sooner than this after the previous one finished was queued behind it
+# (a client that waited for its answer needs longer than that to send the next request).
+BUSY_GAP_S = 0.0003
 
 
 class NotFeatureAware(MyelinError):
@@ -59,13 +63,40 @@ class Predictor:
         self.tensor_cap_bytes = tensor_cap_bytes
         self.shadows = shadows
         self._batcher = PredictBatcher(reader)
+        # ids for requests that bring none: unique per process (a random prefix), cheap
+        self._id_prefix = uuid.uuid4().hex[:20]
+        self._ids = itertools.count(1)
         self.predictions = 0
         self.requests = 0
+        self._active = 0  # Predict calls in progress
+        self._finished = 0.0  # when the last one finished
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):012x}"
 
     async def predict(
         self, name: str, ref: str, entity_ids: list[str], request_id: str
     ) -> PredictResult:
         t0 = time.perf_counter()
+        # busy: another request is in progress, or this one came right behind the last
+        # (queued in gRPC): a client waiting for its answer takes longer than BUSY_GAP_S
+        crowded = self._active > 0 or t0 - self._finished < BUSY_GAP_S
+        self._active += 1
+        try:
+            return await self._predict(name, ref, entity_ids, request_id, t0, crowded)
+        finally:
+            self._active -= 1
+            self._finished = time.perf_counter()
+
+    async def _predict(
+        self,
+        name: str,
+        ref: str,
+        entity_ids: list[str],
+        request_id: str,
+        t0: float,
+        crowded: bool,
+    ) -> PredictResult:
         if not entity_ids:
             raise TensorError("entity_ids is empty")
         if len(entity_ids) > MAX_ENTITIES:
@@ -77,10 +108,10 @@ class Predictor:
             raise NotFeatureAware(
                 f"model {name} v{model.version} has no feature view in its provenance; use ModelInfer"
             )
-        part = await self._batcher.score(model, entity_ids)
+        part = await self._batcher.score(model, entity_ids, crowded=crowded)
         vectors, scores = part.vectors, part.scores
         t_end = time.perf_counter()
-        rid = request_id or uuid.uuid4().hex
+        rid = request_id or self._new_id()
         trace_id = telemetry.trace_id_hex()
         latency_us = int((t_end - t0) * 1e6)
         record = InferenceRecord(
@@ -108,13 +139,17 @@ class Predictor:
             ],
             rows=len(entity_ids),
         )
-        self.recorder.record(record)
-        if routed.shadow is not None and self.shadows is not None:
-            shadow = routed.shadow
-            if list(shadow.mv.provenance.features) == list(prov.features):
-                self.shadows.submit(shadow, part.x, record)
-            else:
+        shadow = routed.shadow
+        if (
+            shadow is not None
+            and self.shadows is not None
+            and list(shadow.mv.provenance.features) == list(prov.features)
+        ):
+            self.shadows.submit(shadow, part.x, record)  # records it, with the shadow's scores
+        else:
+            if shadow is not None and self.shadows is not None:
                 self.shadows.mismatched += 1
+            self.recorder.record(record)
         self.requests += 1
         self.predictions += len(entity_ids)
         return PredictResult(model, alias, rid, vectors, scores, list(prov.features), trace_id)
@@ -152,7 +187,7 @@ class Predictor:
         cap = self.tensor_cap_bytes
         self.recorder.record(
             InferenceRecord(
-                request_id=request_id or uuid.uuid4().hex,
+                request_id=request_id or self._new_id(),
                 ts_ms=int(time.time() * 1000),
                 api="oip",
                 model=name,

@@ -1,12 +1,13 @@
 """Shadow scoring, off the hot path: a version scored on exactly the features the champion
-was served, recorded with route ``shadow``, never seen by the client.
+was served, recorded with the champion's record (the ledger stores it as rows of route
+``shadow``), never seen by the client.
 
 Requests hand their feature matrix and ledger record to a bounded queue and return; one
-task drains the queue, scores everything queued for a version in one onnxruntime call in
-a worker thread (onnxruntime releases the GIL, so it runs beside the event loop), counts
-drift for the shadow version and records each request. When the queue is full the shadow
-score of that request is dropped and counted (``shadow_dropped``): the champion's answer
-never waits on its shadow.
+task drains the queue every 10 ms, scores everything queued for a version in one
+onnxruntime call in a worker thread (onnxruntime releases the GIL, so it runs beside the event loop), counts
+drift for the shadow version and records each request with its shadow scores. When the
+queue is full the shadow score of that request is dropped and counted (``shadow_dropped``)
+and the request is recorded without it: the champion's answer never waits on its shadow.
 """
 
 from __future__ import annotations
@@ -40,8 +41,17 @@ class _Job:
 
 
 class ShadowScorer:
-    def __init__(self, recorder: Recorder, max_queued: int = 10_000, batch: int = 512) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        max_queued: int = 10_000,
+        batch: int = 512,
+        linger_s: float = 0.01,
+    ) -> None:
+        """``linger_s``: how long the first queued score waits for others, so that shadow
+        work is done in few, large onnxruntime calls."""
         self._recorder = recorder
+        self._linger_s = linger_s
         self._q: asyncio.Queue[_Job] = asyncio.Queue(max_queued)
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
@@ -53,10 +63,12 @@ class ShadowScorer:
     def submit(
         self, model: LoadedModel, x: npt.NDArray[np.float32], served: InferenceRecord
     ) -> None:
-        """Queue a shadow score; never waits, never raises."""
+        """Queue a shadow score of ``served``'s rows, then its recording (with the shadow's
+        scores); never waits, never raises."""
         try:
             self._q.put_nowait(_Job(model, x, served))
         except asyncio.QueueFull:
+            self._recorder.record(served)
             self.dropped += 1
             if self.dropped == 1 or not self.dropped % 1000:
                 log.warning("shadow queue full: %d shadow scores dropped so far", self.dropped)
@@ -67,6 +79,8 @@ class ShadowScorer:
     async def _run(self) -> None:
         while True:
             jobs = [await self._q.get()]
+            if self._linger_s and self._q.qsize() < self._batch:
+                await asyncio.sleep(self._linger_s)
             while len(jobs) < self._batch and not self._q.empty():
                 jobs.append(self._q.get_nowait())
             by_model: dict[int, list[_Job]] = {}
@@ -78,6 +92,8 @@ class ShadowScorer:
                 except Exception:
                     self.failed += len(group)
                     log.exception("shadow scoring of %s failed", group[0].model.mv.name)
+                    for job in group:  # the served answers are recorded all the same
+                        self._recorder.record(job.served)
             for _ in jobs:
                 self._q.task_done()
 
@@ -93,23 +109,15 @@ class ShadowScorer:
         at = 0
         for job in jobs:
             n = len(job.served.predictions)
-            mine = scores[at : at + n]
-            at += n
             self._recorder.record(
                 msgspec.structs.replace(
                     job.served,
-                    model_version=model.version,
-                    alias="shadow",
-                    route="shadow",
-                    read_us=0,
-                    score_us=score_us,
-                    latency_us=score_us,
-                    predictions=[
-                        msgspec.structs.replace(p, score=s)
-                        for p, s in zip(job.served.predictions, mine, strict=True)
-                    ],
+                    shadow_version=model.version,
+                    shadow_scores=scores[at : at + n],
+                    shadow_us=score_us,
                 )
             )
+            at += n
         self.scored += len(jobs)
 
     @property

@@ -22,6 +22,7 @@ from myelin.records import (
     FeatureRow,
     FeatureRows,
     InferenceRecord,
+    with_shadow_rows,
 )
 from myelin.warehouse import DATABASE, Warehouse, keep_rank
 
@@ -116,6 +117,8 @@ def feature_values_table(batches: list[FeatureRows]) -> pa.Table:
 
 
 def inferences_table(records: list[InferenceRecord]) -> pa.Table:
+    """Ledger rows: one per prediction (OIP: per request), the shadow's beside them."""
+    records = with_shadow_rows(records)
     cols: dict[str, list[Any]] = {
         k: []
         for k in (

@@ -21,7 +21,7 @@ from myelin.drift import DriftPolicy, Reference, build_reference, compare_all
 from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
 from myelin.models import ModelRegistry, PromotionDenied, RegistryError, Routes
-from myelin.records import AuditRecord, DriftDetected, InferenceRecord
+from myelin.records import AuditRecord, DriftDetected, InferenceRecord, with_shadow_rows
 from myelin.settings import Settings
 from myelin.subjects import AUDIT_STREAM, DRIFT_STREAM, INFERENCES_STREAM
 from services.inference.app import InferenceApp
@@ -56,7 +56,7 @@ async def _ledger(nc: NATS, settings: Settings, n: int) -> list[InferenceRecord]
     while len(recs) < n and time.monotonic() < deadline:
         data = await _records(nc, settings, "myelin.inferences.>", INFERENCES_STREAM, 1)
         recs = [r for d in data for r in msgspec.msgpack.decode(d, type=list[InferenceRecord])]
-    return recs
+    return with_shadow_rows(recs)  # as the ledger stores them
 
 
 async def _predict(settings: Settings, users: list[str], prefix: str) -> list[mp.PredictResponse]:

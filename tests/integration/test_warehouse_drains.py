@@ -171,15 +171,30 @@ def test_the_ledger_keeps_one_row_per_request_and_entity(warehouse: Warehouse) -
         "SELECT request_id, route, read_us, score_us FROM myelin.inferences FINAL"
     ).to_pylist()
     assert rows == [{"request_id": "r1", "route": "champion", "read_us": 300, "score_us": 200}]
-    # the shadow's score of the same request is kept beside the champion's
-    shadow = msgspec.structs.replace(_inference("r1", t + 10), route="shadow", model_version="2")
-    warehouse.insert_arrow("myelin.inferences", inferences_table([shadow]))
+    # a shadow's scores of a request become rows beside the champion's
+    shadowed = msgspec.structs.replace(
+        _inference("r2", t), shadow_version="2", shadow_scores=[0.25], shadow_us=40
+    )
+    warehouse.insert_arrow("myelin.inferences", inferences_table([shadowed]))
     rows = warehouse.query_arrow(
-        "SELECT route, model_version FROM myelin.inferences FINAL ORDER BY route"
+        "SELECT route, model_version, score, features, score_us FROM myelin.inferences FINAL "
+        "WHERE request_id = 'r2' ORDER BY route"
     ).to_pylist()
     assert rows == [
-        {"route": "champion", "model_version": "1"},
-        {"route": "shadow", "model_version": "2"},
+        {
+            "route": "champion",
+            "model_version": "1",
+            "score": 0.5,
+            "features": [("f", 1.0)],
+            "score_us": 200,
+        },
+        {
+            "route": "shadow",
+            "model_version": "2",
+            "score": 0.25,
+            "features": [("f", 1.0)],
+            "score_us": 40,
+        },
     ]
 
 
