@@ -114,6 +114,8 @@ MONOTONIC = frozenset(
         "denials",
         "swaps",
         "shadow_scored",
+        "predict_batches",
+        "predict_batches_lingered",
         "shadow_dropped",
         "shadow_failed",
         "drift_windows",

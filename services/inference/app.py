@@ -165,6 +165,8 @@ class InferenceApp:
             "record_queue": self.recorder.queued if self.recorder else 0,
             "records_dropped": self.recorder.dropped if self.recorder else 0,
             "records_deduplicated": self.recorder.deduplicated if self.recorder else 0,
+            "predict_batches": p.batcher.batches if p else 0,
+            "predict_batches_lingered": p.batcher.lingered if p else 0,
             "shadow_scored": self.shadows.scored if self.shadows else 0,
             "shadow_dropped": self.shadows.dropped if self.shadows else 0,
             "shadow_failed": self.shadows.failed if self.shadows else 0,

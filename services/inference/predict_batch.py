@@ -72,6 +72,7 @@ class PredictBatcher:
         self._busy: set[int] = set()  # models with a batch in flight (or lingering)
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
+        self.lingered = 0  # batches that waited for company (the server was busy)
 
     def score(
         self, model: LoadedModel, entity_ids: list[str], crowded: bool = False
@@ -82,6 +83,7 @@ class PredictBatcher:
         self._waiting.setdefault(key, []).append(_Ask(entity_ids, future))
         if key not in self._busy:
             if crowded:
+                self.lingered += 1
                 self._busy.add(key)
                 asyncio.get_running_loop().call_later(LINGER_S, self._next, model)
             else:

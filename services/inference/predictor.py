@@ -62,7 +62,7 @@ class Predictor:
         self.recorder = recorder
         self.tensor_cap_bytes = tensor_cap_bytes
         self.shadows = shadows
-        self._batcher = PredictBatcher(reader)
+        self.batcher = PredictBatcher(reader)
         # ids for requests that bring none: unique per process (a random prefix), cheap
         self._id_prefix = uuid.uuid4().hex[:20]
         self._ids = itertools.count(1)
@@ -108,7 +108,7 @@ class Predictor:
             raise NotFeatureAware(
                 f"model {name} v{model.version} has no feature view in its provenance; use ModelInfer"
             )
-        part = await self._batcher.score(model, entity_ids, crowded=crowded)
+        part = await self.batcher.score(model, entity_ids, crowded=crowded)
         vectors, scores = part.vectors, part.scores
         t_end = time.perf_counter()
         rid = request_id or self._new_id()
