@@ -10,12 +10,26 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from myelin import bus
+from myelin.consume import PoisonMessages
 from myelin.contracts import StreamEvent
-from myelin.records import FeatureRow, FeatureRows, InferenceRecord, Prediction
+from myelin.records import (
+    ColumnDrift,
+    DriftDetected,
+    FeatureRow,
+    FeatureRows,
+    InferenceRecord,
+    Prediction,
+)
 from myelin.settings import Settings
-from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, LATE_STREAM
+from myelin.subjects import DRIFT_STREAM, EVENTS_STREAM, FEATURES_STREAM, LATE_STREAM
 from myelin.warehouse import DDL, Warehouse, keep_rank, migrate
-from services.warehouse.drains import SEQS_HEADER, events_drain, features_drain, late_drain
+from services.warehouse.drains import (
+    SEQS_HEADER,
+    drift_drain,
+    events_drain,
+    features_drain,
+    late_drain,
+)
 from services.warehouse.sink import WarehouseSink, events_table, inferences_table
 
 pytestmark = pytest.mark.integration
@@ -247,3 +261,52 @@ def test_a_ledger_keyed_without_the_route_is_migrated(warehouse: Warehouse) -> N
         warehouse.command("DROP TABLE IF EXISTS myelin.inferences_v2")
         warehouse.command("DROP TABLE IF EXISTS myelin.inferences")
         warehouse.command(create)
+
+
+async def test_drift_records_are_stored_per_column_and_garbage_is_named(
+    nc: NATS, settings: Settings, warehouse: Warehouse
+) -> None:
+    js = bus.jetstream(nc, settings)
+    t = int(time.time() * 1000)
+    cols = [
+        ColumnDrift(feature=f, samples=600, psi=p, js=0.05, wasserstein=0.02, ks=0.04, breached=b)
+        for f, p, b in (("clicks_1h", 0.31, ["psi"]), ("__score__", 0.01, []))
+    ]
+    record = DriftDetected(
+        drift_id=f"ctr:v1:{t}",
+        ts_ms=t + 60_000,
+        model="ctr",
+        model_version="1",
+        window_start_ms=t,
+        window_end_ms=t + 60_000,
+        samples=600,
+        drifted=["clicks_1h"],
+        columns=cols,
+        thresholds={"min_samples": 500.0, "psi": 0.2},
+    )
+    await js.publish("myelin.drift.ctr", _mp.encode(record))
+    await js.publish("myelin.drift.ctr", b"\xc1 not msgpack")
+    msgs = await fetch_all(nc, settings, DRIFT_STREAM, "myelin.drift.>")
+    sink = WarehouseSink(warehouse)
+    try:
+        with pytest.raises(PoisonMessages) as bad:
+            await drift_drain(sink)(msgs)  # type: ignore[arg-type]
+        assert bad.value.msgs == [msgs[1]]  # the loop dead-letters it, retries the rest
+        for _ in range(2):  # the rest, and a redelivery of it: stored once
+            await drift_drain(sink)(msgs[:1])  # type: ignore[arg-type]
+    finally:
+        sink._pool.shutdown(wait=True)
+    rows = warehouse.query_arrow(
+        "SELECT feature, samples, psi, breached, thresholds['psi'] AS psi_threshold "
+        "FROM myelin.drift_events FINAL ORDER BY feature"
+    ).to_pylist()
+    assert rows == [
+        {"feature": "__score__", "samples": 600, "psi": 0.01, "breached": [], "psi_threshold": 0.2},
+        {
+            "feature": "clicks_1h",
+            "samples": 600,
+            "psi": 0.31,
+            "breached": ["psi"],
+            "psi_threshold": 0.2,
+        },
+    ]
