@@ -75,6 +75,7 @@ async def _demo(settings: Settings, events: int) -> int:
         report.accepted >= events
         and report.predictions > 0
         and report.inference_rows >= report.predictions
+        and not report.loop.stopped  # the ML loop got to the end
     )
     return 0 if ok else 1
 

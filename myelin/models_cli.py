@@ -225,7 +225,7 @@ async def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
     from myelin.models import check_name
-    from myelin.sql_client import query_rows
+    from myelin.sql_client import query
     from myelin.subjects import health_subject
 
     check_name(args.name)
@@ -245,15 +245,18 @@ async def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
         pending = {
             k: v for k, v in health.get("drift_pending_rows", {}).items() if k.startswith(prefix)
         }
-        rows = await query_rows(
-            nc,
-            f"""SELECT drift_id, window_end, model_version, samples, feature, psi, js,
+        # Arrow, not JSON rows: the times come back as datetimes (JSON gives strings)
+        rows = (
+            await query(
+                nc,
+                f"""SELECT drift_id, window_end, model_version, samples, feature, psi, js,
                        wasserstein, ks, breached
                 FROM myelin.drift_events FINAL
                 WHERE model = '{args.name}' AND length(breached) > 0
                   AND window_end >= now64(3) - INTERVAL {int(args.hours)} HOUR
                 ORDER BY window_end, model_version, feature""",
-        )
+            )
+        ).to_pylist()
     finally:
         await nc.close()
     print(f"latest judged window (rows not judged yet: {pending or 'none'}):")
@@ -323,7 +326,7 @@ async def cmd_quality(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_agreement(args: argparse.Namespace, settings: Settings) -> int:
     from myelin.quality import agreement_sql
-    from myelin.sql_client import query_rows
+    from myelin.sql_client import query
 
     try:
         sql = agreement_sql(args.name, threshold=args.threshold, hours=args.hours)
@@ -331,7 +334,7 @@ async def cmd_agreement(args: argparse.Namespace, settings: Settings) -> int:
         raise MyelinError(str(exc)) from None
     nc, _ = await _registry(settings)
     try:
-        rows = await query_rows(nc, sql)
+        rows = (await query(nc, sql)).to_pylist()  # datetimes, as the format below wants
     finally:
         await nc.close()
     print(

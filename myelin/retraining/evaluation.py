@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from myelin.drift import Reference, build_reference
+from myelin.drift import DriftPolicy, Reference, build_reference
 from myelin.retraining.errors import TooFewRows
 from myelin.trainers import Split, matrix
 
@@ -57,9 +57,12 @@ def evaluate(
     challenger: bytes,
     champion: bytes,
     champion_features: list[str],
+    policy: DriftPolicy | None = None,
 ) -> Evaluation:
     """The challenger and the champion on the same holdout rows; the challenger's drift
-    reference from its training rows and its scores on them."""
+    reference from its training rows and its scores on them, judged by ``policy`` (the
+    champion's: when a window counts as drifted is the model's setting, not the
+    version's; the default policy when None)."""
     holdout = split.holdout(table)
     x, y = matrix(holdout, features)
     if len(np.unique(y)) < 2:
@@ -71,7 +74,7 @@ def evaluate(
     xc, _ = matrix(holdout, champion_features)
     champion_auc, champion_logloss = holdout_metrics(y, score_onnx(champion, xc))
     x_train, y_train = matrix(split.train(table), features)
-    reference = build_reference(features, x_train, score_onnx(challenger, x_train))
+    reference = build_reference(features, x_train, score_onnx(challenger, x_train), policy=policy)
     y_all = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     return Evaluation(
         metrics={

@@ -322,7 +322,14 @@ class Retrainer:
             ) from exc
         champion_onnx = await self._registry.artifact(parent)
         ev = await asyncio.to_thread(
-            evaluate, table, features, split, fitted.onnx, champion_onnx, list(prov.features)
+            evaluate,
+            table,
+            features,
+            split,
+            fitted.onnx,
+            champion_onnx,
+            list(prov.features),
+            parent.reference.policy if parent.reference is not None else None,
         )
         m = ev.metrics
         self._say(

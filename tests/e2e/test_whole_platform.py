@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from myelin import bus
-from myelin.demo.runner import DemoReport, run_demo
+from myelin.demo.runner import DemoReport, format_report, run_demo
+from myelin.drift import METRICS
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
 from tests.helpers import (
@@ -32,12 +33,15 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+DEMO_EVENTS = 12_000  # the champion trains on the first half: ~2,900 rows
+
+
 async def test_demo_end_to_end(settings: Settings) -> None:
     out = io.StringIO()
     before = _children()
-    report: DemoReport = await run_demo(settings, 8000, out)
+    report: DemoReport = await run_demo(settings, DEMO_EVENTS, out)
     assert _children() == before, "the demo left processes behind"
-    assert report.accepted == 8000
+    assert report.accepted == DEMO_EVENTS
     assert report.duplicates >= 2000  # the re-sent first batch
     assert report.rejected == 8 and report.dlq_rows == 8
     assert set(report.rejected_by_reason) == {
@@ -47,11 +51,13 @@ async def test_demo_end_to_end(settings: Settings) -> None:
         "clock_skew",
         "invalid_envelope",
     }
-    assert report.events_in_clickhouse == 8000
-    # batches sent concurrently can arrive hours apart in a small run: late events are counted
-    assert report.feature_rows + report.late == 8000
+    # the stream, then the sale's live traffic
+    assert report.live_accepted > 0 and report.loop.live_rejected == 0
+    assert report.events_in_clickhouse == DEMO_EVENTS + report.live_accepted
+    # every event is a feature row or counted late
+    assert report.feature_rows + report.late == DEMO_EVENTS + report.live_accepted
     assert report.training_rows > 1000
-    assert report.metrics["auc"] > 0.55
+    assert report.metrics["auc"] >= 0.6  # governance's floor for a champion
     assert report.onnx_vs_sklearn_max_diff < 1e-5
     assert report.oip_max_abs_diff == 0.0
     assert "FAILED_PRECONDITION" in report.denied_status and "serving floor" in report.denied_status
@@ -62,11 +68,67 @@ async def test_demo_end_to_end(settings: Settings) -> None:
         report.audit_rows.get("promote:allow", 0) >= 1
         and report.audit_rows.get("promote:deny", 0) >= 2
         and report.audit_rows.get("serve:deny", 0) >= 1
+        and report.audit_rows.get("retrain_start:allow", 0) == 1
+        and report.audit_rows.get("retrain_finish:allow", 0) == 1
     )
     assert report.trace_chain and len(report.trace_chain["trace_id"]) == 32
     assert report.analyst_rows and sum(int(r["impressions"]) for r in report.analyst_rows) > 0
     assert "features catch up" in out.getvalue()  # progress was shown
+    _assert_the_loop(report)
     _assert_no_raw_pii(settings, out.getvalue())
+
+
+def _assert_the_loop(report: DemoReport) -> None:
+    """Drift, retrain, shadow, backtest and governance, as measured and as printed."""
+    lp, champion = report.loop, report.model_version
+    text = format_report(report)
+    # normal traffic scored as it is shown: judged, no drift
+    assert lp.replay_rows >= 500 and lp.before_rows_judged >= 500
+    assert lp.before_breaches == 0 and "no drift" in text
+    assert set(lp.before_largest) == set(METRICS)
+    # the sale: drift of the champion, naming the columns and the metrics that breached
+    assert lp.drift_version == champion and lp.drift_samples >= lp.thresholds["min_samples"]
+    assert lp.drift_id.startswith(f"ctr:v{champion}:")
+    breached = {c["feature"]: c["breached"] for c in lp.drift_columns}
+    assert {"impressions_10m", "impressions_1h", "clicks_10m"} <= set(breached)
+    for c in lp.drift_columns:
+        assert c["breached"] and set(c["breached"]) <= set(METRICS)
+        assert all(c[m] >= lp.thresholds[m] for m in c["breached"])
+    assert f"ctr v{champion} flagged" in text and "impressions_1h" in text and "PSI" in text
+    # the retrain: one job, from that drift, a challenger with its lineage
+    job = lp.job
+    assert job["job_id"] == f"ctr.drift.v{champion}" and job["state"] == "done"
+    assert job["trigger"] == "drift" and job["trigger_ref"] == lp.drift_id
+    assert lp.challenger == job["version"] > champion
+    labels = lp.challenger_labels
+    assert labels["origin"] == "retrain" and labels["retrain_job"] == job["job_id"]
+    assert labels["parent_version"] == str(champion)
+    assert labels["stream_seq_bound"] == str(job["bound"])
+    assert labels["training_fingerprint"] == job["fingerprint"] and len(job["fingerprint"]) == 64
+    assert labels["training_labels"] == "clicked_impressions:5"
+    assert 0 < lp.sale_rows_in_training < job["rows"]  # trained on both halves
+    assert lp.challenger_thresholds == lp.thresholds  # the champion's drift policy
+    m = lp.challenger_metrics
+    assert m["auc"] >= 0.55 and 0.0 < m["champion_auc"] < 1.0 and m["holdout_rows"] > 0
+    assert f"challenger ctr v{lp.challenger}" in text and job["fingerprint"][:16] in text
+    # in shadow: its scores in the ledger beside the champion's
+    assert lp.in_shadow and lp.shadow_rows > 0 and report.shadow_rows >= lp.shadow_rows
+    assert lp.agreement["n"] > 0 and 0.0 <= lp.agreement["mean_abs_diff"] <= 1.0
+    assert f"governance put v{lp.challenger} in shadow" in text
+    # the backtest: the candidate and the served version on the same judged rows
+    bt = lp.backtest
+    assert not lp.backtest_error and bt["rows"] > 0 and bt["rows"] == bt["served_rows"]
+    assert (str(champion), "champion", bt["rows"]) in bt["groups"]
+    assert bt["served"]["n"] == bt["candidate"]["n"] == bt["rows"]
+    assert 0 < bt["served"]["positives"] < bt["rows"]  # both outcomes happened
+    assert f"v{champion}  " in lp.backtest_text and f"candidate v{lp.challenger}" in text
+    # governance's decision on the next stage, with its reasons when it refuses
+    d = lp.decision
+    assert d["to"] == "canary" and d["version"] == lp.challenger and d["decision_id"]
+    assert d["stage"] == ("canary" if d["allow"] else "shadow")
+    assert d["allow"] or d["reasons"]
+    assert f"ctr v{lp.challenger} shadow -> canary" in text
+    assert ("ALLOWED" if d["allow"] else "DENIED") in text
 
 
 CHDB_SCAN = """
