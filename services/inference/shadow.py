@@ -4,8 +4,8 @@ was served, recorded with the champion's record (the ledger stores it as rows of
 
 Requests hand their feature matrix and ledger record to a bounded queue and return; one
 task drains the queue every 10 ms, scores everything queued for a version in one
-onnxruntime call in a worker thread (onnxruntime releases the GIL, so it runs beside the event loop), counts
-drift for the shadow version and records each request with its shadow scores. When the
+onnxruntime call (in the event loop up to 1,024 rows: tens of microseconds; beyond, in a
+worker thread), counts drift for the shadow version and records each request with its shadow scores. When the
 queue is full the shadow score of that request is dropped and counted (``shadow_dropped``)
 and the request is recorded without it: the champion's answer never waits on its shadow.
 """
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from services.inference.recorder import Recorder
 
 log = logging.getLogger(__name__)
+INLINE_ROWS = 1024  # shadow batches up to this many rows are scored in the event loop
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,12 @@ class ShadowScorer:
         model = jobs[0].model
         x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
         t0 = time.perf_counter()
-        outputs = await asyncio.to_thread(model.ort.run_one, x)
+        if len(x) <= INLINE_ROWS:
+            # tens of microseconds: cheaper in the loop than a hand-over to a thread, whose
+            # GIL hand-offs stall the loop for milliseconds under load
+            outputs = model.ort.run_one(x)
+        else:
+            outputs = await asyncio.to_thread(model.ort.run_one, x)
         score_us = int((time.perf_counter() - t0) * 1e6 / len(jobs))
         scores = positive_scores(probabilities(model.ort.outputs, outputs))
         if model.drift is not None:
