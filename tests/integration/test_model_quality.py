@@ -158,7 +158,8 @@ def test_agreement_of_a_shadow_with_the_version_that_served(warehouse: Warehouse
     pairs: list[tuple[int, float, float]] = []
     for k in range(300):
         a, b = rng.random(), rng.random()
-        ts = now - rng.randrange(3 * HOUR)
+        # 100 pairs in each of the three whole hours before this one (within the 4 h asked)
+        ts = (now // HOUR - 3 + k % 3) * HOUR + rng.randrange(HOUR)
         for route, version, score, out in (
             ("champion", "1", a, served),
             ("shadow", "2", b, shadow),
