@@ -85,6 +85,13 @@ def _session_warehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[War
 @pytest.fixture
 def warehouse(_session_warehouse: Warehouse) -> Warehouse:
     """The session's warehouse, emptied for this test."""
-    for table in ("events", "feature_values", "inferences", "audit", "dead_letters", "drift_events"):
+    for table in (
+        "events",
+        "feature_values",
+        "inferences",
+        "audit",
+        "dead_letters",
+        "drift_events",
+    ):
         _session_warehouse.command(f"TRUNCATE TABLE IF EXISTS myelin.{table}")
     return _session_warehouse
