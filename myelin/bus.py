@@ -26,7 +26,14 @@ from nats.js.errors import BadRequestError, NotFoundError, TooManyStalledMsgsErr
 from myelin import telemetry
 from myelin.errors import BAD_INPUT, MyelinError, Overloaded, Poison, RemoteError, Retryable
 from myelin.settings import Settings
-from myelin.subjects import ARTIFACTS_BUCKET, MODELS_BUCKET, StreamSpec, stream_specs
+from myelin.subjects import (
+    ARTIFACTS_BUCKET,
+    MODELS_BUCKET,
+    RETRAINS_BUCKET,
+    VIEWS_BUCKET,
+    StreamSpec,
+    stream_specs,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,7 +57,7 @@ async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> N
         log.warning("nats (%s): reconnected", name)
 
     return await nats.connect(
-        settings.nats_url,
+        servers(settings),
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
@@ -63,14 +70,21 @@ async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> N
     )
 
 
+def servers(settings: Settings) -> list[str]:
+    """``MYELIN_NATS_URL`` may name several servers of a cluster, comma-separated; the
+    client learns the others from the one it reaches."""
+    return [u.strip() for u in settings.nats_url.split(",") if u.strip()]
+
+
 def jetstream(nc: NATS, settings: Settings) -> JetStreamContext:
     return nc.jetstream(
         timeout=settings.publish_timeout_s, publish_async_max_pending=settings.publish_window
     )
 
 
-async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
-    """Create the stream, or update it to the spec; safe to call any number of times."""
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int = 1) -> None:
+    """Create the stream, or update it to the spec; safe to call any number of times.
+    ``replicas``: copies kept by a JetStream cluster (1 on a single server)."""
     config = api.StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
@@ -79,6 +93,7 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
         duplicate_window=spec.duplicate_window_s,
         max_age=spec.max_age_s,
         discard=api.DiscardPolicy.OLD,
+        num_replicas=replicas,
     )
     try:
         await js.stream_info(spec.name)
@@ -89,14 +104,26 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
 
 
 async def provision(js: JetStreamContext, settings: Settings) -> None:
-    """Streams, KV buckets and object stores the platform needs; idempotent."""
+    """Streams, KV buckets and object stores the platform needs, each with
+    ``MYELIN_STREAM_REPLICAS`` copies (3 on a three-node JetStream cluster); idempotent."""
+    from myelin.contracts.store import CONTRACTS_BUCKET
+
+    replicas = settings.stream_replicas
     for spec in stream_specs(settings.duplicate_window_s):
-        await ensure_stream(js, spec)
-    await kv_bucket(js, MODELS_BUCKET, history=16)
+        await ensure_stream(js, spec, replicas)
+    for bucket, history in (
+        (MODELS_BUCKET, 16),
+        (VIEWS_BUCKET, 1),
+        (CONTRACTS_BUCKET, 1),
+        (RETRAINS_BUCKET, 8),
+    ):
+        await kv_bucket(js, bucket, history=history, replicas=replicas)
     try:
         await js.object_store(ARTIFACTS_BUCKET)
     except (NotFoundError, BadRequestError):
-        await js.create_object_store(bucket=ARTIFACTS_BUCKET)
+        await js.create_object_store(
+            bucket=ARTIFACTS_BUCKET, config=api.ObjectStoreConfig(replicas=replicas)
+        )
     from myelin.contracts.registry import default_registry
     from myelin.contracts.store import ContractStore
 
@@ -105,12 +132,15 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await ContractStore(js).publish(default_registry().specs())
 
 
-async def kv_bucket(js: JetStreamContext, bucket: str, history: int = 1) -> Any:
-    """A KV bucket, created on first use (idempotent across processes)."""
+async def kv_bucket(
+    js: JetStreamContext, bucket: str, history: int = 1, replicas: int = 1
+) -> Any:
+    """A KV bucket, created on first use (idempotent across processes); ``provision``
+    creates every bucket of the platform first, with the deployment's replicas."""
     try:
         return await js.key_value(bucket)
     except (NotFoundError, BadRequestError):
-        return await js.create_key_value(bucket=bucket, history=history)
+        return await js.create_key_value(bucket=bucket, history=history, replicas=replicas)
 
 
 def decode_request(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:

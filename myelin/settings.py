@@ -95,6 +95,8 @@ class Settings:
     policy_cache_ttl_s: float = 30.0
     # the inference ledger keeps an OIP tensor's values up to this size, its hash beyond
     ledger_tensor_cap_bytes: int = 16 * 1024
+    # copies of every stream, KV bucket and object store (3 on a 3-node JetStream cluster)
+    stream_replicas: int = 1
     # inference counts served values per drift bin in windows this long (myelin.drift)
     drift_window_s: float = 60.0
     # retraining (myelin.retraining, services/retrainer)
@@ -160,6 +162,7 @@ class Settings:
             policy_cache_ttl_s=_float("POLICY_CACHE_TTL_S", d.policy_cache_ttl_s),
             ledger_tensor_cap_bytes=_int("LEDGER_TENSOR_CAP_BYTES", d.ledger_tensor_cap_bytes),
             drift_window_s=_float("DRIFT_WINDOW_S", d.drift_window_s),
+            stream_replicas=_int("STREAM_REPLICAS", d.stream_replicas),
             trainer=_env("TRAINER", d.trainer),
             retrain_every_s=_float("RETRAIN_EVERY_S", d.retrain_every_s),
             retrain_min_rows=_int("RETRAIN_MIN_ROWS", d.retrain_min_rows),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -91,11 +92,28 @@ class _Engine(ManagedProcess):
         return self
 
 
+@dataclass(frozen=True)
+class ClusterMember:
+    """This server's place in a JetStream cluster: its name, the port it takes routes on,
+    and the route ports of the others."""
+
+    server_name: str
+    cluster_port: int
+    peers: tuple[int, ...]
+    cluster_name: str = "myelin"
+
+
 class NatsServer(_Engine):
-    """nats-server with JetStream, file storage under ``data_dir``, bound to ``host``."""
+    """nats-server with JetStream, file storage under ``data_dir``, bound to ``host``; one
+    member of a cluster when ``cluster`` says so."""
 
     def __init__(
-        self, data_dir: Path, port: int, host: str = "127.0.0.1", sync_always: bool = False
+        self,
+        data_dir: Path,
+        port: int,
+        host: str = "127.0.0.1",
+        sync_always: bool = False,
+        cluster: ClusterMember | None = None,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = data_dir / "nats.conf"
@@ -110,6 +128,16 @@ class NatsServer(_Engine):
         if sync_always:
             lines.append("  sync_interval: always")
         lines.append("}")
+        if cluster is not None:
+            routes = ", ".join(f'"nats-route://{host}:{p}"' for p in cluster.peers)
+            lines += [
+                f'server_name: "{cluster.server_name}"',
+                "cluster {",
+                f'  name: "{cluster.cluster_name}"',
+                f'  listen: "{host}:{cluster.cluster_port}"',
+                f"  routes: [{routes}]",
+                "}",
+            ]
         conf.write_text("\n".join(lines) + "\n")
         super().__init__(
             "nats-server", [str(nats_server_binary()), "-c", str(conf)], data_dir / "nats.log"
@@ -151,3 +179,46 @@ class RedisServer(_Engine):
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
+
+
+class NatsCluster:
+    """A JetStream cluster of ``size`` nats-servers on loopback (client ports ``ports``),
+    routed to each other; ``url`` names them all for MYELIN_NATS_URL."""
+
+    def __init__(self, data_dir: Path, ports: list[int], cluster_ports: list[int]) -> None:
+        if len(ports) != len(cluster_ports) or len(ports) < 3:
+            raise ConfigError("a JetStream cluster needs at least 3 servers, each with 2 ports")
+        self.servers = [
+            NatsServer(
+                data_dir / f"n{i}",
+                port,
+                cluster=ClusterMember(
+                    f"n{i}",
+                    cluster_ports[i],
+                    tuple(p for p in cluster_ports if p != cluster_ports[i]),
+                ),
+            )
+            for i, port in enumerate(ports)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(s.url for s in self.servers)
+
+    async def __aenter__(self) -> Self:
+        try:
+            for server in self.servers:
+                server.start()
+            for server in self.servers:
+                await server.wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            await server.stop()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

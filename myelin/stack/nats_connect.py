@@ -15,6 +15,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from myelin.bus import servers
 from myelin.errors import MyelinError
 from myelin.settings import Settings
 
@@ -50,7 +51,7 @@ async def connect_once(
     try:
         return await asyncio.wait_for(
             nats.connect(
-                settings.nats_url,
+                servers(settings),
                 name=f"myelin-{name}",
                 allow_reconnect=False,
                 # one retry of the server list, then NoServersError (0 would mean forever)
