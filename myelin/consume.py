@@ -7,6 +7,13 @@
   would acknowledge messages another worker has not finished (the fault harness lost a
   batch that way: its worker was killed mid-batch and the other's ack covered it).
 - A fetch that keeps failing (e.g. after a server restart) re-creates the subscription.
+- In order, without gaps (a consumer one process owns reads its whole stream): a fetch
+  whose messages were lost on the way (a JetStream cluster failing over, a connection
+  dropped mid-fetch) leaves them pending in the consumer while later ones arrive; acking a
+  later one (``AckPolicy.ALL``) would acknowledge them unread. So a message that does not
+  follow the last one handled is not handled until the missing ones come back (redelivered
+  after the ack wait), unless they are gone from the stream (trimmed, deleted). A
+  redelivered message already handled is skipped.
 
 What a failure means is decided by its class (:func:`is_transient`), never by retrying
 until it works:
@@ -169,6 +176,7 @@ class PullLoop:
         alert_after: int = 5,
         unknown_attempts: int = 3,
         shared: bool = False,
+        in_order: bool | None = None,
     ) -> None:
         """``linger_s``: after a short fetch, keep collecting for up to this long before
         handling (for sinks that pay per call, like ClickHouse inserts).
@@ -176,7 +184,9 @@ class PullLoop:
         (without one, such a message is logged and terminated).
         ``on_stopped``: called once when ``on_poison="stop"`` stops the loop.
         ``shared``: the consumer is pulled by several processes (see :func:`ensure_consumer`):
-        every message is acked on its own."""
+        every message is acked on its own.
+        ``in_order``: hold back what follows a gap (default: unless shared; off only as the
+        tests' control)."""
         self._js = js
         self.stream = stream
         self.durable = durable
@@ -191,6 +201,7 @@ class PullLoop:
         self._alert_after = alert_after
         self._unknown_attempts = unknown_attempts
         self._shared = shared
+        self._in_order_on = (not shared) if in_order is None else in_order
         self._stopping = asyncio.Event()
         self.batches = 0
         self.messages = 0
@@ -202,6 +213,7 @@ class PullLoop:
         self.stopped_error = ""  # set when on_poison="stop" stopped the loop
         self.idle = True
         self.position = 0  # stream sequence of the last message handled and acked
+        self.gaps = 0  # times messages were held back because earlier ones were missing
         self.pending = 0  # messages left in the consumer after that one (at fetch time)
 
     @property
@@ -228,6 +240,7 @@ class PullLoop:
             "attempts": self.attempts,
             "dead_lettered": self.dead_lettered,
             "dead_letter_failures": self.dead_letter_failures,
+            "gaps": self.gaps,
             "error": self.stopped_error or (self.last_error if self.attempts else ""),
         }
 
@@ -257,6 +270,10 @@ class PullLoop:
         if psub is None:
             try:
                 psub = await self._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+                if self._in_order_on:  # where the consumer's acks stand: nothing before is due
+                    info = await self._js.consumer_info(self.stream, self.durable)
+                    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                    self.position = max(self.position, floor or 0)
             except Exception as exc:  # noqa: BLE001 - server restarting: try again
                 log.warning("%s: cannot bind consumer: %r", self.durable, exc)
                 await self._sleep(1.0)
@@ -283,6 +300,10 @@ class PullLoop:
             return psub, fetch_errors, None
         if self._linger and len(msgs) < self._batch:
             msgs += await self._collect(psub, self._batch - len(msgs))
+        if self._in_order_on:
+            msgs = await self._in_order(msgs)
+            if not msgs:
+                return psub, fetch_errors, None
         self.idle = False
         # Behind: the next batch travels while this one is handled. Not for a shared
         # consumer: messages fetched ahead wait on this worker when another could take them.
@@ -291,6 +312,48 @@ class PullLoop:
         if await self._handle(msgs):
             await self._acked(msgs)
         return psub, fetch_errors, ahead
+
+    async def _in_order(self, msgs: list[Msg]) -> list[Msg]:
+        """The messages that follow the last one handled without a gap (see the module's
+        notes); what comes after a gap stays unacked and comes back."""
+        out: list[Msg] = []
+        expect = self.position + 1  # the consumer's ack floor + 1 before the first batch
+        for m in msgs:
+            seq = m.metadata.sequence.stream
+            if seq <= self.position:
+                continue  # handled already (its ack was lost): the next ack covers it
+            if seq != expect and not await self._gone(expect, seq):
+                self.gaps += 1
+                log.warning(
+                    "%s: stream sequences %d..%d were fetched but never arrived; holding %d "
+                    "later message(s) back until they are redelivered",
+                    self.durable,
+                    expect,
+                    seq - 1,
+                    len(msgs) - len(out),
+                )
+                await self._sleep(0.5)  # they come back after the consumer's ack wait
+                break
+            out.append(m)
+            expect = seq + 1
+        return out
+
+    async def _gone(self, first: int, after_last: int) -> bool:
+        """Whether stream sequences ``first .. after_last - 1`` are all gone from the
+        stream (trimmed by its limits, or deleted): then nothing is missing."""
+        try:
+            info = await self._js.stream_info(self.stream)
+            if after_last <= info.state.first_seq:
+                return True  # all below the stream's first message
+            for seq in range(max(first, info.state.first_seq), after_last)[:100]:
+                try:
+                    await self._js.get_msg(self.stream, seq)
+                    return False
+                except NotFoundError:
+                    continue
+            return after_last - max(first, info.state.first_seq) <= 100
+        except Exception:  # noqa: BLE001 - cannot tell now: wait for the redelivery
+            return False
 
     async def _acked(self, msgs: list[Msg]) -> None:
         with contextlib.suppress(Exception):  # a lost ack only causes a harmless redelivery

@@ -352,3 +352,38 @@ async def test_an_existing_ack_all_consumer_is_recreated_shared_where_it_stopped
     assert info.config.ack_policy == api.AckPolicy.EXPLICIT
     sub = await js.pull_subscribe_bind(durable="old", stream=TEST_STREAM)
     assert [m.data for m in await sub.fetch(5, timeout=2)] == [b"2", b"3"]
+
+
+@pytest.mark.parametrize("in_order", [True, False], ids=["in-order", "control"])
+async def test_messages_lost_on_the_way_are_not_acked_unread(
+    nc: NATS, settings: Settings, run_loop: Callable[[PullLoop], None], in_order: bool
+) -> None:
+    """A fetch whose messages never reach the consumer's handler (a JetStream cluster
+    failing over, a connection dropped mid-fetch) leaves them pending while later ones
+    arrive. The loop holds the later ones back until the lost ones are redelivered, so
+    every message is handled once, in order. The control (the check off) acks the later
+    ones first, and with AckPolicy.ALL that acknowledges the lost ones unread: they are
+    never handled. The e2e cluster test found this."""
+    js = bus.jetstream(nc, settings)
+    await bus.ensure_stream(js, StreamSpec("TEST_GAPS", ("test.gaps.>",)))
+    await ensure_consumer(js, "TEST_GAPS", "gapped", ">", max_ack_pending=100, ack_wait_s=1.0)
+    for i in range(30):
+        await js.publish(f"test.gaps.{i % 3}", str(i + 1).encode())
+    lost = await js.pull_subscribe_bind(durable="gapped", stream="TEST_GAPS")
+    assert len(await lost.fetch(10, timeout=2)) == 10  # delivered, never handled nor acked
+    await lost.unsubscribe()
+
+    seen: list[int] = []
+
+    async def handle(msgs: list[Msg]) -> None:
+        seen.extend(int(m.data) for m in msgs)
+
+    loop = PullLoop(js, "TEST_GAPS", "gapped", handle, batch=5, in_order=in_order)
+    run_loop(loop)
+    if in_order:
+        await eventually(lambda: _true(len(seen) >= 30))
+        assert seen == list(range(1, 31)) and loop.gaps >= 1
+    else:
+        await eventually(lambda: _true(len(seen) >= 20))
+        await asyncio.sleep(2.5)  # longer than the ack wait: the lost ones would be back
+        assert seen == list(range(11, 31))  # 1..10 acknowledged unread, never handled
