@@ -132,9 +132,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await ContractStore(js).publish(default_registry().specs())
 
 
-async def kv_bucket(
-    js: JetStreamContext, bucket: str, history: int = 1, replicas: int = 1
-) -> Any:
+async def kv_bucket(js: JetStreamContext, bucket: str, history: int = 1, replicas: int = 1) -> Any:
     """A KV bucket, created on first use (idempotent across processes); ``provision``
     creates every bucket of the platform first, with the deployment's replicas."""
     try:
