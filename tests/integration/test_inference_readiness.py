@@ -20,7 +20,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.client import Client as NATS
 
 from myelin import bus
-from myelin.contracts import StreamEvent, default_registry
 from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
 from myelin.gen import myelin_predict_pb2 as mp
@@ -31,16 +30,11 @@ from myelin.settings import Settings
 from myelin.stack.engines import RedisServer
 from myelin.stack.process import wait_port
 from myelin.subjects import MODELS_BUCKET, health_subject
-from services.features.feature_rows import rows_publisher
-from services.features.logic import WindowEngine
-from services.features.online_store import OnlineStore
-from services.features.pipeline import FeaturePipeline
-from services.features.views import USER_ACTIVITY
 from services.governance.app import GovernanceApp
 from services.governance.logic import policy_version
 from services.governance.policy_engines import RegoEngine, load_policies
 from services.inference.app import InferenceApp
-from tests.helpers import register, tiny_model
+from tests.helpers import register, seed_online_features, tiny_model
 
 pytestmark = pytest.mark.integration
 _mp = msgspec.msgpack.Encoder()
@@ -65,31 +59,7 @@ async def world(nc: NATS, settings: Settings, redis_client: aioredis.Redis) -> A
     s = replace(settings, policy_cache_ttl_s=2.0)
     w = World(s, GovernanceApp(s))
     await w.gov.start()
-    now = int(time.time() * 1000)
-    p = FeaturePipeline(
-        WindowEngine(USER_ACTIVITY),
-        default_registry(),
-        OnlineStore(redis_client, USER_ACTIVITY, 3600),
-        rows_publisher(bus.Publisher(bus.jetstream(nc, s), s)),
-    )
-    await p.start()
-    batch = []
-    for i in range(20):
-        ev = StreamEvent(
-            event_id=f"e{i}",
-            type="click" if i % 3 == 0 else "impression",
-            schema_version=1,
-            event_time=now - 60_000 + i,
-            ingest_time=now,
-            producer_id="t",
-            client_version="",
-            trace_id=f"{i + 1:032x}",
-            entity_id=f"u{i % 5}",
-            partition=0,
-            data=msgspec.Raw(_mp.encode({"user_id": f"u{i % 5}", "item_id": "x"})),
-        )
-        batch.append((i + 1, _mp.encode([ev])))
-    await p.process(batch)
+    await seed_online_features(nc, s, redis_client, users=5, events=20)
     try:
         yield w
     finally:
