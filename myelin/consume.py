@@ -7,7 +7,8 @@
   would acknowledge messages another worker has not finished (the fault harness lost a
   batch that way: its worker was killed mid-batch and the other's ack covered it).
 - A fetch that keeps failing (e.g. after a server restart) re-creates the subscription.
-- In order, without gaps (a consumer one process owns reads its whole stream): a fetch
+- In order, without gaps (``in_order=True``; NOT yet the default: with it, the fault
+  harness's drain stalled, cause not found yet): a fetch
   whose messages were lost on the way (a JetStream cluster failing over, a connection
   dropped mid-fetch) leaves them pending in the consumer while later ones arrive; acking a
   later one (``AckPolicy.ALL``) would acknowledge them unread. So a message that does not
@@ -185,8 +186,8 @@ class PullLoop:
         ``on_stopped``: called once when ``on_poison="stop"`` stops the loop.
         ``shared``: the consumer is pulled by several processes (see :func:`ensure_consumer`):
         every message is acked on its own.
-        ``in_order``: hold back what follows a gap (default: unless shared; off only as the
-        tests' control)."""
+        ``in_order``: hold back what follows a gap until it is redelivered (off by default
+        until it no longer stalls the fault harness's drain; see the module's notes)."""
         self._js = js
         self.stream = stream
         self.durable = durable
@@ -201,7 +202,8 @@ class PullLoop:
         self._alert_after = alert_after
         self._unknown_attempts = unknown_attempts
         self._shared = shared
-        self._in_order_on = (not shared) if in_order is None else in_order
+        # off by default for now: it stalls the fault harness's drain (issue 10, open)
+        self._in_order_on = False if in_order is None else in_order
         self._stopping = asyncio.Event()
         self.batches = 0
         self.messages = 0
@@ -482,6 +484,8 @@ class PullLoop:
         with contextlib.suppress(Exception):
             await msg.term()
         self.dead_lettered += 1
+        # done with, in order: what follows it is no gap (a terminated message never returns)
+        self.position = max(self.position, seq)
         return True
 
     async def _stop_for(self, exc: BaseException) -> None:
