@@ -7,14 +7,18 @@
   would acknowledge messages another worker has not finished (the fault harness lost a
   batch that way: its worker was killed mid-batch and the other's ack covered it).
 - A fetch that keeps failing (e.g. after a server restart) re-creates the subscription.
-- In order, without gaps (``in_order=True``; NOT yet the default: with it, the fault
-  harness's drain stalled, cause not found yet): a fetch
-  whose messages were lost on the way (a JetStream cluster failing over, a connection
-  dropped mid-fetch) leaves them pending in the consumer while later ones arrive; acking a
-  later one (``AckPolicy.ALL``) would acknowledge them unread. So a message that does not
-  follow the last one handled is not handled until the missing ones come back (redelivered
-  after the ack wait), unless they are gone from the stream (trimmed, deleted). A
-  redelivered message already handled is skipped.
+- In order, without gaps (one owner; the default unless ``shared``): a fetch whose
+  messages were lost on the way (a JetStream cluster failing over, a connection dropped
+  mid-fetch, a pull request left behind by an earlier subscription) leaves them pending
+  in the consumer while later ones arrive, and acking a later one (``AckPolicy.ALL``)
+  would acknowledge them unread. The server numbers every delivery (the consumer
+  sequence, new for each redelivery too), so a delivery that never arrived shows as a
+  jump in that number, whatever the consumer's filter. The loop then handles only what
+  came before the jump, and restarts the consumer right after the last message it
+  handled: everything after it is delivered again, in order, at once (not after the ack
+  wait). A message at or below that position (a redelivery of one already handled) is
+  skipped. A consumer found with deliveries outstanding when the loop binds (a process
+  killed mid-batch) is restarted the same way.
 
 What a failure means is decided by its class (:func:`is_transient`), never by retrying
 until it works:
@@ -186,8 +190,8 @@ class PullLoop:
         ``on_stopped``: called once when ``on_poison="stop"`` stops the loop.
         ``shared``: the consumer is pulled by several processes (see :func:`ensure_consumer`):
         every message is acked on its own.
-        ``in_order``: hold back what follows a gap until it is redelivered (off by default
-        until it no longer stalls the fault harness's drain; see the module's notes)."""
+        ``in_order``: never handle what follows a lost delivery (see the module's notes);
+        on by default unless ``shared``."""
         self._js = js
         self.stream = stream
         self.durable = durable
@@ -202,8 +206,9 @@ class PullLoop:
         self._alert_after = alert_after
         self._unknown_attempts = unknown_attempts
         self._shared = shared
-        # off by default for now: it stalls the fault harness's drain (issue 10, open)
-        self._in_order_on = False if in_order is None else in_order
+        self._in_order_on = (not shared) if in_order is None else in_order
+        self._dseq = 0  # consumer sequence of the last delivery received
+        self._rewind = False  # a delivery was lost: restart after ``position`` on rebind
         self._stopping = asyncio.Event()
         self.batches = 0
         self.messages = 0
@@ -215,7 +220,8 @@ class PullLoop:
         self.stopped_error = ""  # set when on_poison="stop" stopped the loop
         self.idle = True
         self.position = 0  # stream sequence of the last message handled and acked
-        self.gaps = 0  # times messages were held back because earlier ones were missing
+        self.gaps = 0  # times deliveries were lost and the consumer restarted after them
+        self.rewinds = 0  # consumer restarts done (after a lost delivery or at bind)
         self.pending = 0  # messages left in the consumer after that one (at fetch time)
 
     @property
@@ -243,6 +249,7 @@ class PullLoop:
             "dead_lettered": self.dead_lettered,
             "dead_letter_failures": self.dead_letter_failures,
             "gaps": self.gaps,
+            "rewinds": self.rewinds,
             "error": self.stopped_error or (self.last_error if self.attempts else ""),
         }
 
@@ -271,11 +278,9 @@ class PullLoop:
         """One fetch-handle-ack round; returns the loop's state for the next one."""
         if psub is None:
             try:
+                if self._in_order_on:
+                    await self._sync()
                 psub = await self._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
-                if self._in_order_on:  # where the consumer's acks stand: nothing before is due
-                    info = await self._js.consumer_info(self.stream, self.durable)
-                    floor = info.ack_floor.stream_seq if info.ack_floor else 0
-                    self.position = max(self.position, floor or 0)
             except Exception as exc:  # noqa: BLE001 - server restarting: try again
                 log.warning("%s: cannot bind consumer: %r", self.durable, exc)
                 await self._sleep(1.0)
@@ -303,59 +308,73 @@ class PullLoop:
         if self._linger and len(msgs) < self._batch:
             msgs += await self._collect(psub, self._batch - len(msgs))
         if self._in_order_on:
-            msgs = await self._in_order(msgs)
-            if not msgs:
-                return psub, fetch_errors, None
-        self.idle = False
-        # Behind: the next batch travels while this one is handled. Not for a shared
-        # consumer: messages fetched ahead wait on this worker when another could take them.
-        if len(msgs) >= self._batch and not self._shared:
-            ahead = asyncio.create_task(psub.fetch(self._batch, timeout=self._fetch_timeout))
-        if await self._handle(msgs):
-            await self._acked(msgs)
+            msgs = self._in_order(msgs)
+        if msgs:
+            self.idle = False
+            # Behind: the next batch travels while this one is handled. Not for a shared
+            # consumer: messages fetched ahead wait on this worker when another could take
+            # them; not after a lost delivery: the consumer restarts next.
+            if len(msgs) >= self._batch and not self._shared and not self._rewind:
+                ahead = asyncio.create_task(psub.fetch(self._batch, timeout=self._fetch_timeout))
+            if await self._handle(msgs):
+                await self._acked(msgs)
+        if self._rewind:  # rebind: the consumer restarts after what was handled
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+            return None, 0, None
         return psub, fetch_errors, ahead
 
-    async def _in_order(self, msgs: list[Msg]) -> list[Msg]:
-        """The messages that follow the last one handled without a gap (see the module's
-        notes); what comes after a gap stays unacked and comes back."""
+    def _in_order(self, msgs: list[Msg]) -> list[Msg]:
+        """The messages received without a lost delivery before them and not handled
+        already (see the module's notes); a lost delivery marks the consumer for a
+        restart after the last message handled."""
         out: list[Msg] = []
-        expect = self.position + 1  # the consumer's ack floor + 1 before the first batch
-        for m in msgs:
-            seq = m.metadata.sequence.stream
-            if seq <= self.position:
-                continue  # handled already (its ack was lost): the next ack covers it
-            if seq != expect and not await self._gone(expect, seq):
+        for i, m in enumerate(msgs):
+            seq = m.metadata.sequence
+            if seq.consumer != self._dseq + 1:
                 self.gaps += 1
+                self._rewind = True
                 log.warning(
-                    "%s: stream sequences %d..%d were fetched but never arrived; holding %d "
-                    "later message(s) back until they are redelivered",
+                    "%s: deliveries %d..%d never arrived; handling the %d before them, then "
+                    "restarting the consumer after stream sequence %d (%d later message(s) "
+                    "come again)",
                     self.durable,
-                    expect,
-                    seq - 1,
-                    len(msgs) - len(out),
+                    self._dseq + 1,
+                    seq.consumer - 1,
+                    len(out),
+                    max([self.position, *(o.metadata.sequence.stream for o in out)]),
+                    len(msgs) - i,
                 )
-                await self._sleep(0.5)  # they come back after the consumer's ack wait
                 break
+            self._dseq = seq.consumer
+            if seq.stream <= self.position:
+                continue  # handled already (its ack was lost or late): the next ack covers it
             out.append(m)
-            expect = seq + 1
         return out
 
-    async def _gone(self, first: int, after_last: int) -> bool:
-        """Whether stream sequences ``first .. after_last - 1`` are all gone from the
-        stream (trimmed by its limits, or deleted): then nothing is missing."""
-        try:
-            info = await self._js.stream_info(self.stream)
-            if after_last <= info.state.first_seq:
-                return True  # all below the stream's first message
-            for seq in range(max(first, info.state.first_seq), after_last)[:100]:
-                try:
-                    await self._js.get_msg(self.stream, seq)
-                    return False
-                except NotFoundError:
-                    continue
-            return after_last - max(first, info.state.first_seq) <= 100
-        except Exception:  # noqa: BLE001 - cannot tell now: wait for the redelivery
-            return False
+    async def _sync(self) -> None:
+        """Before binding: where the consumer's acks stand (nothing before is due), and a
+        restart right after the last message handled when deliveries are outstanding (lost
+        on the way, or held by a process that died) so they come again now and in order."""
+        info = await self._js.consumer_info(self.stream, self.durable)
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        self.position = max(self.position, floor or 0)
+        if self._rewind or (info.num_ack_pending or 0) > 0:
+            cfg = info.config
+            cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            cfg.opt_start_seq = self.position + 1
+            cfg.opt_start_time = None
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_consumer(self.stream, self.durable)
+            await self._js.add_consumer(self.stream, cfg)
+            self.rewinds += 1
+            self._rewind = False
+            self._dseq = 0
+            log.info(
+                "%s: consumer restarted at stream sequence %d", self.durable, cfg.opt_start_seq
+            )
+        else:
+            self._dseq = info.delivered.consumer_seq or 0 if info.delivered else 0
 
     async def _acked(self, msgs: list[Msg]) -> None:
         with contextlib.suppress(Exception):  # a lost ack only causes a harmless redelivery

@@ -62,12 +62,6 @@ async def wait_for_meta_leader(settings: Settings, timeout_s: float = 30.0) -> N
         await nc.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known: a fetch lost in the failover is acked unread by AckPolicy.ALL (2 runs of 9 "
-    "lost 875-1,000 events); PullLoop(in_order=True) fixes it but is not on by default yet "
-    "(it stalled the fault harness's drain); issue 10",
-)
 async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -360,10 +360,10 @@ async def test_messages_lost_on_the_way_are_not_acked_unread(
 ) -> None:
     """A fetch whose messages never reach the consumer's handler (a JetStream cluster
     failing over, a connection dropped mid-fetch) leaves them pending while later ones
-    arrive. The loop holds the later ones back until the lost ones are redelivered, so
-    every message is handled once, in order. The control (the check off) acks the later
-    ones first, and with AckPolicy.ALL that acknowledges the lost ones unread: they are
-    never handled. The e2e cluster test found this."""
+    arrive. The loop restarts the consumer after the last message it handled, so every
+    message is handled once, in order, without waiting for the ack wait. The control (the
+    check off) acks the later ones first, and with AckPolicy.ALL that acknowledges the
+    lost ones unread: they are never handled. The e2e cluster test found this."""
     js = bus.jetstream(nc, settings)
     await bus.ensure_stream(js, StreamSpec("TEST_GAPS", ("test.gaps.>",)))
     await ensure_consumer(js, "TEST_GAPS", "gapped", ">", max_ack_pending=100, ack_wait_s=1.0)
@@ -381,9 +381,70 @@ async def test_messages_lost_on_the_way_are_not_acked_unread(
     loop = PullLoop(js, "TEST_GAPS", "gapped", handle, batch=5, in_order=in_order)
     run_loop(loop)
     if in_order:
-        await eventually(lambda: _true(len(seen) >= 30))
-        assert seen == list(range(1, 31)) and loop.gaps >= 1
+        await eventually(lambda: _true(len(seen) >= 30), timeout_s=0.9)  # < the ack wait
+        assert seen == list(range(1, 31)) and loop.rewinds == 1
     else:
         await eventually(lambda: _true(len(seen) >= 20))
         await asyncio.sleep(2.5)  # longer than the ack wait: the lost ones would be back
         assert seen == list(range(11, 31))  # 1..10 acknowledged unread, never handled
+
+
+async def test_a_delivery_lost_mid_run_is_delivered_again_in_order(
+    nc: NATS, settings: Settings, run_loop: Callable[[PullLoop], None]
+) -> None:
+    """Deliveries lost while the loop runs (here another subscription takes a fetch's worth
+    of them from under it, as an orphaned pull request does after a failover) show as a
+    jump in the consumer sequence: the loop handles what came before, restarts the
+    consumer after it, and every message is handled exactly once, in order."""
+    js = bus.jetstream(nc, settings)
+    await bus.ensure_stream(js, StreamSpec("TEST_GAPS2", ("test.gaps2.>",)))
+    await ensure_consumer(js, "TEST_GAPS2", "gapped", ">", max_ack_pending=1000, ack_wait_s=30)
+    for i in range(20):
+        await js.publish("test.gaps2.x", str(i + 1).encode())
+    seen: list[int] = []
+    first_batch = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def handle(msgs: list[Msg]) -> None:
+        seen.extend(int(m.data) for m in msgs)
+        if not first_batch.is_set():
+            first_batch.set()
+            await go_on.wait()
+
+    loop = PullLoop(js, "TEST_GAPS2", "gapped", handle, batch=5)
+    run_loop(loop)
+    await asyncio.wait_for(first_batch.wait(), 10)
+    # a stranger takes some of the next deliveries (the server shares them between its pull
+    # request and the loop's fetch-ahead)
+    thief = await js.pull_subscribe_bind(durable="gapped", stream="TEST_GAPS2")
+    stolen = await thief.fetch(4, timeout=2)
+    await thief.unsubscribe()
+    go_on.set()
+    await eventually(lambda: _true(len(seen) >= 20), timeout_s=10)  # < the ack wait of 30 s
+    assert len(stolen) == 4 and all(m.metadata.sequence.stream > 5 for m in stolen)
+    assert seen == list(range(1, 21)) and loop.gaps >= 1 and loop.rewinds >= 1
+
+
+async def test_a_filtered_consumer_flows_past_other_subjects(
+    nc: NATS, settings: Settings, run_loop: Callable[[PullLoop], None]
+) -> None:
+    """A consumer that reads one subject of a stream sees stream sequences with holes (the
+    other subjects' messages): that is no lost delivery, and the loop must not stall on it
+    (an earlier gap check by stream sequence did)."""
+    js = bus.jetstream(nc, settings)
+    await bus.ensure_stream(js, StreamSpec("TEST_GAPS3", ("test.gaps3.>",)))
+    await ensure_consumer(
+        js, "TEST_GAPS3", "odd", "test.gaps3.odd", max_ack_pending=100, ack_wait_s=30
+    )
+    for i in range(1, 41):
+        await js.publish(f"test.gaps3.{'odd' if i % 2 else 'even'}", str(i).encode())
+    seen: list[int] = []
+
+    async def handle(msgs: list[Msg]) -> None:
+        seen.extend(int(m.data) for m in msgs)
+
+    loop = PullLoop(js, "TEST_GAPS3", "odd", handle, batch=4)
+    run_loop(loop)
+    await eventually(lambda: _true(len(seen) >= 20), timeout_s=10)
+    await asyncio.sleep(0.3)
+    assert seen == list(range(1, 41, 2)) and loop.gaps == 0 and loop.rewinds == 0
