@@ -1,9 +1,12 @@
 """Feature pipeline benchmark, in one run on the same machine:
 
-1. throughput: events/s through the feature pipeline as deployed (the features process:
-   decode, windows, Redis state + online vectors, feature rows to the FEATURES stream, ack;
-   the warehouse process: raw events and feature rows into ClickHouse), until both stores
-   hold everything, next to a bare JetStream pull consume + ack of the same messages. The events are the worst
+1. throughput, with 1 and then 2 features workers (each on a fresh stack): events/s
+   through the feature pipeline as deployed (the features processes: decode, windows,
+   Redis state + online vectors, feature rows to the FEATURES stream, ack; the warehouse
+   process: raw events and feature rows into ClickHouse), until both stores hold
+   everything, next to a bare JetStream pull consume + ack of the same messages, and the
+   CPU microseconds the features processes spent per event. Messages hold 100 events of
+   one partition (as ingest writes them), over 8 partitions. The events are the worst
    case for per-entity costs: 20,000 entities, so every batch touches each entity once,
    and each event opens a new minute bucket;
 2. freshness: publish -> visible in the online read, p50/p99, under a steady 20k
@@ -40,11 +43,12 @@ from myelin.settings import Settings
 from myelin.sql_client import wait_stored
 from myelin.stack.process import free_port
 from myelin.stack.supervisor import Stack, with_ports
-from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, health_subject
+from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, health_subject, partition_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_MSG = 100
 USERS = 20_000
+PARTITIONS = 8
 _mp = msgspec.msgpack.Encoder()
 
 
@@ -59,42 +63,53 @@ def stream_event(event_id: str, typ: str, user: str, t: int) -> StreamEvent:
         client_version="",
         trace_id="0" * 32,
         entity_id=user,
-        partition=0,
+        partition=partition_of(user, PARTITIONS),
         data=msgspec.Raw(_mp.encode({"user_id": user, "item_id": f"i{hash(event_id) % 50}"})),
     )
 
 
-def messages(n: int, start_ms: int, tag: str, spread_ms: int = 600_000) -> list[bytes]:
-    out = []
-    for m in range(0, n, PER_MSG):
-        out.append(
-            _mp.encode(
-                [
-                    stream_event(
-                        f"{tag}{i}",
-                        "click" if i % 5 == 0 else "impression",
-                        f"u{i % USERS}",
-                        start_ms + (i * spread_ms) // max(n, 1),
-                    )
-                    for i in range(m, min(m + PER_MSG, n))
-                ]
-            )
+def messages(n: int, start_ms: int, tag: str, spread_ms: int = 600_000) -> list[tuple[str, bytes]]:
+    """(subject, payload): up to 100 events of one partition per message, in event order."""
+    out: list[tuple[str, bytes]] = []
+    pending: dict[int, list[StreamEvent]] = {}
+    for i in range(n):
+        ev = stream_event(
+            f"{tag}{i}",
+            "click" if i % 5 == 0 else "impression",
+            f"u{i % USERS}",
+            start_ms + (i * spread_ms) // max(n, 1),
         )
+        buf = pending.setdefault(ev.partition, [])
+        buf.append(ev)
+        if len(buf) == PER_MSG:
+            out.append((f"myelin.events.{ev.partition}", _mp.encode(buf)))
+            pending[ev.partition] = []
+    out += [(f"myelin.events.{p}", _mp.encode(b)) for p, b in pending.items() if b]
     return out
 
 
-async def status(nc: Any) -> dict[str, Any]:
-    result: dict[str, Any] = msgspec.json.decode(
-        await bus.request(nc, health_subject("features"), {})
-    )
+async def status(nc: Any, name: str = "features") -> dict[str, Any]:
+    result: dict[str, Any] = msgspec.json.decode(await bus.request(nc, health_subject(name), {}))
     return result
 
 
-async def throughput(stack: Stack, nc: Any, js: Any, n: int) -> tuple[float, float]:
+async def applied(nc: Any, workers: int) -> tuple[int, int]:
+    """(events applied by all workers, the version's position)."""
+    got = [
+        await status(nc, "features" if k == 1 else f"features-{k}") for k in range(1, workers + 1)
+    ]
+    return sum(int(h["events"]) for h in got), int(got[0]["position"])
+
+
+async def throughput(
+    stack: Stack, nc: Any, js: Any, n: int, workers: int
+) -> tuple[float, float, float]:
+    """(events/s into Redis + ClickHouse, bare consume + ack events/s, features CPU us per
+    event)."""
     payloads = messages(n, int(time.time() * 1000) - 900_000, "t")
     futs = [
-        await js.publish_async("myelin.events.0", p, headers={"Nats-Msg-Id": f"t-{k}"})
-        for k, p in enumerate(payloads)
+        await js.publish_async(subject, p, headers={"Nats-Msg-Id": f"t-{k}"})
+        for k, (subject, p) in enumerate(payloads)
     ]
     await asyncio.gather(*futs)
     last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
@@ -114,17 +129,17 @@ async def throughput(stack: Stack, nc: Any, js: Any, n: int) -> tuple[float, flo
     await psub.unsubscribe()
 
     # Myelin: the warehouse and features service processes, as deployed. The rate is
-    # measured from the features service's first reported progress (process start-up and
+    # measured from the features workers' first reported progress (process start-up and
     # chdb opening are not pipeline time) until Redis *and* ClickHouse hold everything.
     await stack.start_service("warehouse")
     await stack.start_service("features")
     cpu0 = cpu_times()
     first: tuple[float, int] | None = None
     while True:
-        pos = (await status(nc))["position"]
+        events, pos = await applied(nc, workers)
         now = time.perf_counter()
-        if first is None and pos > 0:
-            first = (now, pos)
+        if first is None and events > 0:
+            first = (now, events)
         if pos >= last:
             break
         await asyncio.sleep(0.02)
@@ -135,17 +150,18 @@ async def throughput(stack: Stack, nc: Any, js: Any, n: int) -> tuple[float, flo
     assert first is not None
     busy = {k: v - cpu0.get(k, 0.0) for k, v in cpu_times().items()}
     print(
-        "CPU seconds during the throughput run: "
+        f"{workers} worker(s): CPU seconds during the throughput run: "
         + ", ".join(f"{k} {v:.1f}" for k, v in sorted(busy.items(), key=lambda kv: -kv[1])),
         flush=True,
     )
-    done = (last - first[1]) * PER_MSG
+    done = n - first[1]
+    features_cpu = sum(v for k, v in busy.items() if k == "features")
     print(
         f"online store done after {online_done - first[0]:.2f} s, ClickHouse after "
         f"{stored - first[0]:.2f} s",
         flush=True,
     )
-    return done / (stored - first[0]), bare
+    return done / (stored - first[0]), bare, features_cpu / n * 1e6
 
 
 async def freshness(
@@ -159,20 +175,31 @@ async def freshness(
     count = int(seconds / period)
     every = max(1, round(0.05 / period))
     base = time.time() + 1.0 + count * PER_MSG * 4e-6  # after the build below
-    payloads: list[tuple[bytes, str]] = []
+    payloads: list[tuple[str, bytes, str]] = []
+    by_part: dict[int, list[str]] = {}
+    for i in range(USERS):
+        by_part.setdefault(partition_of(f"u{i}", PARTITIONS), []).append(f"u{i}")
     for k in range(count):
         t_ms = int((base + k * period) * 1000)
-        probe = f"probe-{k}" if k % every == 0 else ""
+        part = k % PARTITIONS  # a message holds one partition's events, as ingest writes
+        users = by_part[part]
+        probe = ""
+        if k % every == 0:
+            probe = next(
+                f"probe-{k}-{x}"
+                for x in range(1000)
+                if partition_of(f"probe-{k}-{x}", PARTITIONS) == part
+            )
         evs = [
             stream_event(
                 f"f{k}-{j}",
                 "click" if j % 5 == 0 else "impression",
-                probe if (j == 0 and probe) else f"u{(k * PER_MSG + j) % USERS}",
+                probe if (j == 0 and probe) else users[(k * PER_MSG + j) % len(users)],
                 t_ms,
             )
             for j in range(PER_MSG)
         ]
-        payloads.append((_mp.encode(evs), probe))
+        payloads.append((f"myelin.events.{part}", _mp.encode(evs), probe))
     await asyncio.sleep(max(0.0, base - time.time()))
 
     probes: asyncio.Queue[tuple[float, int, str]] = asyncio.Queue()
@@ -194,10 +221,10 @@ async def freshness(
     cpu0 = cpu_times()
     t0 = time.perf_counter()
     start = time.monotonic()
-    for k, (payload, probe) in enumerate(payloads):
+    for k, (subject, payload, probe) in enumerate(payloads):
         await asyncio.sleep(max(0.0, start + k * period - time.monotonic()))
         t_pub = time.perf_counter()
-        ack = await js.publish("myelin.events.0", payload)
+        ack = await js.publish(subject, payload)
         if probe:
             probes.put_nowait((t_pub, ack.seq, probe))
     offered = count * PER_MSG / (time.perf_counter() - t0)
@@ -235,8 +262,8 @@ async def reads(
 ) -> list[tuple[str, str, float, float, str]]:
     rows: list[tuple[str, str, float, float, str]] = []
     users = [f"u{i}" for i in range(USERS)]
-    version = await reader.served_version("user_activity")
-    key = online.entities_key("user_activity", version)
+    meta = await reader.meta("user_activity")
+    version, parts = meta.hash, meta.partitions
     for count in (1, 100):
         ours: list[float] = []
         bare: list[float] = []
@@ -245,8 +272,14 @@ async def reads(
             t = time.perf_counter()
             await reader.read("user_activity", ids)
             ours.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            await r.hmget(key, ids)
+            t = time.perf_counter()  # the bare ceiling: one HMGET per partition, pipelined
+            groups: dict[int, list[str]] = {}
+            for u in ids:
+                groups.setdefault(partition_of(u, parts), []).append(u)
+            async with r.pipeline(transaction=False) as pipe:
+                for p, members in groups.items():
+                    pipe.hmget(online.entities_key("user_activity", version, p), members)
+                await pipe.execute()
             bare.append((time.perf_counter() - t) * 1000)
         for q in (50, 99):
             rows.append(
@@ -263,43 +296,67 @@ async def reads(
 
 
 async def main(n: int, rate: int, seconds: float) -> None:
-    state = Path(tempfile.mkdtemp(prefix="myelin-fbench-"))
-    base = replace(Settings.from_env(), state_dir=state, policy_dir=ROOT / "policies")
-    s = with_ports(base, nats_port=free_port(), redis_port=free_port())
     rows: list[tuple[str, str, float, float, str]] = []
-    try:
-        async with Stack(s, services=(), log=lambda _m: None) as stack:
-            nc = await bus.connect(s, "bench")
-            js = bus.jetstream(nc, s)
-            r = aioredis.Redis.from_url(s.redis_url)
-            reader = OnlineReader(r)
-            ours, bare = await throughput(stack, nc, js, n)
-            rows.append(
-                (
-                    "features pipeline -> Redis + ClickHouse",
-                    "events/s",
-                    ours,
-                    bare,
-                    f"ceiling: bare pull consume + ack, {PER_MSG} events/msg; target >= 150k",
-                )
-            )
-            lat, offered = await freshness(nc, js, reader, rate, seconds)
-            for q, note in ((50, "publish -> visible in online read"), (99, "target p99 < 100 ms")):
+    rates: dict[int, float] = {}
+    for workers in (1, 2):
+        state = Path(tempfile.mkdtemp(prefix="myelin-fbench-"))
+        base = replace(
+            Settings.from_env(),
+            state_dir=state,
+            policy_dir=ROOT / "policies",
+            partitions=PARTITIONS,
+            features_workers=workers,
+        )
+        s = with_ports(base, nats_port=free_port(), redis_port=free_port())
+        try:
+            async with Stack(s, services=(), log=lambda _m: None) as stack:
+                nc = await bus.connect(s, "bench")
+                js = bus.jetstream(nc, s)
+                r = aioredis.Redis.from_url(s.redis_url)
+                reader = OnlineReader(r)
+                ours, bare, us = await throughput(stack, nc, js, n, workers)
+                rates[workers] = ours
                 rows.append(
                     (
-                        f"freshness at {offered:,.0f} events/s ({len(lat)} probes)",
-                        f"p{q} ms",
-                        pct(lat, q),
-                        float("nan"),
-                        note,
+                        f"features pipeline -> Redis + ClickHouse, {workers} worker(s)",
+                        "events/s",
+                        ours,
+                        bare,
+                        f"ceiling: bare pull consume + ack, {PER_MSG} events/msg; target >= 150k",
                     )
                 )
-            rows.extend(await reads(r, reader))
-            await r.aclose()
-            await nc.close()
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
+                rows.append(
+                    (
+                        f"features CPU per event, {workers} worker(s)",
+                        "us/event",
+                        us,
+                        1e6 / bare,
+                        "ceiling: wall time per event of the bare consume + ack",
+                    )
+                )
+                if workers == 2:
+                    lat, offered = await freshness(nc, js, reader, rate, seconds)
+                    for q, note in (
+                        (50, "publish -> visible in online read"),
+                        (99, "target p99 < 100 ms"),
+                    ):
+                        rows.append(
+                            (
+                                f"freshness at {offered:,.0f} events/s, 2 workers "
+                                f"({len(lat)} probes)",
+                                f"p{q} ms",
+                                pct(lat, q),
+                                float("nan"),
+                                note,
+                            )
+                        )
+                    rows.extend(await reads(r, reader))
+                await r.aclose()
+                await nc.close()
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
     print(table(f"Feature pipeline ({n:,} events, {USERS:,} entities)", rows))
+    print(f"scaling factor, 2 workers / 1: {rates[2] / rates[1]:.2f}x (2 cores)")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from myelin.online import OnlineReader
 from myelin.settings import Settings
 from myelin.stack.process import free_port, wait_port
 from myelin.stack.supervisor import Stack, with_ports
-from myelin.subjects import health_subject
+from myelin.subjects import health_subject, partition_of
 from myelin.trainers import Trained
 from services.inference.drift_counters import DriftCounters
 from tests.helpers import FEATURES, register, tiny_model
@@ -152,16 +152,13 @@ async def main() -> None:
             r = aioredis.Redis.from_url(s.redis_url)
             meta = await OnlineReader(r).meta("user_activity")
             width, version = len(meta.features), meta.hash
-            key = online.entities_key("user_activity", version)
             now_ms = int(time.time() * 1000)
-            await r.hset(  # online records as the features service writes them (layout v3)
-                key,
-                items=[
-                    x
-                    for u in users
-                    for x in (u, online.encode_entity(1, now_ms, "", [1.0] * width, []))
-                ],
-            )
+            for u in users:  # online records as the features service writes them (layout v4)
+                await r.hset(
+                    online.entities_key("user_activity", version, partition_of(u, meta.partitions)),
+                    u,
+                    online.encode_entity(1, now_ms, "", [1.0] * width, []),
+                )
 
             async with (
                 grpc.aio.insecure_channel(f"127.0.0.1:{s.inference_grpc_port}") as ch,

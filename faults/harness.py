@@ -63,6 +63,7 @@ class Mode:
     ack_wait_s: float  # features' and the inbox's ack wait (SIGSTOPs last past it)
     faults: tuple[str, ...]
     fault_share: float = 0.85  # the faults are spread over this first share of the load
+    features_workers: int = 1  # features processes sharing the partitions
 
     @property
     def events(self) -> int:
@@ -89,6 +90,22 @@ MODES = {
             "stop ingest-2",
             "warehouse down",
         ),
+    ),
+    # partition-owned features workers: kill -9 one, and another while its partitions move
+    "workers": Mode(
+        "workers",
+        duration_s=45,
+        rate=2_500,
+        warehouse_down_s=5,
+        nats_short_s=2,
+        ack_wait_s=3,
+        faults=(
+            "kill features-2 mid-rebalance",
+            "stop features-3",
+            "kill features",
+            "restart nats",
+        ),
+        features_workers=3,
     ),
     "full": Mode(
         "full",
@@ -141,6 +158,8 @@ class RunResult:
     drained_s: float = 0.0
     wall_s: float = 0.0
     stored_twice: int = 0
+    # features worker -> (partitions it holds at the end, partitions it gained or gave up)
+    partitions: dict[str, tuple[list[int], int]] = field(default_factory=dict)
 
 
 def publish_budget_s(settings: Settings) -> float:
@@ -160,6 +179,7 @@ def stack_settings(state_dir: Path, mode: Mode, dedupe: bool) -> Settings:
         Settings.from_env(),
         state_dir=state_dir,
         ingest_workers=2,
+        features_workers=mode.features_workers,
         features_ack_wait_s=mode.ack_wait_s,
         ingest_ack_wait_s=mode.ack_wait_s,
         dedupe=dedupe,
@@ -181,6 +201,8 @@ def fault_length_s(fault: str, mode: Mode, settings: Settings) -> float:
     """How long a fault lasts (for spacing them over the load)."""
     if fault.startswith("stop "):
         return mode.ack_wait_s + 2.5
+    if fault.endswith(" mid-rebalance"):
+        return settings.features_lease_s * 1.2 + 0.5
     return {
         "restart nats": mode.nats_short_s,
         "long nats outage": long_outage_s(settings),
@@ -192,6 +214,18 @@ def fault_length_s(fault: str, mode: Mode, settings: Settings) -> float:
 async def inject(stack: Stack, fault: str, mode: Mode, rng: random.Random) -> str:
     """One fault; returns what happened, for the report."""
     what, _, target = fault.partition(" ")
+    if fault.endswith(" mid-rebalance"):
+        # one worker killed; while its partitions move (its leases expire, the supervisor
+        # starts it again), the next one is killed too
+        first = stack.child(target.split()[0])
+        pid1 = first.pid
+        first.kill()
+        await asyncio.sleep(stack.settings.features_lease_s * (0.7 + 0.5 * rng.random()))
+        n = int(target.split()[0].rsplit("-", 1)[1]) % mode.features_workers + 1
+        second = stack.child(f"features-{n}" if n > 1 else "features")
+        pid2 = second.pid
+        second.kill()
+        return f"SIGKILL pid {pid1}, then pid {pid2} while the partitions moved"
     if what == "kill":
         child = stack.child(target)
         pid = child.pid
@@ -319,6 +353,20 @@ async def _health(nc: Any, name: str) -> dict[str, Any]:
         await bus.request(nc, health_subject(name), {}, timeout=5)
     )
     return result
+
+
+async def worker_partitions(settings: Settings, workers: int) -> dict[str, tuple[list[int], int]]:
+    """Each features worker's partitions and how many times its partitions moved."""
+    nc = await bus.connect(settings, "faults-partitions")
+    try:
+        out: dict[str, tuple[list[int], int]] = {}
+        for k in range(1, workers + 1):
+            name = "features" if k == 1 else f"features-{k}"
+            h = await _health(nc, name)
+            out[name] = (list(h.get("partitions", [])), int(h.get("partition_moves", 0)))
+        return out
+    finally:
+        await nc.close()
 
 
 async def wait_drained(settings: Settings, timeout_s: float = 300.0) -> float:
@@ -516,6 +564,7 @@ class Parts:
     drained_s: float
     wall_s: float
     stored_twice: int  # events the EVENTS stream holds more than once (dedupe's work)
+    partitions: dict[str, tuple[list[int], int]]
 
 
 async def faulted_run_parts(
@@ -555,6 +604,7 @@ async def faulted_run_parts(
         end_rss = rss_of(stack)
         after_drain = (time.monotonic() - t0, end_rss)
         restarts = dict(stack.restarts)
+        partitions = await worker_partitions(settings, mode.features_workers)
     return Parts(
         load=stats,
         state=state,
@@ -572,6 +622,7 @@ async def faulted_run_parts(
         drained_s=drained,
         wall_s=time.monotonic() - t_start,
         stored_twice=twice,
+        partitions=partitions,
     )
 
 
@@ -602,6 +653,7 @@ async def faulted_run(
         drained_s=p.drained_s,
         wall_s=p.wall_s,
         stored_twice=p.stored_twice,
+        partitions=p.partitions,
     )
 
 
@@ -653,6 +705,14 @@ def format_report(r: Report) -> str:
         f"events stored more than once on the EVENTS stream (resent, other worker or "
         f"door, retried after a crash): {f.stored_twice:,}",
         f"automatic restarts by the supervisor: { {k: v for k, v in f.restarts.items() if v} }",
+        *(
+            [
+                "features workers (partitions at the end; partition moves since its start): "
+                + ", ".join(f"{w} {parts} ({moves})" for w, (parts, moves) in f.partitions.items())
+            ]
+            if len(f.partitions) > 1
+            else []
+        ),
         f"drained {f.drained_s:.1f}s after the load ended; run took {f.wall_s:.0f}s",
         "",
         f"{'events':<28}{'stored once':>12}{'lost':>8}{'duplicated':>12}{'not in raw history':>20}",

@@ -1,46 +1,59 @@
 """The online feature store contract: Redis key layout (versioned) and the batched reader.
 
 Written only by the features service; read by inference (and anyone) through
-:class:`OnlineReader`. Layout ``v3``; ``{version}`` is a feature view's content hash, so
-two definitions of one view live side by side:
+:class:`OnlineReader`. Layout ``v4``; ``{version}`` is a feature view's content hash, so
+two definitions of one view live side by side, and ``{p}`` is an EVENTS partition
+(``myelin.events.<p>``; an entity's partition is ``crc32(entity id) mod partitions``):
 
-- ``myelin:v3:view:{view}``                       hash: ``served`` (the version reads get
+- ``myelin:v4:view:{view}``                       hash: ``served`` (the version reads get
   unless they pin one)
-- ``myelin:v3:version:{view}:{version}``          hash: ``features`` (comma list, the
-  vector's order), ``ttl_s``, ``freshness_s``, ``definition`` (JSON), ``registered_ms``
-- ``myelin:v3:entities:{view}:{version}``        hash: entity id -> msgpack array ``[seq,
+- ``myelin:v4:version:{view}:{version}``          hash: ``features`` (comma list, the
+  vector's order), ``ttl_s``, ``freshness_s``, ``definition`` (JSON), ``registered_ms``,
+  ``partitions`` (how many the entities are spread over)
+- ``myelin:v4:entities:{<view>:<version>:<p>}``   hash: entity id -> msgpack array ``[seq,
   as_of, trace, vec, state]``: the event sequence of the newest event applied, its event
   time (ms), its trace id, the vector (array of float64, one per feature) and the window
-  state (opaque to readers). One hash per version: a batch is one HSET and a read one
-  HMGET, whatever the number of entities.
-  The features service deletes entities older than the view's TTL (reads enforce the
-  TTL themselves, whether or not that sweep has run).
-- ``myelin:v3:position:{view}:{version}``         string: last stream sequence fully applied
-- ``myelin:v3:watermarks:{view}:{version}``       hash: partition -> event-time watermark (ms)
+  state (opaque to readers).
+- ``myelin:v4:position:{<view>:<version>:<p>}``   string: last stream sequence of partition
+  ``p`` fully applied
+- ``myelin:v4:watermarks:{<view>:<version>:<p>}`` hash: partition -> event-time watermark
+  (ms); one field, ``p`` (a store of ``partitions`` 1 holds every partition's)
 
-(v1 kept one hash field per feature; v2 had one version per view and a hash per entity.)
-The read script builds the entities key from the served version: a view's keys must live
-on one Redis node.
+The braces are Redis Cluster hash tags: a partition's entities, position and watermark
+share one slot, so the features worker that owns the partition writes a batch as one
+MULTI/EXEC on one node, and a read is one HMGET per partition it touches. Partitions of
+one version spread over the cluster's shards. The features service deletes entities
+older than the view's TTL (reads enforce the TTL themselves, whether or not that sweep
+has run).
+
+(v1 kept one hash field per feature; v2 had one version per view and a hash per entity;
+v3 one entities hash and one position per version: one writer, one Redis node. A stack
+upgraded from v3 rebuilds v4 from the EVENTS stream on start, a backfill.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from myelin.redis_wire import RedisWire
+from myelin.subjects import partition_of
 
-LAYOUT = "v3"
+LAYOUT = "v4"
 PREFIX = f"myelin:{LAYOUT}"
 _enc = msgspec.msgpack.Encoder()
 
@@ -58,20 +71,55 @@ class EntityDoc(msgspec.Struct, array_like=True):
 _doc_dec = msgspec.msgpack.Decoder(EntityDoc)
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A Redis client that survives a Redis restart.
+def connect(url: str, cluster: bool = False) -> aioredis.Redis:
+    """A Redis client that survives a Redis restart; with ``cluster`` a Redis Cluster client
+    (``url`` names any node: the client learns the slots and the other nodes from it).
 
     ``Redis.from_url`` retries nothing by default: after Redis restarts, the first command
     on each pooled connection fails with "Connection closed by server". This client
     reconnects and retries a command (up to 6 times, 50 ms doubling to 1 s) on connection
     errors and timeouts. A transaction holding a WATCH is not retried by redis-py (it raises
     ``WatchError``), so callers that WATCH still re-read before they write again.
+
+    The cluster client is returned as the same type: the online store uses only what both
+    offer (one-key commands, one-key scripts, non-transactional pipelines), and takes a
+    transaction's connection through :func:`slot_connection`.
     """
-    return aioredis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 6)
+    errors: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
+    if cluster:
+        return cast(aioredis.Redis, RedisCluster.from_url(url, retry=retry, retry_on_error=errors))
+    return aioredis.Redis.from_url(url, retry=retry, retry_on_error=errors)
+
+
+@contextlib.asynccontextmanager
+async def slot_connection(client: aioredis.Redis, key: str) -> AsyncIterator[Any]:
+    """A connection to the node that serves ``key``'s slot, for a WATCH / MULTI / EXEC
+    transaction on keys of that slot (one hash tag). Disconnected if the block fails
+    (whatever it was in the middle of, the next user starts clean)."""
+    some: object = client  # connect() hands a cluster client out as Redis
+    if isinstance(some, RedisCluster):
+        node = some.get_node_from_key(key)
+        if node is None:
+            raise RedisConnectionError(f"no Redis Cluster node serves the slot of {key!r} now")
+        conn = node.acquire_connection()
+        try:
+            yield conn
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            node.release(conn)
+        return
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        yield conn
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
 
 
 def view_key(view: str) -> str:
@@ -82,16 +130,30 @@ def version_key(view: str, version: str) -> str:
     return f"{PREFIX}:version:{view}:{version}"
 
 
-def entities_key(view: str, version: str) -> str:
-    return f"{PREFIX}:entities:{view}:{version}"
+def partition_tag(view: str, version: str, partition: int) -> str:
+    """The Redis Cluster hash tag of one partition of a view version (one slot)."""
+    return f"{{{view}:{version}:{partition}}}"
 
 
-def position_key(view: str, version: str) -> str:
-    return f"{PREFIX}:position:{view}:{version}"
+def entities_key(view: str, version: str, partition: int) -> str:
+    return f"{PREFIX}:entities:{partition_tag(view, version, partition)}"
 
 
-def watermarks_key(view: str, version: str) -> str:
-    return f"{PREFIX}:watermarks:{view}:{version}"
+def position_key(view: str, version: str, partition: int) -> str:
+    return f"{PREFIX}:position:{partition_tag(view, version, partition)}"
+
+
+def watermarks_key(view: str, version: str, partition: int) -> str:
+    return f"{PREFIX}:watermarks:{partition_tag(view, version, partition)}"
+
+
+def partition_keys(view: str, version: str, partitions: int) -> list[str]:
+    """Every key of a view version's partitions (to delete a version)."""
+    return [
+        key(view, version, p)
+        for p in range(partitions)
+        for key in (entities_key, position_key, watermarks_key)
+    ]
 
 
 def encode_entity(seq: int, as_of: int, trace: str, vec: list[float], state: Any) -> bytes:
@@ -101,22 +163,6 @@ def encode_entity(seq: int, as_of: int, trace: str, vec: list[float], state: Any
 
 def decode_entity(blob: bytes) -> EntityDoc:
     return _doc_dec.decode(blob)
-
-
-# KEYS[1] = the view key; ARGV[1] = version ('' = the served one), ARGV[2] = the view's
-# entities key and ARGV[3] its version key, both without the version, ARGV[4..] = entity
-# ids. Returns {version, records}, or {'', version} when there is no such version: the
-# served version and its records are read in one atomic step, so a promotion never mixes
-# versions within a read, and a retired version is an error, not a page of misses.
-_READ_LUA = """
-local v = ARGV[1]
-if v == '' then v = redis.call('HGET', KEYS[1], 'served') end
-if not v then return {'', ''} end
-if redis.call('EXISTS', ARGV[3] .. v) == 0 then return {'', v} end
-if #ARGV < 4 then return {v, {}} end
-return {v, redis.call('HMGET', ARGV[2] .. v, unpack(ARGV, 4))}
-"""
-READ_CHUNK = 4000  # entity ids per script call (Lua's unpack is bounded by its C stack)
 
 
 class Status(StrEnum):
@@ -133,6 +179,7 @@ class ViewMeta:
     features: tuple[str, ...]
     ttl_s: float
     freshness_s: float
+    partitions: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,26 +213,26 @@ class UnknownView(LookupError):
     pass
 
 
+class LayoutMismatch(ValueError):
+    """A view version's stored layout does not match this stack's settings."""
+
+
 class OnlineReader:
-    """Batched reads of online vectors: one Redis call for any number of entities."""
+    """Batched reads of online vectors: the served version (one HGET, unless pinned), then
+    one HMGET per partition the entities fall in, all sent at once."""
 
     def __init__(self, client: aioredis.Redis, wire: RedisWire | None = None) -> None:
-        """``wire``: a lean connection for the read itself (the serving hot path); the
-        client serves everything else."""
+        """``wire``: a lean connection for the read itself (the serving hot path, a single
+        Redis node); the client serves everything else."""
         self._r = client
         self._wire = wire
         self._meta: dict[tuple[str, str], ViewMeta] = {}  # versions are immutable
-        # One server-side call for any number of entities: one command to pack, one reply
-        # to parse (a pipeline of HMGETs costs ~35 us of client time per entity).
-        self._mget: Any = client.register_script(_READ_LUA)
-
-    async def _read_script(self, keys: list[str], args: list[str]) -> Any:
-        if self._wire is not None:
-            return await self._wire.eval(_READ_LUA, keys, args)
-        return await self._mget(keys=keys, args=args)
 
     async def served_version(self, view: str) -> str:
-        raw = await self._r.hget(view_key(view), "served")
+        if self._wire is not None:
+            raw = await self._wire.call("HGET", view_key(view), "served")
+        else:
+            raw = await self._r.hget(view_key(view), "served")
         if raw is None:
             raise UnknownView(f"feature view {view!r} has no served version in the online store")
         return _text(raw)
@@ -198,7 +245,7 @@ class OnlineReader:
             return got
         raw = await self._r.hgetall(version_key(view, v))
         if not raw:
-            raise UnknownView(f"feature view {view}@{v} is not registered in the online store")
+            raise UnknownView(f"feature view {view}@{v} is not in the online store (retired?)")
         m = {_text(k): _text(val) for k, val in raw.items()}
         meta = ViewMeta(
             name=view,
@@ -206,9 +253,41 @@ class OnlineReader:
             features=tuple(m["features"].split(",")),
             ttl_s=float(m["ttl_s"]),
             freshness_s=float(m["freshness_s"]),
+            partitions=int(m.get("partitions", "1")),
         )
         self._meta[(view, v)] = meta
         return meta
+
+    async def _records(self, meta: ViewMeta, entities: list[str]) -> list[bytes | None]:
+        """Each entity's stored record (None: absent), and whether the version still
+        exists, read together."""
+        groups: dict[int, list[int]] = {}
+        n = meta.partitions
+        for i, e in enumerate(entities):
+            groups.setdefault(partition_of(e, n), []).append(i)
+        exists_cmd: tuple[str, ...] = ("EXISTS", version_key(meta.name, meta.hash))
+        cmds = [exists_cmd] + [
+            ("HMGET", entities_key(meta.name, meta.hash, p), *(entities[i] for i in idx))
+            for p, idx in groups.items()
+        ]
+        if self._wire is not None:
+            wire = self._wire
+            replies = await asyncio.gather(*(wire.call(*c) for c in cmds))
+        else:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for c in cmds:
+                    pipe.execute_command(*c)
+                replies = await pipe.execute()
+        if not replies[0]:
+            self._meta.pop((meta.name, meta.hash), None)
+            raise UnknownView(
+                f"feature view {meta.name}@{meta.hash} is not in the online store (retired?)"
+            )
+        out: list[bytes | None] = [None] * len(entities)
+        for idx, got in zip(groups.values(), replies[1:], strict=True):
+            for i, blob in zip(idx, got, strict=True):
+                out[i] = blob
+        return out
 
     async def read(
         self,
@@ -219,29 +298,9 @@ class OnlineReader:
         version: str | None = None,
     ) -> list[EntityVector]:
         """Vectors of ``entities`` from ``version`` (default: the served one)."""
-        got = version or ""
-        records: list[bytes | None] = []
-        for at in range(0, max(len(entities), 1), READ_CHUNK):
-            # later chunks pin the version the first one resolved
-            reply = await self._read_script(
-                [view_key(view)],
-                [
-                    got,
-                    f"{PREFIX}:entities:{view}:",
-                    f"{PREFIX}:version:{view}:",
-                    *entities[at : at + READ_CHUNK],
-                ],
-            )
-            if not _text(reply[0]):
-                absent = _text(reply[1])
-                raise UnknownView(
-                    f"feature view {view}@{absent} is not in the online store (retired?)"
-                    if absent
-                    else f"feature view {view!r} has no served version in the online store"
-                )
-            got = _text(reply[0])
-            records.extend(reply[1])
-        meta = await self.meta(view, got)
+        meta = await self.meta(view, version)
+        got = meta.hash
+        records = await self._records(meta, entities) if entities else []
         if features:
             missing = [f for f in features if f not in meta.features]
             if missing:

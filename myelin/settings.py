@@ -61,6 +61,7 @@ class Settings:
     nats_url: str = ""
     nats_port: int = 4222
     redis_url: str = ""
+    redis_cluster: bool = False  # MYELIN_REDIS_URL names a node of a Redis Cluster
     redis_port: int = 6390
     clickhouse_url: Secret = field(default_factory=lambda: Secret(""))
     opa_url: str = ""
@@ -79,6 +80,9 @@ class Settings:
     # off only as a control in fault tests, where resent events must then count twice
     dedupe: bool = True
     features_batch: int = 200  # messages per fetch (a message holds up to 100 events)
+    # features processes sharing the partitions (each holds its share, by leases in NATS KV)
+    features_workers: int = 1
+    features_lease_s: float = 3.0  # a dead worker's partitions move after this long
     features_ack_wait_s: float = 10.0
     ingest_ack_wait_s: float = 30.0  # the JetStream inbox consumer's ack wait
     # after a short fetch, keep gathering for up to this long: fewer, larger batches (the
@@ -136,6 +140,7 @@ class Settings:
             nats_url=_env("NATS_URL", f"nats://127.0.0.1:{nats_port}"),
             redis_port=redis_port,
             redis_url=_env("REDIS_URL", f"redis://127.0.0.1:{redis_port}/0"),
+            redis_cluster=_env("REDIS_CLUSTER", "0").lower() in ("1", "true", "yes"),
             clickhouse_url=Secret(_env("CLICKHOUSE_URL", "")),
             opa_url=_env("OPA_URL", ""),
             ingest_http_port=_int("INGEST_HTTP_PORT", d.ingest_http_port),
@@ -151,6 +156,8 @@ class Settings:
             duplicate_window_s=_float("DUPLICATE_WINDOW_S", d.duplicate_window_s),
             dedupe=_env("DEDUPE", "1").lower() not in ("0", "false", "no", ""),
             features_batch=_int("FEATURES_BATCH", d.features_batch),
+            features_workers=_int("FEATURES_WORKERS", d.features_workers),
+            features_lease_s=_float("FEATURES_LEASE_S", d.features_lease_s),
             features_ack_wait_s=_float("FEATURES_ACK_WAIT_S", d.features_ack_wait_s),
             ingest_ack_wait_s=_float("INGEST_ACK_WAIT_S", d.ingest_ack_wait_s),
             features_linger_s=_float("FEATURES_LINGER_S", d.features_linger_s),

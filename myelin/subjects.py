@@ -5,6 +5,7 @@ Changing a name here is a breaking change for every producer and consumer.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 EVENTS_STREAM = "MYELIN_EVENTS"
@@ -43,6 +44,12 @@ def event_subject(partition: int) -> str:
     """``myelin.events.<partition>``. A message holds events of one partition, in the order
     they were sent, so each entity's events keep their order (an entity has one partition)."""
     return f"myelin.events.{partition}"
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """An entity's partition: ``crc32(key) mod partitions`` (ingest routes by it, the online
+    store keeps the entity's record under it)."""
+    return zlib.crc32(key.encode()) % partitions
 
 
 def dlq_subject(reason: str) -> str:

@@ -7,7 +7,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from myelin.errors import ConfigError
 from myelin.stack.ports import listens_on
@@ -150,27 +150,32 @@ class NatsServer(_Engine):
 
 
 class RedisServer(_Engine):
-    """redis-server with an append-only file, so a killed process loses no acked write."""
+    """redis-server with an append-only file, so a killed process loses no acked write;
+    with ``cluster`` a Redis Cluster node (see :class:`RedisCluster`)."""
 
-    def __init__(self, data_dir: Path, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, data_dir: Path, port: int, host: str = "127.0.0.1", cluster: bool = False
+    ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = data_dir / "redis.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    f"bind {host}",
-                    f"port {port}",
-                    f'dir "{data_dir}"',
-                    "protected-mode yes",
-                    "daemonize no",
-                    "appendonly yes",
-                    "appendfsync everysec",
-                    'save ""',
-                    "maxmemory-policy noeviction",
-                ]
-            )
-            + "\n"
-        )
+        lines = [
+            f"bind {host}",
+            f"port {port}",
+            f'dir "{data_dir}"',
+            "protected-mode yes",
+            "daemonize no",
+            "appendonly yes",
+            "appendfsync everysec",
+            'save ""',
+            "maxmemory-policy noeviction",
+        ]
+        if cluster:
+            lines += [
+                "cluster-enabled yes",
+                f'cluster-config-file "{data_dir / "nodes.conf"}"',
+                "cluster-node-timeout 2000",
+            ]
+        conf.write_text("\n".join(lines) + "\n")
         super().__init__(
             "redis-server", [str(redis_server_binary()), str(conf)], data_dir / "redis.log"
         )
@@ -215,6 +220,73 @@ class NatsCluster:
             await self.stop()
             raise
         return self
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            await server.stop()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+REDIS_SLOTS = 16384
+
+
+class RedisCluster:
+    """A Redis Cluster of masters from the bundled redis-server on loopback (no replicas):
+    the hash slots are split evenly and assigned by this class, the nodes introduced to
+    each other (CLUSTER ADDSLOTS / MEET, as ``redis-cli --cluster create`` does), and it is
+    ready once every node reports ``cluster_state:ok``. ``url`` names the first node (a
+    cluster client learns the others from it)."""
+
+    def __init__(self, data_dir: Path, ports: list[int], host: str = "127.0.0.1") -> None:
+        if len(ports) < 3:
+            raise ConfigError("a Redis Cluster needs at least 3 masters")
+        self.host = host
+        self.servers = [
+            RedisServer(data_dir / f"r{i}", port, host, cluster=True)
+            for i, port in enumerate(ports)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    async def __aenter__(self) -> Self:
+        import redis.asyncio as aioredis
+
+        try:
+            for server in self.servers:
+                server.start()
+            for server in self.servers:
+                await server.wait_ready()
+            clients = [aioredis.Redis(host=self.host, port=s.port) for s in self.servers]
+            try:
+                n = len(self.servers)
+                for i, client in enumerate(clients):
+                    lo, hi = i * REDIS_SLOTS // n, (i + 1) * REDIS_SLOTS // n
+                    await client.execute_command("CLUSTER ADDSLOTS", *range(lo, hi))  # type: ignore[no-untyped-call]
+                for server in self.servers[1:]:
+                    await clients[0].execute_command("CLUSTER MEET", self.host, server.port)  # type: ignore[no-untyped-call]
+                await self._wait_ok(clients)
+            finally:
+                for client in clients:
+                    await client.aclose()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _wait_ok(self, clients: list[Any], timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            states = [await c.execute_command("CLUSTER INFO") for c in clients]
+            if all(st.get("cluster_state") == "ok" for st in states):  # parsed by redis-py
+                return
+            if loop.time() > deadline:
+                raise ProcessError(f"the Redis Cluster did not come up in {timeout}s: {states}")
+            await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
         for server in self.servers:

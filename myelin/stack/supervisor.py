@@ -121,7 +121,8 @@ class Stack:
         return claims
 
     def _process_names(self, service: str) -> list[str]:
-        workers = self.settings.ingest_workers if service == "ingest" else 1
+        s = self.settings
+        workers = {"ingest": s.ingest_workers, "features": s.features_workers}.get(service, 1)
         return [service if k == 1 else f"{service}-{k}" for k in range(1, workers + 1)]
 
     async def start(self) -> None:
@@ -153,8 +154,8 @@ class Stack:
             self._monitor_task.add_done_callback(self._monitor_done)
 
     async def start_service(self, service: str) -> None:
-        """Start a service's processes (``MYELIN_INGEST_WORKERS`` for ingest) and wait for
-        each to report ready."""
+        """Start a service's processes (``MYELIN_INGEST_WORKERS`` for ingest,
+        ``MYELIN_FEATURES_WORKERS`` for features) and wait for each to report ready."""
         s = self.settings
         env = s.to_env()
         for k, name in enumerate(self._process_names(service), start=1):

@@ -1,8 +1,9 @@
 """features composition root.
 
-Owns: one EVENTS pull consumer per feature view version (each feeding its own pipeline:
-online values to Redis, offline values to the FEATURES stream), the feature view
-registry, replays and the consistency check. ClickHouse belongs to the warehouse service.
+Owns: for each feature view version, one EVENTS pull consumer per partition it owns (all
+of them in a single process), each feeding its own pipeline: online values to Redis,
+offline values to the FEATURES stream; the feature view registry, replays and the
+consistency check. ClickHouse belongs to the warehouse service.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from typing import Any
 
@@ -28,20 +31,33 @@ from myelin.decisions import GovernanceClient
 from myelin.online import OnlineReader
 from myelin.service import BatchGc
 from myelin.settings import Settings
-from myelin.subjects import EVENTS_STREAM
+from myelin.subjects import EVENTS_STREAM, event_subject
 from services.features.event_dead_letters import event_dead_letters
 from services.features.feature_rows import RowsSink, rows_publisher
 from services.features.late_sink import late_publisher
+from services.features.leases import PartitionLeases
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
+from services.features.progress import progress
 from services.features.replay import Replayer
 from services.features.rpc import serve_check, serve_replay, serve_views
 from services.features.view_registry import ViewRegistry
-from services.features.view_versions import VersionRunner, ViewVersions, consumer_name
+from services.features.view_versions import (
+    PartitionRunner,
+    VersionRunner,
+    ViewVersions,
+    consumer_name,
+)
 from services.features.views import VIEWS, FeatureView, InvalidView, contract_problems
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 0.2  # how often each version's position is read back
+SYNC_EVERY_S = 2.0  # how often a worker of several re-reads the registered versions
+
+
+class HotKeysUnsupported(ValueError):
+    """Salted hot keys and partition-owned feature state do not go together."""
 
 
 class FeaturesApp:
@@ -62,22 +78,37 @@ class FeaturesApp:
         self.primary = VIEWS[0].name  # the view the top-level status fields describe
         self.gc = BatchGc(settings.gc_full_every_s)
         self.broken_versions: dict[str, str] = {}  # stored definitions that do not read
+        self._progress: asyncio.Task[None] | None = None
+        self.leases: PartitionLeases | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+        self._parts_lock = asyncio.Lock()  # partitions start and stop one at a time
+        instance = os.environ.get("MYELIN_INSTANCE", "1")
+        self.worker = os.environ.get("MYELIN_FEATURES_WORKER") or (
+            f"{socket.gethostname()}-features-{instance}"
+        )
 
     async def start(self) -> None:
         s = self.settings
-        self._redis = online.connect(s.redis_url)
+        self._redis = online.connect(s.redis_url, s.redis_cluster)
         await self._redis.ping()
         self._nc = await bus.connect(s, self.name)
         js = self._js = bus.jetstream(self._nc, s)
         self._contracts = ContractStore(js)
         self.registry = await self._contracts.registry()
         self.view_registry = ViewRegistry(js)
+        if s.hot_keys:
+            raise HotKeysUnsupported(
+                "MYELIN_HOT_KEYS spreads a key's events over several partitions, and feature "
+                "state is kept and owned per partition: a salted key's windows would be split. "
+                "Unset MYELIN_HOT_KEYS for a stack that runs the features service"
+            )
         self.views = ViewVersions(
             self.view_registry,
             GovernanceClient(self._nc),
             self._start_version,
             self._stop_version,
             self._stream_last_seq,
+            self._refresh,
             self.primary,
             self._check_view,
         )
@@ -104,6 +135,21 @@ class FeaturesApp:
         self.reader = OnlineReader(self._redis)
         self._subs.append(await serve_check(self._nc, self))
         self._subs.append(await serve_views(self._nc, self))
+        self.leases = PartitionLeases(
+            js,
+            self.worker,
+            s.partitions,
+            s.features_lease_s,
+            self._gain,
+            self._lose,
+            s.stream_replicas,
+        )
+        await self.leases.open()
+        await self.leases.tick()  # alone, it holds every partition from here on
+        self._lease_task = asyncio.create_task(self.leases.run(), name="features-leases")
+        for runner in self.views.runners.values():
+            await self._refresh(runner)
+        self._progress = asyncio.create_task(self._watch_progress(), name="features-progress")
 
     async def _check_view(self, view: FeatureView) -> list[str]:
         """What keeps ``view`` from running: its reads against the contracts registered now
@@ -131,22 +177,109 @@ class FeaturesApp:
         assert self._js is not None
         return int((await self._js.stream_info(EVENTS_STREAM)).state.last_seq)
 
+    async def _refresh(self, runner: VersionRunner) -> None:
+        assert self._js is not None and self._redis is not None
+        got = await progress(
+            self._js,
+            self._redis,
+            runner.view.name,
+            runner.view.content_hash,
+            self.settings.partitions,
+        )
+        runner.position, runner.lag_messages = got.position, got.lag_messages
+        runner.served = await runner.store.served() == runner.view.content_hash
+
+    async def _watch_progress(self) -> None:
+        """Keeps every version's position and lag current for the status (a version's
+        partitions may be applied by other workers: Redis and the stream are the truth)."""
+        synced = time.monotonic()
+        while True:
+            for runner in list(self.views.runners.values() if self.views else []):
+                try:
+                    await self._refresh(runner)
+                except Exception as exc:  # noqa: BLE001 - reported as stale, tried again
+                    log.debug("progress of %s not read: %r", runner.view.ref, exc)
+            if self.settings.features_workers > 1 and time.monotonic() - synced > SYNC_EVERY_S:
+                synced = time.monotonic()
+                try:  # versions registered or retired through another worker
+                    await self._sync_versions()
+                except Exception as exc:  # noqa: BLE001 - tried again
+                    log.warning("feature view versions not synced: %r", exc)
+            await asyncio.sleep(PROGRESS_EVERY_S)
+
+    async def _sync_versions(self) -> None:
+        assert self.views is not None and self.view_registry is not None
+        stored, _broken = await self.view_registry.versions()
+        wanted = {v.content_hash: v for v in stored}
+        for version, view in wanted.items():
+            if version not in self.views.runners:
+                log.info("running %s, registered through another worker", view.ref)
+                await self.views.run(view)
+        for version, runner in list(self.views.runners.items()):
+            if version not in wanted:
+                log.info("stopping %s, retired through another worker", runner.view.ref)
+                await self._stop_version(runner)
+                del self.views.runners[version]
+
     async def _stop_version(self, runner: VersionRunner) -> None:
-        assert self._js is not None
-        runner.loop.stop()
-        await asyncio.gather(runner.task, return_exceptions=True)
-        with contextlib.suppress(NotFoundError):
-            await self._js.delete_consumer(EVENTS_STREAM, runner.durable)
+        async with self._parts_lock:
+            for p in list(runner.parts):
+                await self._stop_part(runner, p, delete_consumer=True)
 
     async def _start_version(self, view: FeatureView) -> VersionRunner:
+        async with self._parts_lock:
+            return await self._start_version_parts(view)
+
+    async def _start_version_parts(self, view: FeatureView) -> VersionRunner:
+        assert self._js is not None and self._redis is not None
+        s = self.settings
+        store = OnlineStore(self._redis, view, s.online_ttl_s, 0, s.partitions)
+        await store.register_view()
+        runner = VersionRunner(view, WindowEngine(view, dedupe=s.dedupe), store)
+        # the consumer of layout v3 (one per version) is not used any more
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(EVENTS_STREAM, consumer_name(view))
+        for p in self.owned_partitions():
+            await self._start_part(runner, p)
+        return runner
+
+    def owned_partitions(self) -> list[int]:
+        """The partitions this worker holds the leases of (all of them when it is alone)."""
+        return self.leases.owned if self.leases else []
+
+    async def _gain(self, p: int) -> None:
+        async with self._parts_lock:
+            for runner in list(self.views.runners.values() if self.views else []):
+                if not runner.failed and p not in runner.parts:
+                    await self._start_part(runner, p)
+        log.info("%s: partition %d is applied here now", self.worker, p)
+
+    async def _lose(self, p: int) -> None:
+        async with self._parts_lock:
+            for runner in list(self.views.runners.values() if self.views else []):
+                await self._stop_part(runner, p, delete_consumer=False)
+        log.info("%s: partition %d given up", self.worker, p)
+
+    async def _stop_part(self, runner: VersionRunner, p: int, delete_consumer: bool) -> None:
+        part = runner.parts.pop(p, None)
+        if part is None:
+            return
+        part.loop.stop()
+        await asyncio.gather(part.task, return_exceptions=True)
+        runner.retire_part(part)
+        if delete_consumer and self._js is not None:
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_consumer(EVENTS_STREAM, consumer_name(runner.view, p))
+
+    async def _start_part(self, runner: VersionRunner, p: int) -> None:
         assert self._js is not None and self._redis is not None
         assert self._contracts is not None and self.registry is not None
-        s, js = self.settings, self._js
-        store = OnlineStore(self._redis, view, s.online_ttl_s)
+        s, js, view = self.settings, self._js, runner.view
+        store = runner.store.for_partition(p)
         pub = bus.Publisher(js, s)
-        durable = consumer_name(view)
+        durable = consumer_name(view, p)
         pipeline = FeaturePipeline(
-            WindowEngine(view, dedupe=s.dedupe),
+            runner.engine,
             self.registry,
             store,
             self.rows_sink(),
@@ -161,19 +294,23 @@ class FeaturesApp:
             js,
             EVENTS_STREAM,
             durable,
-            "myelin.events.>",
+            event_subject(p),
             max_ack_pending=s.features_batch * 2,
             ack_wait_s=s.features_ack_wait_s,
             start_seq=position + 1,
         )
-        log.info("view %s resumes after stream sequence %d", view.ref, position)
+        log.info("view %s partition %d resumes after stream sequence %d", view.ref, p, position)
 
         async def on_events(msgs: list[Msg]) -> None:
             ctx = telemetry.extract(dict(msgs[0].headers or {}))
             with telemetry.tracer("myelin.features").start_as_current_span(
                 "features batch",
                 context=ctx,
-                attributes={"messaging.batch.message_count": len(msgs), "myelin.view": view.ref},
+                attributes={
+                    "messaging.batch.message_count": len(msgs),
+                    "myelin.view": view.ref,
+                    "myelin.partition": p,
+                },
             ):
                 unreadable = await pipeline.process(
                     [(m.metadata.sequence.stream, m.data) for m in msgs]
@@ -188,6 +325,9 @@ class FeaturesApp:
 
         async def on_stopped(exc: BaseException) -> None:
             log.error("view version %s stopped; other views keep flowing: %s", view.ref, exc)
+            runner.stopped_error = f"{type(exc).__name__}: {exc}"[:2000]
+            for other in runner.parts.values():  # the version stops as a whole
+                other.loop.stop()
             record = platform_record(
                 "view_failed",
                 view.ref,
@@ -195,14 +335,15 @@ class FeaturesApp:
                 {
                     "view": view.name,
                     "version": view.content_hash,
+                    "partition": p,
                     "position": pipeline.stats.position,
                 },
                 telemetry.trace_id_hex(),
             )
             await AuditLog(pub)(record)
 
-        # The view's own failure stops this version only ("stop"); what the input did wrong
-        # the pipeline dead-letters itself, and transient trouble is retried.
+        # The view's own failure stops this version ("stop"); what the input did wrong the
+        # pipeline dead-letters itself, and transient trouble is retried.
         loop = PullLoop(
             js,
             EVENTS_STREAM,
@@ -213,8 +354,8 @@ class FeaturesApp:
             on_poison="stop",
             on_stopped=on_stopped,
         )
-        return VersionRunner(
-            view, store, pipeline, loop, asyncio.create_task(loop.run(), name=durable)
+        runner.parts[p] = PartitionRunner(
+            p, pipeline, loop, asyncio.create_task(loop.run(), name=durable)
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -227,10 +368,18 @@ class FeaturesApp:
         self._subs.clear()
         if self.replayer is not None:
             await self.replayer.stop()
-        runners = list(self.views.runners.values()) if self.views else []
-        for r in runners:
-            r.loop.stop()
-        await asyncio.gather(*(r.task for r in runners), return_exceptions=True)
+        for task in (self._lease_task, self._progress):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.leases is not None:  # the others take this worker's partitions at once
+            await self.leases.close()
+        parts = [
+            p for r in (self.views.runners.values() if self.views else []) for p in r.parts.values()
+        ]
+        for part in parts:
+            part.loop.stop()
+        await asyncio.gather(*(p.task for p in parts), return_exceptions=True)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -244,14 +393,14 @@ class FeaturesApp:
         all_runners = self.views.runners.values() if self.views else []
         runners = [r for r in all_runners if r.view.name == self.primary]
         served = [r for r in runners if r.served]
-        pick = served or sorted(runners, key=lambda r: -r.pipeline.stats.position)
+        pick = served or sorted(runners, key=lambda r: -r.position)
         return pick[0] if pick else None
 
     def status(self) -> dict[str, Any]:
         r = self._primary_runner()
-        st = r.pipeline.stats if r else None
+        st = r.stats() if r else None
         versions = list(self.views.runners.values()) if self.views else []
-        loops = [v.loop for v in versions]
+        loops = [p.loop for v in versions for p in v.parts.values()]
         snaps = {v.view.ref: v.snapshot() for v in versions}
         stuck = [f"{ref}: {v['error']}" for ref, v in snaps.items() if v["state"] == "retrying"]
         failed = [f"{ref}: {v['error']}" for ref, v in snaps.items() if v["state"] == "stopped"]
@@ -281,6 +430,10 @@ class FeaturesApp:
             "undecodable": st.undecodable if st else 0,
             "feature_rows": st.feature_rows if st else 0,
             "versions": list(snaps.values()),
+            "worker": self.worker,
+            "partitions": self.owned_partitions(),
+            "workers": self.leases.members if self.leases else [],
+            "partition_moves": self.leases.moves if self.leases else 0,
             "idle": all(loop.idle for loop in loops),
             "drained": {loop.durable: loop.messages for loop in loops},
             "replay": self.replayer.snapshot() if self.replayer else {},

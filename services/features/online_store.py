@@ -1,9 +1,11 @@
-"""Outbound adapter: the Redis online store (layout in :mod:`myelin.online`).
+"""Outbound adapter: the Redis online store of one partition of a view version (layout
+in :mod:`myelin.online`).
 
-A batch is applied as one MULTI/EXEC transaction: one HSET of the entity records (vector
-+ window state), the partition watermarks and the view version's position, all or
-nothing. The guard is the position, WATCHed and read first: a batch whose last stream
-sequence is not beyond it was applied already (a redelivery or a replay) and changes
+A batch (events of one partition) is applied as one MULTI/EXEC transaction on the
+partition's slot: one HSET of the entity records (vector + window state), the partition's
+watermark and position, all or nothing. The guard is the position, WATCHed and read
+first: a batch whose last stream sequence is not beyond it was applied already (a
+redelivery, a replay, or a worker that lost the partition to another) and changes
 nothing. The pipeline drops messages at or below the position before computing, so a
 batch is either wholly new or wholly old.
 
@@ -32,7 +34,7 @@ from services.features.views import FeatureView, view_doc
 
 
 class ConcurrentWriter(Retryable):
-    """Another writer moved this view version's position during the batch (retried: the
+    """Another writer moved this partition's position during the batch (retried: the
     batch is re-read from the new position; the loop reports it if it keeps happening)."""
 
     code = "concurrent_writer"
@@ -47,6 +49,12 @@ class _Stored(msgspec.Struct, array_like=True):
 
 
 _stored = msgspec.msgpack.Decoder(_Stored)
+# the served pointer swapped in one step (one key: a Redis Cluster runs it on its node)
+_SWAP_LUA = """
+local previous = redis.call('HGET', KEYS[1], 'served')
+redis.call('HSET', KEYS[1], 'served', ARGV[1])
+return previous
+"""
 _pack = cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)  # its stub takes 1-tuples
 
 
@@ -70,8 +78,9 @@ class OnlineUpdate:
         self.trace_id = trace_id
 
 
-def version_meta(view: FeatureView) -> dict[str, str]:
+def version_meta(view: FeatureView, partitions: int) -> dict[str, str]:
     return {
+        "partitions": str(partitions),
         "features": ",".join(view.feature_names),
         "ttl_s": str(view.ttl_s),
         "freshness_s": str(view.freshness_s),
@@ -81,13 +90,30 @@ def version_meta(view: FeatureView) -> dict[str, str]:
 
 
 class OnlineStore:
-    def __init__(self, client: aioredis.Redis, view: FeatureView, ttl_s: int) -> None:
+    """One partition of a view version (``partition`` of ``partitions``)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        view: FeatureView,
+        ttl_s: int,
+        partition: int = 0,
+        partitions: int = 1,
+    ) -> None:
         self._r = client
         self.view = view
         self.version = view.content_hash
         self.ttl_s = max(ttl_s, view.ttl_s)
-        self._entities = online.entities_key(view.name, self.version)
+        self.partition = partition
+        self.partitions = partitions
+        name = view.name
+        self._entities = online.entities_key(name, self.version, partition)
+        self._pos_key = online.position_key(name, self.version, partition)
+        self._wm_key = online.watermarks_key(name, self.version, partition)
         self._cursor = 0  # where the TTL sweep resumes
+
+    def for_partition(self, partition: int) -> OnlineStore:
+        return OnlineStore(self._r, self.view, self.ttl_s, partition, self.partitions)
 
     async def register_view(self) -> None:
         """Record this version's metadata; the first version of a view is served at once
@@ -95,7 +121,15 @@ class OnlineStore:
         v = self.view
         key = online.version_key(v.name, self.version)
         if not await self._r.exists(key):
-            await self._r.hset(key, mapping=cast(Any, version_meta(v)))
+            await self._r.hset(key, mapping=cast(Any, version_meta(v, self.partitions)))
+        stored = await self._r.hget(key, "partitions")
+        if stored is not None and int(stored) != self.partitions:
+            raise online.LayoutMismatch(
+                f"view {v.ref} was built over {int(stored)} partitions and this stack has "
+                f"{self.partitions} (MYELIN_PARTITIONS): entities would be looked up in the "
+                "wrong place. Keep MYELIN_PARTITIONS, or register the view again as a new "
+                "version after changing it"
+            )
         await self._r.hsetnx(online.view_key(v.name), "served", self.version)
 
     async def served(self) -> str:
@@ -105,28 +139,21 @@ class OnlineStore:
 
     async def promote(self) -> str:
         """Serve this version from now on (one atomic pointer swap); returns the previous."""
-        key = online.view_key(self.view.name)
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.hget(key, "served")
-            pipe.hset(key, "served", self.version)
-            previous, _ = await pipe.execute()
+        previous = await self._r.eval(_SWAP_LUA, 1, online.view_key(self.view.name), self.version)
         return previous.decode() if isinstance(previous, bytes) else (previous or "")
 
     async def drop(self) -> None:
-        """Delete this version's online data (the served pointer too, if it points here:
-        only a failed version is dropped while served; the caller checks)."""
+        """Delete this version's online data, every partition (the served pointer too, if
+        it points here: only a failed version is dropped while served; the caller checks)."""
         name, v = self.view.name, self.version
         if await self.served() == v:
             await self._r.hdel(online.view_key(name), "served")
-        await self._r.delete(
-            self._entities,
-            online.position_key(name, v),
-            online.watermarks_key(name, v),
-            online.version_key(name, v),
-        )
+        for key in online.partition_keys(name, v, self.partitions):  # one slot each
+            await self._r.delete(key)
+        await self._r.delete(online.version_key(name, v))
 
     async def position(self) -> int:
-        raw = await self._r.get(online.position_key(self.view.name, self.version))
+        raw = await self._r.get(self._pos_key)
         return int(raw) if raw else 0
 
     async def load_states(self, entities: list[str]) -> dict[str, EntityState]:
@@ -140,15 +167,20 @@ class OnlineStore:
         }
 
     async def watermarks(self) -> dict[int, int]:
-        raw = await self._r.hgetall(online.watermarks_key(self.view.name, self.version))
+        raw = await self._r.hgetall(self._wm_key)
         return {int(k): int(v) for k, v in raw.items()}
 
     async def apply(
-        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int]
+        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int], after: int
     ) -> int:
-        """Returns the entities written, or -1 when the batch was applied before."""
+        """Returns the entities written, or -1 when the batch was applied before.
+
+        ``after``: the position the caller's states are at (its last batch). A stored
+        position beyond it means another writer applied this partition meanwhile (a
+        worker that held it while this one was paused): the caller's states are stale, so
+        nothing is written and :class:`ConcurrentWriter` makes it re-read them and retry."""
         name = self.view.name
-        pos_key = online.position_key(name, self.version)
+        pos_key = self._pos_key
         encode = online.encode_entity
         items: list[Any] = ["HSET", self._entities]
         for u in updates:
@@ -158,32 +190,31 @@ class OnlineStore:
         if updates:
             commands.append(tuple(items))
         if watermarks:
-            wm_key = online.watermarks_key(name, self.version)
-            commands.append(("HSET", wm_key, *(x for kv in watermarks.items() for x in kv)))
+            commands.append(("HSET", self._wm_key, *(x for kv in watermarks.items() for x in kv)))
         commands += [("SET", pos_key, last_seq), ("EXEC",)]
-        pool = self._r.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
+        async with online.slot_connection(self._r, pos_key) as conn:
             await conn.send_packed_command(_pack(("WATCH", pos_key)) + _pack(("GET", pos_key)))
             await conn.read_response()
             raw = await conn.read_response()
-            if last_seq <= (int(raw) if raw else 0):
+            stored = int(raw) if raw else 0
+            if last_seq <= stored or stored > after:
                 await conn.send_packed_command(_pack(("UNWATCH",)))
                 await conn.read_response()
+                if stored > after:
+                    raise ConcurrentWriter(
+                        f"{name}@{self.version} partition {self.partition} is at stream "
+                        f"sequence {stored}, beyond this writer's {after}: another worker "
+                        "applied it meanwhile; re-reading its state"
+                    )
                 return -1
             await conn.send_packed_command(b"".join(_pack(c) for c in commands))
             for _ in commands[:-1]:
                 await conn.read_response()  # OK / QUEUED (an error reply raises)
             if await conn.read_response() is None:  # EXEC: nil when the WATCH fired
                 raise ConcurrentWriter(
-                    f"the position of {name}@{self.version} moved during the batch: "
-                    "is a second features process running this view?"
+                    f"the position of {name}@{self.version} partition {self.partition} "
+                    "moved during the batch: another worker wrote it (a partition moving)"
                 )
-        except BaseException:
-            await conn.disconnect()  # whatever it was in the middle of, it starts clean
-            raise
-        finally:
-            await pool.release(conn)
         return len(updates)
 
     async def sweep(self, now_ms: int, count: int = 10_000) -> int:
@@ -210,7 +241,7 @@ class StateStore(Protocol):
     async def watermarks(self) -> dict[int, int]: ...
 
     async def apply(
-        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int]
+        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int], after: int
     ) -> int: ...
 
     async def sweep(self, now_ms: int) -> int: ...
@@ -238,7 +269,7 @@ class MemoryStateStore:
         return dict(self._watermarks)
 
     async def apply(
-        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int]
+        self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int], after: int
     ) -> int:
         self._watermarks.update(watermarks)
         for u in updates:

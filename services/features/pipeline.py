@@ -127,6 +127,7 @@ class FeaturePipeline:
         self.watermarks: dict[int, int] = {}  # partition -> newest event time seen
         self._lateness_ms = self.view.allowed_lateness_s * 1000
         self._last_sweep = time.monotonic()
+        self._stale = False  # re-read position and watermarks before the next batch
 
     async def start(self) -> int:
         await self.online.register_view()
@@ -137,6 +138,12 @@ class FeaturePipeline:
     async def process(self, batch: list[tuple[int, bytes]]) -> list[int]:
         """``batch`` is ``(stream_seq, payload)`` in stream order. Returns the sequences of
         the messages that could not be read at all (dead-lettered, skipped)."""
+        if self._stale:  # after a failure: where the store stands (another worker may
+            # have applied this partition meanwhile), so a retry computes from the same
+            # state as whoever applied the rest
+            self.stats.position = await self.online.position()
+            self.watermarks = await self.online.watermarks()
+            self._stale = False
         batch = [(s, p) for s, p in batch if s > self.stats.position]
         if not batch:
             return []
@@ -144,6 +151,7 @@ class FeaturePipeline:
             return await self._process(batch)
         except BaseException:
             self.cache.clear()  # the states in it may hold half a batch: reload from Redis
+            self._stale = True
             raise
 
     async def _decode(
@@ -280,15 +288,14 @@ class FeaturePipeline:
         last_seq = batch[-1][0]
         updates = [OnlineUpdate(e, work[e], vals, trace) for e, (vals, trace) in touched.items()]
         await self.online.apply(
-            updates, last_seq, {p: w for p, w in wms.items() if w != self.watermarks.get(p)}
+            updates,
+            last_seq,
+            {p: w for p, w in wms.items() if w != self.watermarks.get(p)},
+            self.stats.position,
         )
         self.watermarks = wms
         for e, st in work.items():
             cache.put(e, st)
-        now = time.monotonic()
-        if now - self._last_sweep > SWEEP_EVERY_S:  # between batches: never races an apply
-            self._last_sweep = now
-            await self.online.sweep(int(time.time() * 1000))
         s = self.stats
         s.events += total
         s.messages += len(batch)
@@ -300,4 +307,11 @@ class FeaturePipeline:
         s.position = last_seq
         if decoded:
             s.last_event_ingest_ms = decoded[-1][1].ingest_time
+        now = time.monotonic()
+        if now - self._last_sweep > SWEEP_EVERY_S:  # between batches: never races an apply
+            self._last_sweep = now
+            try:  # the batch is committed: a failed sweep is only tried again later
+                await self.online.sweep(int(time.time() * 1000))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s: TTL sweep failed (tried again later): %r", self.view.ref, exc)
         return [b.stream_seq for b in bad if b.index < 0]

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from services.features.app import FeaturesApp
 
 
+QUEUE = "features"  # one worker answers each request, whichever
+
+
 class ViewsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     op: Literal["list", "register", "promote", "retire"] = "list"
     view: str = ""  # NAME@HASH for promote / retire
@@ -33,7 +36,7 @@ async def serve_replay(nc: NATS, replayer: Replayer) -> Any:
         await replayer.start(req)
         return replayer.snapshot()
 
-    return await bus.serve(nc, RPC_FEATURES_REPLAY, handle)
+    return await bus.serve(nc, RPC_FEATURES_REPLAY, handle, queue=QUEUE)
 
 
 async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
@@ -54,9 +57,9 @@ async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
         # the engine holds configuration only (no entity state): the live one is reused;
         # the registry is re-read (a contract registered a moment ago must be known)
         registry = await app.contracts.registry()
-        return await check(req, runner.pipeline.engine, registry, app.reader, query, stored)
+        return await check(req, runner.engine, registry, app.reader, query, stored)
 
-    return await bus.serve(nc, RPC_FEATURES_CHECK, handle)
+    return await bus.serve(nc, RPC_FEATURES_CHECK, handle, queue=QUEUE)
 
 
 async def serve_views(nc: NATS, app: FeaturesApp) -> Any:
@@ -74,4 +77,4 @@ async def serve_views(nc: NATS, app: FeaturesApp) -> Any:
             return await app.views.retire(req.view, req.requester)
         return await app.views.list()
 
-    return await bus.serve(nc, RPC_FEATURES_VIEWS, handle)
+    return await bus.serve(nc, RPC_FEATURES_VIEWS, handle, queue=QUEUE)

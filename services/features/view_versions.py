@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from myelin.consume import PullLoop
 from myelin.decisions import GovernanceClient
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
-from services.features.pipeline import FeaturePipeline
+from services.features.pipeline import FeaturePipeline, PipelineStats
 from services.features.versions import (
     PromotionRefused,
     UnknownVersion,
@@ -32,15 +32,32 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class VersionRunner:
-    """One feature view version: its pipeline, online store and consumer."""
+class PartitionRunner:
+    """One partition of a feature view version, owned by this process: its pipeline (with
+    its hot states) and its consumer."""
 
-    view: FeatureView
-    store: OnlineStore
+    partition: int
     pipeline: FeaturePipeline
     loop: PullLoop
     task: asyncio.Task[None]
-    served: bool = False  # kept current by this process, the only one that promotes
+
+
+@dataclass
+class VersionRunner:
+    """One feature view version in this process: the partitions it owns (all of them
+    unless workers share the version), and where the version as a whole stands."""
+
+    view: FeatureView
+    engine: WindowEngine  # configuration only: shared by the partitions' pipelines
+    store: OnlineStore  # version-wide operations (served, promote, drop)
+    parts: dict[int, PartitionRunner] = field(default_factory=dict)
+    served: bool = False  # kept current by the process that promotes
+    # stream sequence up to which every partition is applied (see features.progress), and
+    # the EVENTS messages after it
+    position: int = 0
+    lag_messages: int = 0
+    stopped_error: str = ""  # a partition's pipeline failed: the version stops everywhere here
+    retired_stats: PipelineStats = field(default_factory=PipelineStats)  # of parts given up
 
     @property
     def durable(self) -> str:
@@ -49,18 +66,62 @@ class VersionRunner:
     @property
     def failed(self) -> str:
         """Why this version stopped ('' while it runs)."""
-        return self.loop.stopped_error
+        return self.stopped_error or next(
+            (p.loop.stopped_error for p in self.parts.values() if p.loop.stopped_error), ""
+        )
+
+    @property
+    def state(self) -> str:
+        """``stopped`` if any partition stopped, ``retrying`` if any retries, else ``ok``."""
+        states = {p.loop.state for p in self.parts.values()}
+        if self.failed or "stopped" in states:
+            return "stopped"
+        return "retrying" if "retrying" in states else "ok"
+
+    @property
+    def error(self) -> str:
+        return self.failed or next(
+            (p.loop.last_error for p in self.parts.values() if p.loop.attempts), ""
+        )
+
+    def stats(self) -> PipelineStats:
+        """This process's figures for the version, summed over its partitions (also those
+        it has given up to another worker)."""
+        total = PipelineStats(**vars(self.retired_stats))
+        for part in self.parts.values():
+            st = part.pipeline.stats
+            total.events += st.events
+            total.messages += st.messages
+            total.applied += st.applied
+            total.duplicates += st.duplicates
+            total.late += st.late
+            total.undecodable += st.undecodable
+            total.feature_rows += st.feature_rows
+            total.last_event_ingest_ms = max(total.last_event_ingest_ms, st.last_event_ingest_ms)
+        total.position = self.position
+        return total
+
+    def retire_part(self, part: PartitionRunner) -> None:
+        st, kept = part.pipeline.stats, self.retired_stats
+        kept.events += st.events
+        kept.messages += st.messages
+        kept.applied += st.applied
+        kept.duplicates += st.duplicates
+        kept.late += st.late
+        kept.undecodable += st.undecodable
+        kept.feature_rows += st.feature_rows
 
     def snapshot(self) -> dict[str, Any]:
-        st, loop = self.pipeline.stats, self.loop.snapshot()
+        st = self.stats()
         return {
             "view": self.view.name,
             "version": self.view.content_hash,
             "served": self.served,
-            "state": loop["state"],  # ok | retrying | stopped
-            "error": loop["error"],
-            "position": st.position,
-            "lag_messages": loop["pending"],
+            "state": self.state,  # ok | retrying | stopped
+            "error": self.error,
+            "position": self.position,
+            "lag_messages": self.lag_messages,
+            "partitions": sorted(self.parts),  # owned by this process
             "events": st.events,
             "applied": st.applied,
             "duplicates": st.duplicates,
@@ -69,8 +130,11 @@ class VersionRunner:
         }
 
 
-def consumer_name(view: FeatureView) -> str:
-    return f"features-{view.name}-{view.content_hash}"
+def consumer_name(view: FeatureView, partition: int | None = None) -> str:
+    """The EVENTS consumer of one partition of a version (``None``: the version's own
+    prefix, and the name of its single consumer before layout v4)."""
+    base = f"features-{view.name}-{view.content_hash}"
+    return base if partition is None else f"{base}-p{partition}"
 
 
 class ViewVersions:
@@ -81,6 +145,7 @@ class ViewVersions:
         start: Callable[[FeatureView], Awaitable[VersionRunner]],
         stop: Callable[[VersionRunner], Awaitable[None]],
         stream_last_seq: Callable[[], Awaitable[int]],
+        refresh: Callable[[VersionRunner], Awaitable[None]],
         primary: str,
         check: Callable[[FeatureView], Awaitable[list[str]]],
     ) -> None:
@@ -91,6 +156,7 @@ class ViewVersions:
         self._start = start
         self._stop = stop
         self._last_seq = stream_last_seq
+        self._refresh = refresh  # brings a runner's position and lag up to date
         self.primary = primary  # the view a bare reference means
         self.runners: dict[str, VersionRunner] = {}  # by content hash
         self._lock = asyncio.Lock()  # one registration / promotion / retirement at a time
@@ -115,7 +181,7 @@ class ViewVersions:
         return runner
 
     async def engine_for(self, ref: str) -> WindowEngine:
-        return (await self.runner_for(ref)).pipeline.engine
+        return (await self.runner_for(ref)).engine
 
     async def list(self) -> dict[str, Any]:
         last = await self._last_seq()
@@ -124,12 +190,11 @@ class ViewVersions:
         for r in sorted(self.runners.values(), key=lambda r: (r.view.name, r.view.content_hash)):
             if r.view.name not in served:
                 served[r.view.name] = await r.store.served()
-            st = r.pipeline.stats
+            await self._refresh(r)
             out.append(
                 {
                     **r.snapshot(),
                     "served": served[r.view.name] == r.view.content_hash,
-                    "lag_messages": max(0, last - st.position),
                     "features": list(r.view.feature_names),
                     "definition": view_doc(r.view),
                 }
@@ -168,9 +233,12 @@ class ViewVersions:
                 return {"view": name, "version": version, "previous": version, "decision_id": ""}
             old = self.runners.get(served_hash)
             last = await self._last_seq()
+            for r in (runner, old):
+                if r is not None:
+                    await self._refresh(r)
             doc = promotion_input(
-                VersionState(runner.view, runner.pipeline.stats.position, False),
-                VersionState(old.view, old.pipeline.stats.position, True) if old else None,
+                VersionState(runner.view, runner.position, False),
+                VersionState(old.view, old.position, True) if old else None,
                 last,
                 requester,
             )

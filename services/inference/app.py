@@ -59,9 +59,11 @@ class InferenceApp:
         s = self.settings
         self._nc = await bus.connect(s, self.name)
         js = bus.jetstream(self._nc, s)
-        self._redis = online.connect(s.redis_url)
+        self._redis = online.connect(s.redis_url, s.redis_cluster)
         await self._redis.ping()
-        self._wire = RedisWire(s.redis_url)  # the online read, on the hot path
+        # the online read, on the hot path: a lean connection to a single Redis node (a
+        # Redis Cluster is read through the cluster client, which routes by slot)
+        self._wire = None if s.redis_cluster else RedisWire(s.redis_url)
         # A client of its own, without the serving client's retries, so a probe measures
         # reachability now instead of riding out an outage.
         self._probe_redis = aioredis.Redis.from_url(

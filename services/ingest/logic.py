@@ -23,7 +23,7 @@ import msgspec
 
 from myelin.contracts import Contract, ContractRegistry, IncomingEvent, StreamEvent
 from myelin.pii import Tokenizer
-from myelin.subjects import event_subject
+from myelin.subjects import event_subject, partition_of
 
 MAX_EVENTS_PER_MESSAGE = 100
 
@@ -101,11 +101,6 @@ _mp = msgspec.msgpack.Encoder()
 _json = msgspec.json.Encoder()
 _PATH = re.compile(r"at `\$(.*)`")
 _EVENT_ID = re.compile(rb'"event_id"\s*:\s*"([^"\\]{1,128})"')
-
-
-def partition_of(key: str, partitions: int) -> int:
-    """Stable across processes and versions (crc32, not Python's salted hash)."""
-    return zlib.crc32(key.encode()) % partitions
 
 
 def partition_for(key: str, event_id: str, limits: Limits) -> int:
@@ -360,7 +355,7 @@ class Validator:
         key = getattr(payload, contract.key_field)
         lim = self.limits
         part = (
-            zlib.crc32(key.encode()) % lim.partitions
+            partition_of(key, lim.partitions)
             if key not in lim.hot_keys
             else partition_for(key, env.event_id, lim)
         )

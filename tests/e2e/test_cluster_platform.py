@@ -1,7 +1,10 @@
-"""The platform on a three-node JetStream cluster (every stream and bucket at replicas 3):
-events flow through HTTP ingest, the features service and the warehouse while the EVENTS
-stream's leader is killed (-9) mid-stream. Nothing is lost and nothing is doubled: the
-features service applies every event once and the warehouse holds each once."""
+"""The platform on real distributed engines: a three-node JetStream cluster (every stream
+and bucket at replicas 3) and a Redis Cluster (three masters, the online store's
+partitions spread over them by hash tag). Events flow through HTTP ingest, two features
+workers sharing the partitions and the warehouse while the EVENTS stream's leader is
+killed (-9) mid-stream. Nothing is lost and nothing is doubled: every event is applied
+once and stored once, and the online vectors read back from the Redis Cluster equal their
+offline recomputation."""
 
 from __future__ import annotations
 
@@ -17,10 +20,10 @@ import pytest
 
 from myelin import bus
 from myelin.settings import Settings
-from myelin.stack.engines import NatsCluster
+from myelin.stack.engines import NatsCluster, RedisCluster
 from myelin.stack.process import free_port
 from myelin.stack.supervisor import Stack
-from myelin.subjects import EVENTS_STREAM, health_subject
+from myelin.subjects import EVENTS_STREAM, RPC_FEATURES_CHECK, health_subject
 from tests.helpers import clickstream, offline_counts, wait_caught_up
 
 pytestmark = pytest.mark.e2e
@@ -65,12 +68,23 @@ async def wait_for_meta_leader(settings: Settings, timeout_s: float = 30.0) -> N
 async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ports = [free_port() for _ in range(6)]
-    async with NatsCluster(tmp_path / "cluster", ports[:3], ports[3:]) as cluster:
-        # as an operator points the platform at a cluster: MYELIN_NATS_URL (no embedded
-        # nats-server) and MYELIN_STREAM_REPLICAS
+    ports = [free_port() for _ in range(9)]
+    async with (
+        NatsCluster(tmp_path / "cluster", ports[:3], ports[3:6]) as cluster,
+        RedisCluster(tmp_path / "redis-cluster", ports[6:]) as redis_cluster,
+    ):
+        # as an operator points the platform at clusters: MYELIN_NATS_URL (no embedded
+        # nats-server), MYELIN_STREAM_REPLICAS, MYELIN_REDIS_URL + MYELIN_REDIS_CLUSTER
         monkeypatch.setenv("MYELIN_NATS_URL", cluster.url)
-        s = replace(settings, nats_url=cluster.url, stream_replicas=3)
+        monkeypatch.setenv("MYELIN_REDIS_URL", redis_cluster.url)
+        s = replace(
+            settings,
+            nats_url=cluster.url,
+            stream_replicas=3,
+            redis_url=redis_cluster.url,
+            redis_cluster=True,
+            features_workers=2,
+        )
         await wait_for_meta_leader(s)
         events = clickstream(
             N,
@@ -97,15 +111,34 @@ async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
                 await wait_caught_up(nc, s, timeout=120)
                 after = await js.stream_info(EVENTS_STREAM)
                 assert after.cluster is not None and after.cluster.leader != leader
-                health: dict[str, Any] = msgspec.json.decode(
-                    await bus.request(nc, health_subject("features"), {})
-                )
-                counts = {k: health[k] for k in ("events", "applied", "late", "duplicates")}
+                # after the failover the workers settle on each partition held once
+                deadline = time.monotonic() + 30
+                while True:
+                    workers = [
+                        msgspec.json.decode(await bus.request(nc, health_subject(name), {}))
+                        for name in ("features", "features-2")
+                    ]
+                    held = sorted(p for w in workers for p in w["partitions"])
+                    if held == list(range(s.partitions)):
+                        break
+                    assert time.monotonic() < deadline, f"partitions held: {held}"
+                    await asyncio.sleep(0.5)
+                counts = {
+                    k: sum(w[k] for w in workers)
+                    for k in ("events", "applied", "late", "duplicates")
+                }
                 counts["stream"] = int(after.state.messages)
-                counts["offline"] = (await offline_counts(nc))["events"]
+                offline = await offline_counts(nc)
+                counts["offline"], counts["feature_rows"] = offline["events"], offline["fv"]
                 # each event took effect once (a copy resent by a retry is recognised by its
                 # event id) and is stored once
+                assert counts["feature_rows"] + counts["late"] == N, counts  # once each
                 assert counts["applied"] + counts["late"] == N, counts
                 assert counts["offline"] == N, counts
+                # the online vectors, read from the Redis Cluster, equal their recomputation
+                check = msgspec.json.decode(
+                    await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 60}, timeout=60)
+                )
+                assert check["mismatches"] == [] and check["matched"] > 0, check
             finally:
                 await nc.close()

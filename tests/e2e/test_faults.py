@@ -41,3 +41,25 @@ async def test_the_checker_fails_when_dedupe_is_off(tmp_path: Path) -> None:
     assert c is not None
     assert c.duplicated > 0 and report.diffs
     assert not report.passed
+
+
+@pytest.mark.timeout(900)
+async def test_partition_owned_workers_under_kills_count_exactly(tmp_path: Path) -> None:
+    """Three features workers share the partitions by leases. One is killed with SIGKILL and,
+    while its partitions move, a second; one is paused past its lease (another takes its
+    partitions, and it must find out and stop); the first one is killed; NATS restarts.
+    Every event is applied exactly once: the final Redis vectors and ClickHouse aggregates
+    equal an undisturbed run's."""
+    report = await run("workers", seed=3, dedupe=True, workdir=tmp_path)
+    print(format_report(report))
+    c = report.faulted.classification
+    assert c is not None and report.faulted.load is not None
+    assert len(report.faulted.faults.entries) == 4
+    assert not any("FAILED" in outcome for _, _, outcome in report.faulted.faults.entries)
+    assert (c.lost, c.duplicated, c.missing_raw) == (0, 0, 0)
+    assert c.stored_once == report.events
+    assert report.diffs == []
+    assert report.passed
+    held = [p for parts, _moves in report.faulted.partitions.values() for p in parts]
+    assert sorted(held) == list(range(8))  # every partition held by exactly one worker
+    assert all(parts for parts, _ in report.faulted.partitions.values())  # by all three

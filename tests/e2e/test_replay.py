@@ -24,6 +24,7 @@ from myelin.subjects import (
     RPC_INGEST_PUBLISH,
     RPC_WAREHOUSE_QUERY,
     health_subject,
+    partition_of,
 )
 from tests.helpers import clickstream, wait_caught_up
 
@@ -169,7 +170,9 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
             rc = redis.Redis.from_url(settings.redis_url)
             version = rc.hget(online.view_key("user_activity"), "served")
             assert isinstance(version, bytes)
-            key = online.entities_key("user_activity", version.decode())
+            key = online.entities_key(
+                "user_activity", version.decode(), partition_of("u7", settings.partitions)
+            )
             names = rc.hget(online.version_key("user_activity", version.decode()), "features")
             assert isinstance(names, bytes)
             raw = rc.hget(key, "u7")

@@ -93,7 +93,9 @@ async def test_batches_apply_once_and_land_in_both_stores(
     p2 = pipeline(redis_client, nc, settings)
     assert await p2.start() == 5
     await p2.process(batch)
-    p2.stats.position = 0  # even past the position guard, the per-entity sequence guard holds
+    # even past the position guard (its key gone), the per-entity sequence guard holds
+    await redis_client.delete(online.position_key("user_activity", USER_ACTIVITY.content_hash, 0))
+    p2.stats.position = 0
     await p2.process(batch)
     assert p2.stats.applied == 0 and p2.stats.duplicates == 5
 
@@ -211,6 +213,7 @@ async def test_late_events_are_counted_and_sent_to_the_late_stream(
     await p.start()
     await p.process(batch)
     assert p.stats.late == 1
+    await redis_client.delete(online.position_key("user_activity", USER_ACTIVITY.content_hash, 0))
     p.stats.position = 0
     p.cache.clear()
     await p.process(batch)  # a replay publishes the LATE message once (same id)

@@ -59,14 +59,15 @@ async def test_the_online_read_is_the_same_through_either_client(
     """Entities written as the features service writes them, read by redis-py's script
     call and by the lean connection: the same vectors."""
     from myelin import online
+    from myelin.subjects import partition_of
 
     await redis_client.hset(online.view_key("v"), "served", "h1")
     await redis_client.hset(
         online.version_key("v", "h1"),
-        mapping={"features": "a,b", "ttl_s": "3600", "freshness_s": "60"},
+        mapping={"features": "a,b", "ttl_s": "3600", "freshness_s": "60", "partitions": "4"},
     )
     await redis_client.hset(
-        online.entities_key("v", "h1"),
+        online.entities_key("v", "h1", partition_of("u1", 4)),
         mapping={"u1": online.encode_entity(3, 1000, "t", [1.0, 2.0], [])},
     )
     wire = RedisWire(redis_server.url)

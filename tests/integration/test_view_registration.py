@@ -116,7 +116,7 @@ async def test_a_failed_served_version_can_be_retired_and_others_keep_flowing(
     def broken(*_args: Any) -> int:  # a stand-in for a bug in a view's code
         raise ZeroDivisionError("division by zero in the view's code")
 
-    runner.pipeline.engine.apply = broken  # type: ignore[method-assign,assignment]
+    runner.engine.apply = broken  # type: ignore[method-assign,assignment]
     js = bus.jetstream(nc, settings)
     body = msgspec.msgpack.encode([stream_event("e1", "u1", int(time.time() * 1000))])
     await js.publish("myelin.events.0", body)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from myelin.contracts import StreamEvent, default_registry
 from myelin.contracts.events import PurchaseV1, PurchaseV2
 from myelin.pii import Tokenizer
+from myelin.subjects import partition_of
 from services.ingest.logic import (
     Accepted,
     BatchRefused,
@@ -20,7 +21,6 @@ from services.ingest.logic import (
     Validator,
     parse_batch,
     partition_for,
-    partition_of,
     plan_messages,
     sanitize,
 )
