@@ -183,11 +183,24 @@ async def main() -> None:
                 async def echo1(_i: int) -> object:
                     return await echo_call(payload)
 
-                async def redis1(i: int) -> object:
-                    return await r.hmget(key, [users[i % 1000]])
+                def key_of(u: str) -> str:
+                    return online.entities_key(
+                        "user_activity", version, partition_of(u, meta.partitions)
+                    )
 
-                async def redis100(i: int) -> object:
-                    return await r.hmget(key, [users[(i * 100 + j) % 1000] for j in range(100)])
+                async def redis1(i: int) -> object:
+                    u = users[i % 1000]
+                    return await r.hmget(key_of(u), [u])
+
+                async def redis100(i: int) -> object:  # one HMGET per partition, pipelined
+                    groups: dict[str, list[str]] = {}
+                    for j in range(100):
+                        u = users[(i * 100 + j) % 1000]
+                        groups.setdefault(key_of(u), []).append(u)
+                    async with r.pipeline(transaction=False) as pipe:
+                        for k, members in groups.items():
+                            pipe.hmget(k, members)
+                        return await pipe.execute()
 
                 x = np.ones((256, len(FEATURES)), dtype=np.float32)
                 req = oip.ModelInferRequest(model_name="ctr")
