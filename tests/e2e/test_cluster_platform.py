@@ -9,6 +9,7 @@ offline recomputation."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ import aiohttp
 import msgspec
 import pytest
 
+from faults.harness import register_model
 from myelin import bus
 from myelin.settings import Settings
 from myelin.stack.engines import NatsCluster, RedisCluster
@@ -46,6 +48,39 @@ async def post_until_stored(settings: Settings, batch: list[dict[str, Any]]) -> 
                 detail = repr(exc)
             assert time.monotonic() < deadline, detail
             await asyncio.sleep(0.5)
+
+
+PREDICT = """
+import asyncio, json, sys
+import grpc
+from myelin.gen import myelin_predict_pb2 as mp, myelin_predict_pb2_grpc as mp_grpc
+async def main():
+    async with grpc.aio.insecure_channel(sys.argv[1]) as ch:
+        r = await mp_grpc.PredictorStub(ch).Predict(
+            mp.PredictRequest(model_name="ctr", entity_ids=sys.argv[2:]), timeout=10
+        )
+    print(json.dumps([
+        {"entity_id": p.entity_id, "score": p.score, "feature_status": p.feature_status}
+        for p in r.predictions
+    ]))
+asyncio.run(main())
+"""
+
+
+async def predict(settings: Settings, users: list[str]) -> list[dict[str, Any]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        PREDICT,
+        f"127.0.0.1:{settings.inference_grpc_port}",
+        *users,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    result: list[dict[str, Any]] = msgspec.json.decode(out.strip().splitlines()[-1])
+    return result
 
 
 async def wait_for_meta_leader(settings: Settings, timeout_s: float = 30.0) -> None:
@@ -96,8 +131,11 @@ async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
             step_ms=40,
         )
         async with Stack(
-            s, log=lambda _m: None, services=("governance", "warehouse", "features", "ingest")
+            s,
+            log=lambda _m: None,
+            services=("governance", "warehouse", "features", "inference", "ingest"),
         ):
+            await register_model(s)
             nc = await bus.connect(s, "test")
             try:
                 js = bus.jetstream(nc, s)
@@ -140,5 +178,12 @@ async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
                     await bus.request(nc, RPC_FEATURES_CHECK, {"sample": 60}, timeout=60)
                 )
                 assert check["mismatches"] == [] and check["matched"] > 0, check
+                # and inference serves them: Predict reads the Redis Cluster (its own
+                # process: gRPC's threads must not live in the one that forks the stack)
+                users = sorted({e["data"]["user_id"] for e in events})[:40]
+                answer = await predict(s, users)
+                assert [p["entity_id"] for p in answer] == users
+                assert {p["feature_status"] for p in answer} <= {"FRESH", "STALE"}, answer
+                assert all(0.0 <= p["score"] <= 1.0 for p in answer)
             finally:
                 await nc.close()
