@@ -83,8 +83,14 @@ async def _demo(settings: Settings, events: int) -> int:
 async def _status(settings: Settings) -> int:
     nc = await _connect(settings)
     code = 0
+    workers = {"ingest": settings.ingest_workers, "features": settings.features_workers}
+    names = [
+        svc if k == 1 else f"{svc}-{k}"
+        for svc in SERVICES
+        for k in range(1, workers.get(svc, 1) + 1)
+    ]
     try:
-        for name in SERVICES:
+        for name in names:
             try:
                 h = msgspec.json.decode(
                     await bus.request(nc, f"myelin.rpc.health.{name}", {}, timeout=2)
