@@ -220,6 +220,9 @@ class FeaturesApp:
                 log.info("stopping %s, retired through another worker", runner.view.ref)
                 await self._stop_version(runner)
                 del self.views.runners[version]
+                # a batch this worker applied after the retiring worker dropped the
+                # version's keys wrote some back: this worker's loops are stopped now
+                await runner.store.drop()
 
     async def _stop_version(self, runner: VersionRunner) -> None:
         async with self._parts_lock:
