@@ -100,6 +100,7 @@ async def wait_for_meta_leader(settings: Settings, timeout_s: float = 30.0) -> N
         await nc.close()
 
 
+@pytest.mark.timeout(480)  # a failover on a loaded 2-core machine took up to ~2 min
 async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
