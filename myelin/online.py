@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
@@ -98,28 +99,25 @@ async def slot_connection(client: aioredis.Redis, key: str) -> AsyncIterator[Any
     transaction on keys of that slot (one hash tag). Disconnected if the block fails
     (whatever it was in the middle of, the next user starts clean)."""
     some: object = client  # connect() hands a cluster client out as Redis
+    release: Callable[[Any], object]
     if isinstance(some, RedisCluster):
         node = some.get_node_from_key(key)
         if node is None:
             raise RedisConnectionError(f"no Redis Cluster node serves the slot of {key!r} now")
-        conn = node.acquire_connection()
-        try:
-            yield conn
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            node.release(conn)
-        return
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        conn, release = node.acquire_connection(), node.release
+    else:
+        pool = client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        release = pool.release
     try:
         yield conn
     except BaseException:
         await conn.disconnect()
         raise
     finally:
-        await pool.release(conn)
+        done = release(conn)  # the pool's release is a coroutine, the cluster node's is not
+        if inspect.isawaitable(done):
+            await done
 
 
 def view_key(view: str) -> str:

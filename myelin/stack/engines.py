@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from myelin.errors import ConfigError
 from myelin.stack.ports import listens_on
@@ -186,7 +187,33 @@ class RedisServer(_Engine):
         return f"redis://{self.host}:{self.port}/0"
 
 
-class NatsCluster:
+E = TypeVar("E", bound=_Engine)
+
+
+class _Servers(Generic[E]):
+    """Engine processes started together and stopped together (a cluster's members)."""
+
+    servers: Sequence[E]
+
+    async def _start_servers(self) -> None:
+        try:
+            for server in self.servers:
+                server.start()
+            for server in self.servers:
+                await server.wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            await server.stop()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+class NatsCluster(_Servers[NatsServer]):
     """A JetStream cluster of ``size`` nats-servers on loopback (client ports ``ports``),
     routed to each other; ``url`` names them all for MYELIN_NATS_URL."""
 
@@ -211,28 +238,14 @@ class NatsCluster:
         return ",".join(s.url for s in self.servers)
 
     async def __aenter__(self) -> Self:
-        try:
-            for server in self.servers:
-                server.start()
-            for server in self.servers:
-                await server.wait_ready()
-        except BaseException:
-            await self.stop()
-            raise
+        await self._start_servers()
         return self
-
-    async def stop(self) -> None:
-        for server in self.servers:
-            await server.stop()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 REDIS_SLOTS = 16384
 
 
-class RedisCluster:
+class RedisCluster(_Servers[RedisServer]):
     """A Redis Cluster of masters from the bundled redis-server on loopback (no replicas):
     the hash slots are split evenly and assigned by this class, the nodes introduced to
     each other (CLUSTER ADDSLOTS / MEET, as ``redis-cli --cluster create`` does), and it is
@@ -255,11 +268,8 @@ class RedisCluster:
     async def __aenter__(self) -> Self:
         import redis.asyncio as aioredis
 
+        await self._start_servers()
         try:
-            for server in self.servers:
-                server.start()
-            for server in self.servers:
-                await server.wait_ready()
             clients = [aioredis.Redis(host=self.host, port=s.port) for s in self.servers]
             try:
                 n = len(self.servers)
@@ -287,10 +297,3 @@ class RedisCluster:
             if loop.time() > deadline:
                 raise ProcessError(f"the Redis Cluster did not come up in {timeout}s: {states}")
             await asyncio.sleep(0.1)
-
-    async def stop(self) -> None:
-        for server in self.servers:
-            await server.stop()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()

@@ -39,7 +39,7 @@ from services.features.leases import PartitionLeases
 from services.features.logic import WindowEngine
 from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
-from services.features.progress import progress
+from services.features.progress import combine, stored_positions, subject_last_seqs
 from services.features.replay import Replayer
 from services.features.rpc import serve_check, serve_replay, serve_views
 from services.features.view_registry import ViewRegistry
@@ -147,8 +147,7 @@ class FeaturesApp:
         await self.leases.open()
         await self.leases.tick()  # alone, it holds every partition from here on
         self._lease_task = asyncio.create_task(self.leases.run(), name="features-leases")
-        for runner in self.views.runners.values():
-            await self._refresh(runner)
+        await self._refresh(*self.views.runners.values())
         self._progress = asyncio.create_task(self._watch_progress(), name="features-progress")
 
     async def _check_view(self, view: FeatureView) -> list[str]:
@@ -177,28 +176,30 @@ class FeaturesApp:
         assert self._js is not None
         return int((await self._js.stream_info(EVENTS_STREAM)).state.last_seq)
 
-    async def _refresh(self, runner: VersionRunner) -> None:
+    async def _refresh(self, *runners: VersionRunner) -> None:
+        """Brings the versions' positions, lags and served flags up to date: the stream's
+        ends are read once for all of them."""
         assert self._js is not None and self._redis is not None
-        got = await progress(
-            self._js,
-            self._redis,
-            runner.view.name,
-            runner.view.content_hash,
-            self.settings.partitions,
-        )
-        runner.position, runner.lag_messages = got.position, got.lag_messages
-        runner.served = await runner.store.served() == runner.view.content_hash
+        s = self.settings
+        last, subject_last = await subject_last_seqs(self._js, s.partitions)
+        for runner in runners:
+            view = runner.view
+            positions = await stored_positions(
+                self._redis, view.name, view.content_hash, s.partitions
+            )
+            got = combine(last, subject_last, positions)
+            runner.position, runner.lag_messages = got.position, got.lag_messages
+            runner.served = await runner.store.served() == view.content_hash
 
     async def _watch_progress(self) -> None:
         """Keeps every version's position and lag current for the status (a version's
         partitions may be applied by other workers: Redis and the stream are the truth)."""
         synced = time.monotonic()
         while True:
-            for runner in list(self.views.runners.values() if self.views else []):
-                try:
-                    await self._refresh(runner)
-                except Exception as exc:  # noqa: BLE001 - reported as stale, tried again
-                    log.debug("progress of %s not read: %r", runner.view.ref, exc)
+            try:
+                await self._refresh(*(self.views.runners.values() if self.views else []))
+            except Exception as exc:  # noqa: BLE001 - reported as stale, tried again
+                log.debug("progress not read: %r", exc)
             if self.settings.features_workers > 1 and time.monotonic() - synced > SYNC_EVERY_S:
                 synced = time.monotonic()
                 try:  # versions registered or retired through another worker

@@ -124,25 +124,25 @@ class PartitionLeases:
         )
         prefix = f"$KV.{LEASES_BUCKET}.member."
         self.members = sorted(k.removeprefix(prefix) for k in (info.state.subjects or {}))
-        owners: dict[int, bytes] = {}
+        owners: dict[int, tuple[bytes, int]] = {}  # partition -> (holder, revision)
         for p in range(self._partitions):
             if p in self.held:
                 continue
             try:
-                owners[p] = (await kv.get(f"part.{p}")).value or b""
+                entry = await kv.get(f"part.{p}")
+                owners[p] = (entry.value or b"", entry.revision or 0)
             except KeyNotFoundError:  # never held, expired, or given back (deleted)
                 continue
             except Exception as exc:  # noqa: BLE001 - unknown now: not taken this tick
                 log.debug("%s: lease of partition %d not read: %r", self.worker, p, exc)
-                owners[p] = b""
+                owners[p] = (b"", 0)
         if not self._adopted:  # a restarted worker takes back what it held (same name)
             self._adopted = True
-            for p, owner in sorted(owners.items()):
+            for p, (owner, rev) in sorted(owners.items()):
                 if owner == self.worker.encode():
-                    with contextlib.suppress(KeyNotFoundError):
-                        self.held[p] = (await kv.get(f"part.{p}")).revision
-                        del owners[p]
-                        await self._changed(self._gain, p)
+                    self.held[p] = rev
+                    del owners[p]
+                    await self._changed(self._gain, p)
         me = self._member.removeprefix("member.")
         todo = plan(
             self._partitions, self.members, me, set(self.held), set(owners) | set(self.held)

@@ -78,6 +78,17 @@ class PipelineStats:
     position: int = 0
     last_event_ingest_ms: int = 0
 
+    def add(self, other: PipelineStats) -> None:
+        """Counts ``other`` in (positions are not summed: the caller sets its own)."""
+        self.events += other.events
+        self.messages += other.messages
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.late += other.late
+        self.undecodable += other.undecodable
+        self.feature_rows += other.feature_rows
+        self.last_event_ingest_ms = max(self.last_event_ingest_ms, other.last_event_ingest_ms)
+
 
 class StateCache:
     """Hot entity states, bounded: the least recently *updated* go first (every state a

@@ -60,10 +60,3 @@ def combine(last: int, subject_last: list[int], positions: list[int]) -> Progres
     )
     position = min([last, *(positions[p] for p in lagging)])
     return Progress(position, max(0, last - position), tuple(positions), lagging)
-
-
-async def progress(
-    js: JetStreamContext, r: aioredis.Redis, view: str, version: str, partitions: int
-) -> Progress:
-    last, per = await subject_last_seqs(js, partitions)
-    return combine(last, per, await stored_positions(r, view, version, partitions))

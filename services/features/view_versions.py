@@ -87,29 +87,15 @@ class VersionRunner:
     def stats(self) -> PipelineStats:
         """This process's figures for the version, summed over its partitions (also those
         it has given up to another worker)."""
-        total = PipelineStats(**vars(self.retired_stats))
+        total = PipelineStats()
+        total.add(self.retired_stats)
         for part in self.parts.values():
-            st = part.pipeline.stats
-            total.events += st.events
-            total.messages += st.messages
-            total.applied += st.applied
-            total.duplicates += st.duplicates
-            total.late += st.late
-            total.undecodable += st.undecodable
-            total.feature_rows += st.feature_rows
-            total.last_event_ingest_ms = max(total.last_event_ingest_ms, st.last_event_ingest_ms)
+            total.add(part.pipeline.stats)
         total.position = self.position
         return total
 
     def retire_part(self, part: PartitionRunner) -> None:
-        st, kept = part.pipeline.stats, self.retired_stats
-        kept.events += st.events
-        kept.messages += st.messages
-        kept.applied += st.applied
-        kept.duplicates += st.duplicates
-        kept.late += st.late
-        kept.undecodable += st.undecodable
-        kept.feature_rows += st.feature_rows
+        self.retired_stats.add(part.pipeline.stats)
 
     def snapshot(self) -> dict[str, Any]:
         st = self.stats()
