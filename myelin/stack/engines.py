@@ -16,6 +16,7 @@ from myelin.stack.process import (
     ManagedProcess,
     ProcessError,
     describe_exit,
+    free_port,
     log_tail,
     wait_port,
 )
@@ -243,10 +244,17 @@ class NatsCluster(_Servers[NatsServer]):
 
 
 REDIS_SLOTS = 16384
+REDIS_BUS_OFFSET = 10_000  # redis-server 6 takes its cluster bus on port + 10000
+
+
+def redis_cluster_ports(n: int = 3, host: str = "127.0.0.1") -> list[int]:
+    """``n`` free ports for Redis Cluster nodes, each with its cluster bus port free too."""
+    return [free_port(host, bus_offset=REDIS_BUS_OFFSET) for _ in range(n)]
 
 
 class RedisCluster(_Servers[RedisServer]):
-    """A Redis Cluster of masters from the bundled redis-server on loopback (no replicas):
+    """A Redis Cluster of masters from the bundled redis-server on loopback (no replicas;
+    choose ``ports`` with :func:`redis_cluster_ports`, the bus ports must be free too):
     the hash slots are split evenly and assigned by this class, the nodes introduced to
     each other (CLUSTER ADDSLOTS / MEET, as ``redis-cli --cluster create`` does), and it is
     ready once every node reports ``cluster_state:ok``. ``url`` names the first node (a

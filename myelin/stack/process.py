@@ -66,25 +66,36 @@ def _ephemeral_range() -> tuple[int, int]:
     return 32768, 60999
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1", bus_offset: int = 0) -> int:
     """A port nothing listens on, chosen *below* the kernel's ephemeral range: a port from
     ``bind(0)`` can be handed out again moments later as the local end of some outgoing
     connection, and then the service meant to listen on it cannot (seen in the test suite
-    as "address already in use")."""
+    as "address already in use"). With ``bus_offset``, ``port + bus_offset`` is free and
+    below that range too (a Redis Cluster node takes its cluster bus there)."""
     low, _ = _ephemeral_range()
-    if low > 11_000:
-        for _ in range(50):
-            port = random.randrange(10_000, low)
-            with socket.socket() as s:
-                try:
-                    s.bind((host, port))
-                except OSError:
-                    continue
-            _GIVEN.add(port)
-            return port
+    if low - bus_offset > 11_000:
+        for _ in range(100):
+            port = random.randrange(10_000, low - bus_offset)
+            wanted = {port, port + bus_offset}
+            if wanted & _GIVEN:  # not twice from one process: the first may not listen yet
+                continue
+            if all(_bindable(host, p) for p in wanted):
+                _GIVEN.update(wanted)
+                return port
+    if bus_offset:
+        raise ProcessError(f"no free pair of ports {bus_offset} apart below {low}")
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 _GIVEN: set[int] = set()
@@ -97,7 +108,10 @@ async def wait_port(
     deadline = loop.time() + timeout
     while True:
         if proc is not None and proc.returncode is not None:
-            raise ProcessError(f"{proc.name} exited with {proc.returncode}; see {proc.log_path}")
+            raise ProcessError(
+                f"{proc.name} exited with {describe_exit(proc.returncode)}; last lines of "
+                f"{proc.log_path}:\n{log_tail(proc.log_path, 10)}"
+            )
         try:
             _, writer = await asyncio.open_connection(host, port)
             writer.close()

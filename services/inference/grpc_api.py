@@ -73,7 +73,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: oip.ServerReadyRequest, context: Any
     ) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self.readiness.ready())
+        return oip.ServerReadyResponse(ready=await self.readiness.published_ready())
 
     async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: Any

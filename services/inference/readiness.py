@@ -101,6 +101,12 @@ class Readiness:
     def ready(self) -> bool:
         return not self.reasons()
 
+    async def published_ready(self) -> bool:
+        """Readiness now, published first: ``ServerReady`` and ``grpc.health.v1`` never
+        disagree (a client reading one and then the other saw SERVING lag behind)."""
+        await self.publish()
+        return bool(self._published)
+
     async def publish(self) -> None:
         """Set the health statuses if readiness changed (``Watch`` streams see each change)."""
         async with self._publishing:

@@ -22,7 +22,7 @@ import pytest
 from faults.harness import register_model
 from myelin import bus
 from myelin.settings import Settings
-from myelin.stack.engines import NatsCluster, RedisCluster
+from myelin.stack.engines import NatsCluster, RedisCluster, redis_cluster_ports
 from myelin.stack.process import free_port
 from myelin.stack.supervisor import Stack
 from myelin.subjects import EVENTS_STREAM, RPC_FEATURES_CHECK, health_subject
@@ -104,10 +104,10 @@ async def wait_for_meta_leader(settings: Settings, timeout_s: float = 30.0) -> N
 async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ports = [free_port() for _ in range(9)]
+    ports = [free_port() for _ in range(6)]
     async with (
         NatsCluster(tmp_path / "cluster", ports[:3], ports[3:6]) as cluster,
-        RedisCluster(tmp_path / "redis-cluster", ports[6:]) as redis_cluster,
+        RedisCluster(tmp_path / "redis-cluster", redis_cluster_ports(3)) as redis_cluster,
     ):
         # as an operator points the platform at clusters: MYELIN_NATS_URL (no embedded
         # nats-server), MYELIN_STREAM_REPLICAS, MYELIN_REDIS_URL + MYELIN_REDIS_CLUSTER

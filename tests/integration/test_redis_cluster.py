@@ -18,8 +18,7 @@ from myelin import bus, online
 from myelin.contracts import default_registry
 from myelin.online import EntityVector, OnlineReader
 from myelin.settings import Settings
-from myelin.stack.engines import RedisCluster
-from myelin.stack.process import free_port
+from myelin.stack.engines import RedisCluster, redis_cluster_ports
 from myelin.subjects import partition_of
 from services.features.feature_rows import rows_publisher
 from services.features.logic import WindowEngine
@@ -36,7 +35,7 @@ USERS = [f"u{i}" for i in range(40)]
 
 @pytest.fixture
 async def cluster_client(tmp_path: Path) -> AsyncIterator[tuple[aioredis.Redis, RedisCluster]]:
-    async with RedisCluster(tmp_path / "rc", [free_port() for _ in range(3)]) as rc:
+    async with RedisCluster(tmp_path / "rc", redis_cluster_ports(3)) as rc:
         client = online.connect(rc.url, cluster=True)
         try:
             yield client, rc
