@@ -307,7 +307,9 @@ async def main(n: int, rate: int, seconds: float) -> None:
             partitions=PARTITIONS,
             features_workers=workers,
         )
-        s = with_ports(base, nats_port=free_port(), redis_port=free_port())
+        s = with_ports(
+            base, nats_port=free_port(), redis_port=free_port(), warehouse_http_port=free_port()
+        )
         try:
             async with Stack(s, services=(), log=lambda _m: None) as stack:
                 nc = await bus.connect(s, "bench")

@@ -136,6 +136,7 @@ async def main() -> None:
         redis_port=free_port(),
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
+        warehouse_http_port=free_port(),
     )
     echo_port = free_port()
     echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)])  # noqa: ASYNC220

@@ -191,6 +191,7 @@ def stack_settings(state_dir: Path, mode: Mode, dedupe: bool) -> Settings:
         redis_port=free_port(),
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
+        warehouse_http_port=free_port(),
     )
 
 

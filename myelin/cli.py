@@ -45,7 +45,12 @@ async def _up(settings: Settings) -> int:
         print(
             f"Myelin is up. Ingest: http://{settings.host}:{settings.ingest_http_port}/v1/events  "
             f"gRPC: {settings.host}:{settings.inference_grpc_port}  NATS: {settings.nats_url}\n"
-            "Press Ctrl-C to stop.",
+            + (
+                f"SQL (ClickHouse HTTP): http://{settings.host}:{settings.warehouse_http_port}/\n"
+                if settings.warehouse_http_port
+                else ""
+            )
+            + "Press Ctrl-C to stop.",
             file=sys.stderr,
             flush=True,
         )

@@ -12,15 +12,17 @@ one that counted: the first copy on the stream, late-marked if a view found it l
 
 from __future__ import annotations
 
-import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 
-from myelin.errors import MyelinError
 from myelin.settings import Settings
+from myelin.sql_guard import QueryRejected, WarehouseError, read_only_query
+
+__all__ = ["QueryRejected", "WarehouseError"]
 
 DATABASE = "myelin"
 
@@ -201,16 +203,22 @@ def migrate(wh: Warehouse) -> bool:
     return moved
 
 
-class WarehouseError(MyelinError):
-    code = "warehouse_error"
+@dataclass(frozen=True)
+class RawResult:
+    """A result as the engine formatted it, with what it read (the HTTP summary)."""
 
-
-class QueryRejected(WarehouseError):
-    code = "query_rejected"
+    data: bytes
+    rows_read: int = 0
+    bytes_read: int = 0
+    elapsed_s: float = 0.0
 
 
 class Warehouse(Protocol):
     def command(self, sql: str) -> None: ...
+
+    def query_raw(
+        self, sql: str, fmt: str, params: dict[str, str], database: str | None
+    ) -> RawResult: ...
 
     def insert_arrow(self, table: str, data: pa.Table) -> None: ...
 
@@ -219,27 +227,18 @@ class Warehouse(Protocol):
     def close(self) -> None: ...
 
 
-_READ_ONLY_START = re.compile(
-    r"^\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXPLAIN|EXISTS)\b", re.IGNORECASE
-)
+def quote_identifier(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
 def read_only_sql(sql: str) -> str:
-    """Make an analyst's query safe to run on the shared engine, or refuse it clearly."""
-    text = sql.strip().rstrip(";").strip()
-    if not text:
-        raise QueryRejected("empty query")
-    if ";" in text:
-        raise QueryRejected("one statement per query: remove the ';' separated parts")
-    if not _READ_ONLY_START.match(text):
-        raise QueryRejected(
-            "only read-only queries (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN) are served"
-        )
-    if re.search(r"\bSETTINGS\b", text, re.IGNORECASE) or re.search(
-        r"\bFORMAT\b", text, re.IGNORECASE
-    ):
-        raise QueryRejected("SETTINGS and FORMAT clauses are chosen by the server; remove them")
-    return f"{text}\nSETTINGS readonly = 1"
+    """An analyst's query made safe to run on the shared engine (see
+    :mod:`myelin.sql_guard`), or :class:`QueryRejected` with the reason. The server chooses
+    the result format here (JSON rows or Arrow), so a FORMAT clause is refused."""
+    q = read_only_query(sql)
+    if q.fmt is not None:
+        raise QueryRejected(f"FORMAT {q.fmt}: the result format is chosen by the caller's request")
+    return q.sql
 
 
 class ChdbWarehouse:
@@ -270,6 +269,19 @@ class ChdbWarehouse:
                 data,
             )
 
+    def query_raw(
+        self, sql: str, fmt: str, params: dict[str, str], database: str | None
+    ) -> RawResult:
+        with self._lock:
+            if database:
+                self._run(f"USE {quote_identifier(database)}", "CSV")
+            try:
+                r = self._run(sql, fmt, params=params)
+            finally:
+                if database:
+                    self._run("USE default", "CSV")
+        return RawResult(bytes(r.bytes()), int(r.rows_read()), int(r.bytes_read()), r.elapsed())
+
     def query_arrow(self, sql: str) -> pa.Table:
         with self._lock:
             result = self._run(sql, "ArrowTable")
@@ -277,11 +289,17 @@ class ChdbWarehouse:
             raise WarehouseError("chdb returned no Arrow table")
         return result
 
-    def _run(self, sql: str, fmt: str, arrow: pa.Table | None = None) -> Any:
+    def _run(
+        self,
+        sql: str,
+        fmt: str,
+        arrow: pa.Table | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
         # chdb's Python() table function looks the table up by name in this very frame.
         myelin_arrow_input = arrow  # noqa: F841
         try:
-            return self._session.query(sql, fmt)
+            return self._session.query(sql, fmt, params=params)
         except Exception as exc:  # noqa: BLE001 - chdb raises plain errors; mapped to WarehouseError
             raise WarehouseError(str(exc).strip().splitlines()[0][:2000]) from None
 
@@ -314,6 +332,19 @@ class ServerWarehouse:
         with self._lock:
             result: pa.Table = self._client.query_arrow(sql)
         return result
+
+    def query_raw(
+        self, sql: str, fmt: str, params: dict[str, str], database: str | None
+    ) -> RawResult:
+        with self._lock:
+            default_db = self._client.database
+            self._client.database = database or default_db
+            try:
+                # query parameters go to the server as param_<name> (server-side binding)
+                data = self._client.raw_query(sql, parameters=params or None, fmt=fmt)
+            finally:
+                self._client.database = default_db
+        return RawResult(bytes(data))
 
     def close(self) -> None:
         self._client.close()

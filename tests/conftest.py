@@ -30,6 +30,7 @@ def settings(tmp_path: Path) -> Settings:
         redis_port=free_port(),
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
+        warehouse_http_port=free_port(),
     )
 
 

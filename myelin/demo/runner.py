@@ -406,4 +406,5 @@ def demo_settings(base: Settings, state_dir: Path | None = None) -> Settings:
         redis_port=free_port(),
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
+        warehouse_http_port=free_port(),
     )

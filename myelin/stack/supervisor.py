@@ -112,6 +112,15 @@ class Stack:
                     s.inference_grpc_port, s.host, "inference gRPC", "MYELIN_INFERENCE_GRPC_PORT"
                 )
             )
+        if "warehouse" in self.services and s.warehouse_http_port:
+            claims.append(
+                PortClaim(
+                    s.warehouse_http_port,
+                    s.host,
+                    "ClickHouse HTTP interface",
+                    "MYELIN_WAREHOUSE_HTTP_PORT",
+                )
+            )
         if s.metrics_port:
             names = [n for svc in self.services for n in self._process_names(svc)]
             for k, name in enumerate(names):

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -41,6 +42,7 @@ from services.warehouse.drains import (
     inference_drain,
     late_drain,
 )
+from services.warehouse.http_interface import serve_clickhouse_http
 from services.warehouse.sink import WarehouseSink
 from services.warehouse.sql_api import serve_sql
 
@@ -65,6 +67,7 @@ class WarehouseApp:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._subs: list[Any] = []
         self._handlers: dict[str, tuple[str, Callable[[list[Msg]], Awaitable[None]], int]] = {}
+        self._http: web.AppRunner | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -106,6 +109,8 @@ class WarehouseApp:
             )
             self._start_loop(durable, stored=(start or 1) - 1)
         self._subs.append(await serve_sql(self._nc, self.sink))
+        if s.warehouse_http_port:
+            self._http = await serve_clickhouse_http(self.sink, s.host, s.warehouse_http_port)
         self._subs.append(await self._serve_rewind())
 
     def _start_loop(self, durable: str, stored: int) -> None:
@@ -167,6 +172,9 @@ class WarehouseApp:
         return await bus.serve(self._nc, RPC_WAREHOUSE_REWIND, handle)
 
     async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -41,9 +41,19 @@ def scrape(port: int) -> str:
     return text
 
 
+def sql(url: str, query: str) -> str:
+    import urllib.parse
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}?{urllib.parse.urlencode({'query': query})}") as r:
+        text: str = r.read().decode()
+    return text
+
+
 def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
     ports = {settings.nats_port, settings.redis_port}
     ports |= {settings.ingest_http_port, settings.inference_grpc_port}
+    ports.add(settings.warehouse_http_port)
     metrics_base = free_port_run(6, ports)  # one Prometheus port per service
     env = {**os.environ, **settings.to_env(), "MYELIN_METRICS_PORT": str(metrics_base)}
     for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
@@ -77,10 +87,15 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
         assert len(children) >= 8  # two engines + six services
         listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
         assert settings.ingest_http_port in listening and settings.inference_grpc_port in listening
+        # the ClickHouse HTTP interface, at the address `myelin up` printed
+        sql_url = f"http://{settings.host}:{settings.warehouse_http_port}/"
+        assert any(f"SQL (ClickHouse HTTP): {sql_url}" in ln for ln in lines), lines
+        assert sql(sql_url, "SELECT count() FROM myelin.events") == "0\n"
         for c in psutil.net_connections("tcp"):
             if c.status == "LISTEN" and c.laddr.port in (
                 settings.ingest_http_port,
                 settings.inference_grpc_port,
+                settings.warehouse_http_port,
                 settings.nats_port,
                 settings.redis_port,
             ):

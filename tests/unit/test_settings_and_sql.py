@@ -40,7 +40,8 @@ def test_bad_number_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DROP TABLE myelin.events", "read-only"),
         ("INSERT INTO t VALUES (1)", "read-only"),
         ("SELECT 1; DROP TABLE x", "one statement"),
-        ("SELECT 1 SETTINGS readonly = 0", "SETTINGS"),
+        ("SELECT 1 SETTINGS readonly = 0", "readonly is 2"),
+        ("SELECT 1 INTO OUTFILE '/tmp/x'", "OUTFILE"),
         ("SELECT 1 FORMAT JSON", "FORMAT"),
     ],
 )
@@ -50,7 +51,8 @@ def test_analyst_sql_is_read_only(sql: str, msg: str) -> None:
 
 
 def test_analyst_sql_gets_readonly_setting() -> None:
-    assert read_only_sql(" select 1; ").endswith("SETTINGS readonly = 1")
+    assert read_only_sql(" select 1; ").endswith("SETTINGS readonly = 2")
+    assert read_only_sql("select now()").endswith("SETTINGS readonly = 1")
 
 
 def test_training_sql_refuses_odd_names() -> None:
