@@ -41,6 +41,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -161,6 +163,10 @@ async def ensure_consumer(
     await js.add_consumer(stream, cfg)
 
 
+RUNNING: weakref.WeakSet[PullLoop] = weakref.WeakSet()
+"""The pull loops running in this process (their lag is exported: :mod:`myelin.slis`)."""
+
+
 class PullLoop:
     """Runs ``handler`` over batches from a durable consumer until :meth:`stop`."""
 
@@ -223,6 +229,7 @@ class PullLoop:
         self.gaps = 0  # times deliveries were lost and the consumer restarted after them
         self.rewinds = 0  # consumer restarts done (after a lost delivery or at bind)
         self.pending = 0  # messages left in the consumer after that one (at fetch time)
+        self._last_ts = 0.0  # stream timestamp (unix s) of the last message handled
 
     @property
     def state(self) -> str:
@@ -238,11 +245,21 @@ class PullLoop:
     def healthy(self) -> bool:
         return self.state == "ok"
 
+    @property
+    def lag_seconds(self) -> float:
+        """How far behind the stream this consumer is: the age of the last message it
+        handled while more wait behind it (an upper bound on the age of the oldest one
+        waiting); 0 when it has caught up."""
+        if not self.pending or not self._last_ts:
+            return 0.0
+        return max(time.time() - self._last_ts, 0.0)
+
     def snapshot(self) -> dict[str, object]:
         return {
             "state": self.state,
             "position": self.position,
             "pending": self.pending,
+            "lag_s": round(self.lag_seconds, 3),
             "messages": self.messages,
             "failures": self.failures,
             "attempts": self.attempts,
@@ -257,10 +274,12 @@ class PullLoop:
         psub: JetStreamContext.PullSubscription | None = None
         fetch_errors = 0
         ahead: asyncio.Task[list[Msg]] | None = None  # the next batch, fetched while handling
+        RUNNING.add(self)
         try:
             while not self._stopping.is_set() and not self.stopped_error:
                 psub, fetch_errors, ahead = await self._step(psub, fetch_errors, ahead)
         finally:
+            RUNNING.discard(self)
             if ahead is not None:
                 ahead.cancel()  # its messages are redelivered: nothing was acked
                 with contextlib.suppress(BaseException):
@@ -384,6 +403,8 @@ class PullLoop:
         self.messages += len(msgs)
         meta = msgs[-1].metadata
         self.position, self.pending = meta.sequence.stream, meta.num_pending
+        if meta.timestamp is not None:
+            self._last_ts = meta.timestamp.timestamp()
 
     async def _collect(self, psub: JetStreamContext.PullSubscription, room: int) -> list[Msg]:
         loop = asyncio.get_running_loop()

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from myelin import slis
 from myelin.settings import Settings
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -136,11 +137,30 @@ def setup_metrics(
         start_http_server(settings.metrics_port, addr=settings.host)
         readers.append(PrometheusMetricReader())
     provider = MeterProvider(
-        metric_readers=readers, resource=Resource.create({"service.name": f"myelin-{service}"})
+        metric_readers=readers,
+        resource=Resource.create({"service.name": f"myelin-{service}"}),
+        views=slis.views(),
     )
     metrics.set_meter_provider(provider)
     observe_status(provider, service, status)
+    observe_consumers(provider)
     return provider
+
+
+def observe_consumers(provider: MeterProvider) -> None:
+    """Lag of every pull consumer running in this process, by durable name."""
+    from myelin.consume import RUNNING
+
+    meter = provider.get_meter("myelin.sli")
+
+    def messages(_options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(loop.pending, {"durable": loop.durable}) for loop in list(RUNNING)]
+
+    def seconds(_options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(loop.lag_seconds, {"durable": loop.durable}) for loop in list(RUNNING)]
+
+    meter.create_observable_gauge(slis.CONSUMER_LAG_MESSAGES, callbacks=[messages])
+    meter.create_observable_gauge(slis.CONSUMER_LAG_SECONDS, callbacks=[seconds], unit="s")
 
 
 def _numbers(status: Mapping[str, Any]) -> Iterable[tuple[str, float, dict[str, str]]]:

@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from myelin import bus, online, telemetry
+from myelin import bus, online, slis, telemetry
 from myelin.audit import AuditLog, platform_record
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts import ContractRegistry
@@ -318,6 +318,10 @@ class FeaturesApp:
             ):
                 unreadable = await pipeline.process(
                     [(m.metadata.sequence.stream, m.data) for m in msgs]
+                )
+            if pipeline.committed_oldest_ingest_ms:
+                slis.record_freshness(
+                    view.ref, time.time() - pipeline.committed_oldest_ingest_ms / 1000
                 )
             if unreadable:  # dead-lettered by the pipeline; terminated before the batch ack
                 gone = set(unreadable)

@@ -139,6 +139,9 @@ class FeaturePipeline:
         self._lateness_ms = self.view.allowed_lateness_s * 1000
         self._last_sweep = time.monotonic()
         self._stale = False  # re-read position and watermarks before the next batch
+        # ingest time of the oldest event the last call committed (0: none): the batch's
+        # freshness, publish -> visible online, is measured from it
+        self.committed_oldest_ingest_ms = 0
 
     async def start(self) -> int:
         await self.online.register_view()
@@ -149,6 +152,7 @@ class FeaturePipeline:
     async def process(self, batch: list[tuple[int, bytes]]) -> list[int]:
         """``batch`` is ``(stream_seq, payload)`` in stream order. Returns the sequences of
         the messages that could not be read at all (dead-lettered, skipped)."""
+        self.committed_oldest_ingest_ms = 0
         if self._stale:  # after a failure: where the store stands (another worker may
             # have applied this partition meanwhile), so a retry computes from the same
             # state as whoever applied the rest
@@ -318,6 +322,7 @@ class FeaturePipeline:
         s.position = last_seq
         if decoded:
             s.last_event_ingest_ms = decoded[-1][1].ingest_time
+            self.committed_oldest_ingest_ms = min(ev.ingest_time for _, ev, _ in decoded)
         now = time.monotonic()
         if now - self._last_sweep > SWEEP_EVERY_S:  # between batches: never races an apply
             self._last_sweep = now

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 
-from myelin import bus
+from myelin import bus, slis
 from myelin.subjects import RPC_GOVERNANCE_DECIDE
 from services.governance.decider import Decider
 from services.governance.logic import DecisionRequest
@@ -17,7 +17,8 @@ _decode = msgspec.json.Decoder(DecisionRequest)
 
 async def serve_decisions(nc: NATS, decider: Decider) -> Any:
     async def handle(data: bytes, _headers: dict[str, str]) -> Any:
-        req = bus.decode_request(_decode, data, "decision")
-        return await decider.decide(req)
+        with slis.timed("governance_decide"):
+            req = bus.decode_request(_decode, data, "decision")
+            return await decider.decide(req)
 
     return await bus.serve(nc, RPC_GOVERNANCE_DECIDE, handle, queue="governance", concurrency=64)

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from opentelemetry.trace import SpanKind
 
-from myelin import __version__, telemetry
+from myelin import __version__, slis, telemetry
 from myelin.errors import MyelinError, Overloaded, Retryable
 from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -45,8 +45,11 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
 @contextlib.contextmanager
 def _boundary(context: grpc.aio.ServicerContext[Any, Any], method: str) -> Iterator[None]:
     md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    with telemetry.tracer("myelin.inference").start_as_current_span(
-        method, context=telemetry.extract(md), kind=SpanKind.SERVER
+    with (
+        slis.timed(method),
+        telemetry.tracer("myelin.inference").start_as_current_span(
+            method, context=telemetry.extract(md), kind=SpanKind.SERVER
+        ),
     ):
         yield
 

@@ -15,7 +15,7 @@ import math
 import msgspec
 from aiohttp import web
 
-from myelin import telemetry
+from myelin import slis, telemetry
 from myelin.errors import Overloaded
 from services.ingest.ingestor import Ingestor
 from services.ingest.logic import BatchRefused
@@ -31,6 +31,13 @@ def _reply(status: int, body: object, headers: dict[str, str] | None = None) -> 
 
 
 async def post_events(request: web.Request) -> web.Response:
+    with slis.timed("ingest_http") as sli:
+        resp = await _post_events(request)
+        sli["outcome"] = slis.outcome_of_status(resp.status)
+        return resp
+
+
+async def _post_events(request: web.Request) -> web.Response:
     ingestor = request.app[INGESTOR]
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream", ""):

@@ -10,7 +10,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from myelin import bus, telemetry
+from myelin import bus, slis, telemetry
 from myelin.errors import MyelinError
 from myelin.subjects import RPC_INGEST_PUBLISH
 from services.ingest.ingestor import BatchResult, Ingestor
@@ -23,12 +23,16 @@ class BatchRefusedError(MyelinError):
 
 async def serve_ingest(nc: NATS, ingestor: Ingestor) -> Any:
     async def handle(data: bytes, headers: dict[str, str]) -> BatchResult:
-        with telemetry.tracer("myelin.ingest").start_as_current_span("ingest batch"):
+        with (
+            slis.timed("ingest_nats") as sli,
+            telemetry.tracer("myelin.ingest").start_as_current_span("ingest batch"),
+        ):
             try:
                 return await ingestor.ingest(
                     data, per_event=headers.get("Myelin-Mode") == "per_event"
                 )
             except BatchRefused as refused:
+                sli["outcome"] = "rejected"
                 err = BatchRefusedError(refused.message)
                 err.code = refused.reason.value
                 raise err from None

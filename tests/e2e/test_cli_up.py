@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from myelin.settings import Settings
+from tests.helpers import clickstream
+from tests.prom_rules import rule_files, rules, selectors
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +44,55 @@ def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text: str = r.read().decode()
     return text
+
+
+def post_events(settings: Settings, events: list[dict[str, Any]]) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{settings.ingest_http_port}/v1/events",
+        data=json.dumps(events).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        result: dict[str, Any] = json.loads(r.read())
+    return result
+
+
+def metric_names(text: str) -> set[str]:
+    return {m.group(1) for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.M)}
+
+
+def check_slis(settings: Settings, metrics_base: int) -> None:
+    """Traffic through ingest and features, then the SLI series in the real scrapes, and
+    every metric the alert rules read among what the six services export."""
+    now = int(time.time() * 1000)
+    events = clickstream(20, prefix="sli", now_ms=now, users=5, items=3, ago_ms=10_000, step_ms=100)
+    assert post_events(settings, events)["accepted"] == 20
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        features = scrape(metrics_base + 2)
+        if "myelin_features_freshness_seconds_count" in features:
+            break
+        time.sleep(0.2)
+    ingest = scrape(metrics_base + 4)
+    assert re.search(
+        r'^myelin_rpc_duration_seconds_count\{[^}]*rpc="ingest_http"[^}]*\} 1(\.0)?$',
+        ingest,
+        re.M,
+    ), ingest
+    assert "myelin_rpc_duration_seconds_bucket{" in ingest and 'le="0.25"' in ingest
+    assert re.search(r'^myelin_features_freshness_seconds_bucket\{[^}]*le="1.0"', features, re.M)
+    assert re.search(r'^myelin_consumer_lag_messages\{durable="features-', features, re.M)
+    assert re.search(
+        r'^myelin_consumer_lag_seconds\{durable="warehouse-events"', scrape(metrics_base + 1), re.M
+    )
+    exported = set().union(*(metric_names(scrape(metrics_base + k)) for k in range(6)))
+    for path in rule_files():
+        for rule in rules(path):
+            for sel in selectors(rule["expr"]):
+                if sel.name.startswith("myelin_"):
+                    assert sel.name in exported, f"{path.name}: {sel.name} is not exported"
 
 
 def sql(url: str, query: str) -> str:
@@ -110,6 +164,7 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
         features_metrics = scrape(metrics_base + 2)
         assert "myelin_features_late_total" in features_metrics
         assert "myelin_features_position" in features_metrics
+        check_slis(settings, metrics_base)
         # `myelin up` supervises its children: a killed service is started again, and said so
         features = [c for c in children if "services.features" in " ".join(c.cmdline())]
         assert len(features) == 1
