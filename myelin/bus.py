@@ -4,7 +4,8 @@
   after a lost ack is deduplicated by the stream, never stored twice.
 - Request-reply carries a typed :class:`Reply`; errors come back as data and are raised
   on the caller's side as :class:`~myelin.errors.RemoteError`.
-- Trace context rides in the ``traceparent`` header.
+- Trace context rides in the ``traceparent`` header: every publish carries the caller's
+  current trace (a message's own ``traceparent`` wins).
 """
 
 from __future__ import annotations
@@ -224,8 +225,10 @@ class Publisher:
         """
         futures: dict[asyncio.Future[api.PubAck], int] = {}
         results: list[PubResult | None] = [None] * len(msgs)
+        traced = dict(telemetry.inject({MSG_ID: ""}))  # the caller's trace, once per batch
         for i, m in enumerate(msgs):
-            headers = {MSG_ID: m.msg_id, **m.headers} if m.headers else {MSG_ID: m.msg_id}
+            traced[MSG_ID] = m.msg_id
+            headers = {**traced, **m.headers} if m.headers else dict(traced)
             if m.headers and _header_bytes(headers) > MAX_HEADER_BYTES:
                 results[i] = PubResult(ok=False, error=_oversized_headers(m, headers))
                 continue
@@ -263,7 +266,7 @@ class Publisher:
         return await self._publish_with_retry(msg)
 
     async def _publish_with_retry(self, m: OutMsg) -> PubResult:
-        headers = {MSG_ID: m.msg_id, **(m.headers or {})}
+        headers = {**telemetry.inject({MSG_ID: m.msg_id}), **(m.headers or {})}
         if _header_bytes(headers) > MAX_HEADER_BYTES:
             return PubResult(ok=False, error=_oversized_headers(m, headers))
         delay = 0.05

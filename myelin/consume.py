@@ -54,6 +54,7 @@ from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from myelin import telemetry
 from myelin.errors import Poison, Retryable
 
 log = logging.getLogger(__name__)
@@ -464,7 +465,17 @@ class PullLoop:
         self.attempts = 0
         while True:
             try:
-                await self._handler(msgs)
+                with telemetry.batch_span(
+                    "myelin.consume",
+                    f"consume {self.durable}",
+                    [telemetry.span_context_of(m.headers) for m in msgs],
+                    {
+                        "messaging.destination.name": self.stream,
+                        "messaging.consumer.group.name": self.durable,
+                        "messaging.batch.message_count": len(msgs),
+                    },
+                ):
+                    await self._handler(msgs)
                 self.attempts = 0
                 return None
             except Exception as exc:

@@ -11,8 +11,9 @@ when that port is set, as ``myelin_<service>_<name>`` (counters end in ``_total`
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import context, metrics, trace
@@ -69,6 +70,93 @@ def extract(carrier: Mapping[str, str] | None) -> context.Context:
     return _PROPAGATOR.extract(dict(carrier or {}))
 
 
+MAX_LINKS = 128  # the SDK's default cap of links per span
+
+
+def span_context_of(carrier: Mapping[str, str] | None) -> trace.SpanContext | None:
+    """The remote span context a ``traceparent`` header carries; None when there is none."""
+    if not carrier or "traceparent" not in carrier:
+        return None
+    ctx = _PROPAGATOR.extract({"traceparent": carrier["traceparent"]})
+    sc = trace.get_current_span(ctx).get_span_context()
+    return sc if sc.is_valid else None
+
+
+def links_to(contexts: Iterable[trace.SpanContext | None]) -> list[trace.Link]:
+    """One link per distinct trace (at most :data:`MAX_LINKS`)."""
+    links: list[trace.Link] = []
+    seen: set[int] = set()
+    for sc in contexts:
+        if sc is None or sc.trace_id in seen:
+            continue
+        seen.add(sc.trace_id)
+        links.append(trace.Link(sc))
+        if len(links) == MAX_LINKS:
+            break
+    return links
+
+
+def span_context_of_trace_id(trace_id: str) -> trace.SpanContext | None:
+    """A remote span context in the trace ``trace_id`` (32 hex digits), for a link to a
+    trace known only by its id (events and records carry their trace id)."""
+    try:
+        tid = int(trace_id, 16)
+    except ValueError:
+        return None
+    if not tid or tid >> 128:
+        return None
+    # deterministic, non-zero span id derived from the trace id: only the trace id matters
+    return trace.SpanContext(
+        trace_id=tid,
+        span_id=(tid & 0xFFFFFFFFFFFFFFFF) or 1,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(1),
+    )
+
+
+def link_traces(span: trace.Span, trace_ids: Iterable[str], limit: int = MAX_LINKS) -> None:
+    """Link ``span`` to each distinct trace of ``trace_ids`` (at most ``limit``)."""
+    if not span.is_recording():
+        return
+    seen: set[str] = set()
+    for tid in trace_ids:
+        if tid in seen:
+            continue
+        seen.add(tid)
+        sc = span_context_of_trace_id(tid)
+        if sc is not None:
+            span.add_link(sc)
+        if len(seen) >= limit:
+            return
+
+
+@contextlib.contextmanager
+def batch_span(
+    tracer_name: str,
+    name: str,
+    items: Iterable[trace.SpanContext | None],
+    attributes: Mapping[str, str | int] | None = None,
+) -> Iterator[trace.Span]:
+    """A span for a batch: a child of the first item's trace, linked to the trace of every
+    item it carries (a batch mixes many requests' events). ``items``: each message's or
+    record's span context (:func:`span_context_of`, :func:`span_context_of_trace_id`)."""
+    contexts = list(items)
+    first = next((sc for sc in contexts if sc is not None), None)
+    parent = (
+        trace.set_span_in_context(trace.NonRecordingSpan(first))
+        if first is not None
+        else context.Context()
+    )
+    with tracer(tracer_name).start_as_current_span(
+        name,
+        context=parent,
+        links=links_to(contexts),
+        attributes=dict(attributes or {}),
+        kind=trace.SpanKind.CONSUMER,
+    ) as span:
+        yield span
+
+
 def trace_id_hex(span: trace.Span | None = None) -> str:
     """The 32-hex-digit trace id of ``span`` (or the current span); '' when none."""
     ctx = (span or trace.get_current_span()).get_span_context()
@@ -77,18 +165,10 @@ def trace_id_hex(span: trace.Span | None = None) -> str:
 
 def context_from_trace_id(trace_id: str) -> context.Context:
     """A parent context carrying ``trace_id``, so work done later joins the same trace."""
-    try:
-        tid = int(trace_id, 16)
-    except ValueError:
+    sc = span_context_of_trace_id(trace_id)
+    if sc is None:
         return context.Context()
-    if not tid:
-        return context.Context()
-    # Deterministic, non-zero span id derived from the trace id: only the trace id matters.
-    span_id = (tid & 0xFFFFFFFFFFFFFFFF) or 1
-    parent = trace.SpanContext(
-        trace_id=tid, span_id=span_id, is_remote=True, trace_flags=trace.TraceFlags(1)
-    )
-    return trace.set_span_in_context(trace.NonRecordingSpan(parent))
+    return trace.set_span_in_context(trace.NonRecordingSpan(sc))
 
 
 # Status fields that only ever grow: exported as counters; every other number is a gauge.

@@ -306,10 +306,9 @@ class FeaturesApp:
         log.info("view %s partition %d resumes after stream sequence %d", view.ref, p, position)
 
         async def on_events(msgs: list[Msg]) -> None:
-            ctx = telemetry.extract(dict(msgs[0].headers or {}))
+            # a child of the consumer's batch span, which links every message's trace
             with telemetry.tracer("myelin.features").start_as_current_span(
                 "features batch",
-                context=ctx,
                 attributes={
                     "messaging.batch.message_count": len(msgs),
                     "myelin.view": view.ref,

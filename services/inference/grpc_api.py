@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from myelin import __version__, slis, telemetry
@@ -150,6 +151,9 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                 raise
 
 
+PREDICT_LINKS = 16  # links from a Predict span to the traces of its features' events
+
+
 class PredictorServicer(mp_grpc.PredictorServicer):
     def __init__(self, predictor: Predictor) -> None:
         self.p = predictor
@@ -166,6 +170,10 @@ class PredictorServicer(mp_grpc.PredictorServicer):
             except Exception as exc:
                 await _abort(context, exc)
                 raise
+            # the traces of the events behind the features used (a few: a link each)
+            telemetry.link_traces(
+                trace.get_current_span(), (v.trace_id for v in r.vectors), PREDICT_LINKS
+            )
             prov = r.model.mv.provenance
             view_hash = r.vectors[0].version if r.vectors else ""  # the version actually read
             return mp.PredictResponse(

@@ -20,6 +20,7 @@ import uuid
 
 import msgspec
 
+from myelin import telemetry
 from myelin.bus import OutMsg, Publisher
 from myelin.records import InferenceRecord
 from myelin.subjects import inference_subject
@@ -104,6 +105,17 @@ class Recorder:
             (OutMsg(inference_subject(m), _enc.encode(g), f"inf-{uuid.uuid4().hex}"), len(g))
             for m, g in by_model.items()
         ]
+        # the message carries this span's context: in the first record's trace, linked
+        # to every record's (each request's) trace
+        with telemetry.batch_span(
+            "myelin.inference",
+            "record inferences",
+            [telemetry.span_context_of_trace_id(r.trace_id) for r in recs],
+            {"myelin.records": len(recs)},
+        ):
+            await self._publish_until_stored(pending)
+
+    async def _publish_until_stored(self, pending: list[tuple[OutMsg, int]]) -> None:
         delay = 0.1
         while pending:
             results = await self._pub.publish_batch([m for m, _ in pending])
