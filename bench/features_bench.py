@@ -308,7 +308,11 @@ async def main(n: int, rate: int, seconds: float) -> None:
             features_workers=workers,
         )
         s = with_ports(
-            base, nats_port=free_port(), redis_port=free_port(), warehouse_http_port=free_port()
+            base,
+            nats_port=free_port(),
+            redis_port=free_port(),
+            warehouse_http_port=free_port(),
+            ops_http_port=free_port(),
         )
         try:
             async with Stack(s, services=(), log=lambda _m: None) as stack:

@@ -137,6 +137,7 @@ async def main() -> None:
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
         warehouse_http_port=free_port(),
+        ops_http_port=free_port(),
     )
     echo_port = free_port()
     echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)])  # noqa: ASYNC220

@@ -151,6 +151,7 @@ async def main(n: int, n_single: int, workers: int) -> None:
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
         warehouse_http_port=free_port(),
+        ops_http_port=free_port(),
     )
     enc = msgspec.json.Encoder()
     mp = msgspec.msgpack.Encoder()

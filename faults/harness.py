@@ -192,6 +192,7 @@ def stack_settings(state_dir: Path, mode: Mode, dedupe: bool) -> Settings:
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
         warehouse_http_port=free_port(),
+        ops_http_port=free_port(),
     )
 
 

@@ -50,6 +50,11 @@ async def _up(settings: Settings) -> int:
                 if settings.warehouse_http_port
                 else ""
             )
+            + (
+                f"Ops page: http://{settings.host}:{settings.ops_http_port}/\n"
+                if settings.ops_http_port
+                else ""
+            )
             + "Press Ctrl-C to stop.",
             file=sys.stderr,
             flush=True,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 
-from myelin import bus, telemetry
+from myelin import bus, slis, telemetry
 from myelin.settings import Settings
 from myelin.subjects import health_subject
 
@@ -56,6 +56,7 @@ async def serve_health(nc: NATS, app: ServiceApp) -> Any:
             "ready": True,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - started, 3),
+            **slis.recent(),
             **app.status(),
         }
 

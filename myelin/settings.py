@@ -69,6 +69,7 @@ class Settings:
     ingest_workers: int = 1  # ingest processes sharing the HTTP port (SO_REUSEPORT) and NATS queue
     inference_grpc_port: int = 8001
     warehouse_http_port: int = 8123  # the ClickHouse HTTP interface (0: off)
+    ops_http_port: int = 8090  # the live ops page (0: off)
     partitions: int = 8
     max_event_bytes: int = 64 * 1024
     max_batch_bytes: int = 16 * 1024 * 1024
@@ -148,6 +149,7 @@ class Settings:
             ingest_workers=_int("INGEST_WORKERS", d.ingest_workers),
             inference_grpc_port=_int("INFERENCE_GRPC_PORT", d.inference_grpc_port),
             warehouse_http_port=_int("WAREHOUSE_HTTP_PORT", d.warehouse_http_port),
+            ops_http_port=_int("OPS_HTTP_PORT", d.ops_http_port),
             partitions=_int("PARTITIONS", d.partitions),
             max_event_bytes=_int("MAX_EVENT_BYTES", d.max_event_bytes),
             max_batch_bytes=_int("MAX_BATCH_BYTES", d.max_batch_bytes),

@@ -12,7 +12,9 @@ Exported, next to each service's status counters (:mod:`myelin.telemetry`):
 - ``myelin_consumer_lag_messages{durable}`` and ``myelin_consumer_lag_seconds{durable}``:
   what every pull consumer of the process has left, and how far behind the stream it is.
 
-Recording costs one histogram update per request or per batch, never per event.
+Recording costs one histogram update per request or per batch, never per event. The last
+minute of observations is also kept in memory, for the health reply's ``latency_ms`` and
+``freshness_ms`` percentiles (what ``myelin status`` and the ops page show).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -80,7 +84,9 @@ def timed(rpc: str) -> Iterator[dict[str, str]]:
         attrs["outcome"] = "error"
         raise
     finally:
-        _rpc_duration().record(time.perf_counter() - started, attrs)
+        took = time.perf_counter() - started
+        _rpc_duration().record(took, attrs)
+        _remember(_LATENCY, rpc, took)
 
 
 def outcome_of_status(status: int) -> str:
@@ -89,4 +95,43 @@ def outcome_of_status(status: int) -> str:
 
 
 def record_freshness(view: str, seconds: float) -> None:
-    _freshness().record(max(seconds, 0.0), {"view": view})
+    seconds = max(seconds, 0.0)
+    _freshness().record(seconds, {"view": view})
+    _remember(_FRESHNESS, view, seconds)
+
+
+RECENT_S = 60.0  # the window of the in-memory percentiles
+_RECENT_MAX = 4096  # observations kept per key (the newest)
+_LATENCY: dict[str, deque[tuple[float, float]]] = {}
+_FRESHNESS: dict[str, deque[tuple[float, float]]] = {}
+
+
+def _remember(table: dict[str, deque[tuple[float, float]]], key: str, seconds: float) -> None:
+    q = table.get(key)
+    if q is None:
+        q = table[key] = deque(maxlen=_RECENT_MAX)
+    q.append((time.monotonic(), seconds))
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p99 and max in milliseconds, and the count, of ``values`` (seconds)."""
+    if not values:
+        return {"n": 0}
+    xs = sorted(values)
+    n = len(xs)
+    return {
+        "n": n,
+        "p50": round(xs[(n - 1) // 2] * 1000, 3),
+        "p99": round(xs[min(n - 1, (99 * n) // 100)] * 1000, 3),
+        "max": round(xs[-1] * 1000, 3),
+    }
+
+
+def recent() -> dict[str, Any]:
+    """The last minute's latency per rpc and freshness per view (ms percentiles)."""
+    since = time.monotonic() - RECENT_S
+
+    def summary(table: dict[str, deque[tuple[float, float]]]) -> dict[str, Any]:
+        return {k: percentiles([v for t, v in list(q) if t >= since]) for k, q in table.items()}
+
+    return {"latency_ms": summary(_LATENCY), "freshness_ms": summary(_FRESHNESS)}

@@ -31,6 +31,7 @@ def settings(tmp_path: Path) -> Settings:
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
         warehouse_http_port=free_port(),
+        ops_http_port=free_port(),
     )
 
 

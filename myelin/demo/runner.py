@@ -407,4 +407,5 @@ def demo_settings(base: Settings, state_dir: Path | None = None) -> Settings:
         ingest_http_port=free_port(),
         inference_grpc_port=free_port(),
         warehouse_http_port=free_port(),
+        ops_http_port=free_port(),
     )

@@ -35,7 +35,7 @@ from myelin.stack.ports import PortClaim, check_ports_free
 from myelin.stack.process import ManagedProcess, ProcessError, describe_exit, log_tail
 from myelin.subjects import health_subject
 
-SERVICES = ("governance", "warehouse", "features", "inference", "ingest", "retrainer")
+SERVICES = ("governance", "warehouse", "features", "inference", "ingest", "retrainer", "ops")
 ENGINES = ("nats-server", "redis-server")
 
 
@@ -121,6 +121,8 @@ class Stack:
                     "MYELIN_WAREHOUSE_HTTP_PORT",
                 )
             )
+        if "ops" in self.services and s.ops_http_port:
+            claims.append(PortClaim(s.ops_http_port, s.host, "ops page", "MYELIN_OPS_HTTP_PORT"))
         if s.metrics_port:
             names = [n for svc in self.services for n in self._process_names(svc)]
             for k, name in enumerate(names):

@@ -65,7 +65,7 @@ def metric_names(text: str) -> set[str]:
 
 def check_slis(settings: Settings, metrics_base: int) -> None:
     """Traffic through ingest and features, then the SLI series in the real scrapes, and
-    every metric the alert rules read among what the six services export."""
+    every metric the alert rules read among what the seven services export."""
     now = int(time.time() * 1000)
     events = clickstream(20, prefix="sli", now_ms=now, users=5, items=3, ago_ms=10_000, step_ms=100)
     assert post_events(settings, events)["accepted"] == 20
@@ -87,7 +87,7 @@ def check_slis(settings: Settings, metrics_base: int) -> None:
     assert re.search(
         r'^myelin_consumer_lag_seconds\{durable="warehouse-events"', scrape(metrics_base + 1), re.M
     )
-    exported = set().union(*(metric_names(scrape(metrics_base + k)) for k in range(6)))
+    exported = set().union(*(metric_names(scrape(metrics_base + k)) for k in range(7)))
     for path in rule_files():
         for rule in rules(path):
             for sel in selectors(rule["expr"]):
@@ -107,8 +107,8 @@ def sql(url: str, query: str) -> str:
 def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
     ports = {settings.nats_port, settings.redis_port}
     ports |= {settings.ingest_http_port, settings.inference_grpc_port}
-    ports.add(settings.warehouse_http_port)
-    metrics_base = free_port_run(6, ports)  # one Prometheus port per service
+    ports |= {settings.warehouse_http_port, settings.ops_http_port}
+    metrics_base = free_port_run(7, ports)  # one Prometheus port per service
     env = {**os.environ, **settings.to_env(), "MYELIN_METRICS_PORT": str(metrics_base)}
     for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
         env.pop(k, None)
@@ -138,7 +138,7 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
             sum("nats-server" in n for n in names) == 1
             and sum("redis-server" in n for n in names) == 1
         )
-        assert len(children) >= 8  # two engines + six services
+        assert len(children) >= 9  # two engines + seven services
         listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
         assert settings.ingest_http_port in listening and settings.inference_grpc_port in listening
         # the ClickHouse HTTP interface, at the address `myelin up` printed
