@@ -5,6 +5,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# checkov (the Terraform security scan in the tests) pins much of its own dependency tree:
+# it gets a venv of its own
+TOOLS := $(VENV)/tools
+CHECKOV_VERSION := 3.3.30
+TOOLS_STAMP := $(TOOLS)/.installed-$(CHECKOV_VERSION)
 
 .PHONY: demo up test lint types pytest proto bench faults clean install
 
@@ -15,7 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-install: $(STAMP)
+$(TOOLS_STAMP):
+	$(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet "checkov==$(CHECKOV_VERSION)"
+	@touch $(TOOLS_STAMP)
+
+install: $(STAMP) $(TOOLS_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/myelin demo
@@ -29,7 +39,7 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/pytest
 
 test: lint types pytest

@@ -29,11 +29,7 @@ from myelin.errors import BAD_INPUT, MyelinError, Overloaded, Poison, RemoteErro
 from myelin.settings import Settings
 from myelin.subjects import (
     ARTIFACTS_BUCKET,
-    MODELS_BUCKET,
-    RETRAINS_BUCKET,
-    VIEWS_BUCKET,
     StreamSpec,
-    stream_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -105,20 +101,16 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int = 
 
 
 async def provision(js: JetStreamContext, settings: Settings) -> None:
-    """Streams, KV buckets and object stores the platform needs, each with
-    ``MYELIN_STREAM_REPLICAS`` copies (3 on a three-node JetStream cluster); idempotent."""
-    from myelin.contracts.store import CONTRACTS_BUCKET
+    """Streams, KV buckets and object stores the platform needs (:mod:`myelin.topology`),
+    each with ``MYELIN_STREAM_REPLICAS`` copies (3 on a three-node JetStream cluster);
+    idempotent."""
+    from myelin import topology
 
     replicas = settings.stream_replicas
-    for spec in stream_specs(settings.duplicate_window_s):
+    for spec in topology.streams(settings):
         await ensure_stream(js, spec, replicas)
-    for bucket, history in (
-        (MODELS_BUCKET, 16),
-        (VIEWS_BUCKET, 1),
-        (CONTRACTS_BUCKET, 1),
-        (RETRAINS_BUCKET, 8),
-    ):
-        await kv_bucket(js, bucket, history=history, replicas=replicas)
+    for b in topology.buckets(settings):
+        await kv_bucket(js, b.name, history=b.history, replicas=replicas, ttl_s=b.ttl_s)
     try:
         await js.object_store(ARTIFACTS_BUCKET)
     except (NotFoundError, BadRequestError):
@@ -133,13 +125,17 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await ContractStore(js).publish(default_registry().specs())
 
 
-async def kv_bucket(js: JetStreamContext, bucket: str, history: int = 1, replicas: int = 1) -> Any:
+async def kv_bucket(
+    js: JetStreamContext, bucket: str, history: int = 1, replicas: int = 1, ttl_s: float = 0.0
+) -> Any:
     """A KV bucket, created on first use (idempotent across processes); ``provision``
     creates every bucket of the platform first, with the deployment's replicas."""
     try:
         return await js.key_value(bucket)
     except (NotFoundError, BadRequestError):
-        return await js.create_key_value(bucket=bucket, history=history, replicas=replicas)
+        return await js.create_key_value(
+            api.KeyValueConfig(bucket=bucket, history=history, replicas=replicas, ttl=ttl_s or None)
+        )
 
 
 def decode_request(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:

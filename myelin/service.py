@@ -1,4 +1,6 @@
-"""The lifecycle every service shares: settings, tracing, health endpoint, ordered shutdown.
+"""The lifecycle every service shares: settings, tracing, health endpoints (NATS, and HTTP
+``/livez`` ``/readyz`` for probes when ``MYELIN_HEALTH_HTTP_PORT`` is set), ordered
+shutdown.
 
 A service is a :class:`ServiceApp`: ``start`` brings it up (inbound adapters last),
 ``stop`` takes it down in order (stop intake, drain, flush sinks, close clients).
@@ -15,6 +17,7 @@ import signal
 import time
 from typing import Any, Protocol
 
+from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from myelin import bus, slis, telemetry
@@ -61,6 +64,36 @@ async def serve_health(nc: NATS, app: ServiceApp) -> Any:
         }
 
     return await bus.serve(nc, health_subject(instance_name(app)), health)
+
+
+def health_http_app(app: ServiceApp) -> web.Application:
+    """``/livez`` (the process answers) and ``/readyz`` (200 when the service's own status
+    says ready, else 503 with the reasons): what a load balancer or a Kubernetes probe
+    asks, answered from memory, with no warm-up request."""
+
+    async def livez(_request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        try:
+            st = app.status()
+        except Exception as exc:  # noqa: BLE001 - a status that cannot be read: not ready
+            st = {"ready": False, "not_ready": [f"status failed: {exc!r}"]}
+        ready = bool(st.get("ready", False))
+        body = {"service": app.name, "ready": ready, "not_ready": st.get("not_ready", [])}
+        return web.json_response(body, status=200 if ready else 503)
+
+    web_app = web.Application()
+    web_app.router.add_get("/livez", livez)
+    web_app.router.add_get("/readyz", readyz)
+    return web_app
+
+
+async def serve_health_http(app: ServiceApp, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(health_http_app(app), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
 
 
 def tune_gc() -> None:
@@ -117,6 +150,11 @@ async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:
     telemetry.setup_metrics(instance_name(app).replace("-", "_"), settings, app.status)
     health_nc = await bus.connect(settings, f"{app.name}-health")
     sub = await serve_health(health_nc, app)
+    probes = (
+        await serve_health_http(app, settings.host, settings.health_http_port)
+        if settings.health_http_port
+        else None
+    )
     log.info("%s ready", app.name)
     try:
         await stop.wait()
@@ -124,6 +162,8 @@ async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:
         log.info("%s stopping", app.name)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+        if probes is not None:
+            await probes.cleanup()
         await app.stop()
         with contextlib.suppress(Exception):
             await health_nc.drain()

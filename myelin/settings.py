@@ -70,6 +70,7 @@ class Settings:
     inference_grpc_port: int = 8001
     warehouse_http_port: int = 8123  # the ClickHouse HTTP interface (0: off)
     ops_http_port: int = 8090  # the live ops page (0: off)
+    health_http_port: int = 0  # /livez and /readyz for probes (0: off; set per pod)
     partitions: int = 8
     max_event_bytes: int = 64 * 1024
     max_batch_bytes: int = 16 * 1024 * 1024
@@ -150,6 +151,7 @@ class Settings:
             inference_grpc_port=_int("INFERENCE_GRPC_PORT", d.inference_grpc_port),
             warehouse_http_port=_int("WAREHOUSE_HTTP_PORT", d.warehouse_http_port),
             ops_http_port=_int("OPS_HTTP_PORT", d.ops_http_port),
+            health_http_port=_int("HEALTH_HTTP_PORT", d.health_http_port),
             partitions=_int("PARTITIONS", d.partitions),
             max_event_bytes=_int("MAX_EVENT_BYTES", d.max_event_bytes),
             max_batch_bytes=_int("MAX_BATCH_BYTES", d.max_batch_bytes),

@@ -20,8 +20,8 @@ from myelin.contracts.compat import Incompatibility, check
 from myelin.contracts.registry import ContractRegistry
 from myelin.contracts.schema import ContractSpec, validate_spec
 from myelin.errors import MyelinError
+from myelin.topology import CONTRACTS_BUCKET
 
-CONTRACTS_BUCKET = "myelin_contracts"
 _dec = msgspec.json.Decoder(ContractSpec)
 _enc = msgspec.json.Encoder()
 

@@ -39,10 +39,10 @@ from nats.js.errors import (
     NotFoundError,
 )
 
+from myelin.topology import LEASES_BUCKET
 from services.features.assignment import plan
 
 log = logging.getLogger(__name__)
-LEASES_BUCKET = "myelin_features_leases"
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code: the key exists (someone holds it)
 Change = Callable[[int], Awaitable[None]]
 

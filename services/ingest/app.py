@@ -11,13 +11,12 @@ from typing import Any
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from myelin import bus
+from myelin import bus, topology
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts.store import ContractStore
 from myelin.dead_letters import consumer_dead_letters
 from myelin.pii import load_tokenizer
 from myelin.settings import Settings
-from myelin.subjects import INGEST_STREAM
 from services.ingest.http_api import build_app
 from services.ingest.ingestor import Ingestor
 from services.ingest.logic import Limits, RecentIds, Validator, sanitize
@@ -71,14 +70,15 @@ class IngestApp:
         )
         self._tasks.append(asyncio.create_task(self._follow_registry(store), name="contracts"))
         self._sub = await serve_ingest(self._nc, self.ingestor)
+        inbox = topology.durable(topology.INGEST_INBOX, s)  # shared by every ingest worker
         await ensure_consumer(
             js,
-            INGEST_STREAM,
-            "ingest-inbox",
-            "myelin.ingest.>",
-            max_ack_pending=2000,
-            ack_wait_s=s.ingest_ack_wait_s,
-            shared=True,  # every ingest worker pulls from it
+            inbox.stream,
+            inbox.name,
+            inbox.filter_subject,
+            max_ack_pending=inbox.max_ack_pending,
+            ack_wait_s=inbox.ack_wait_s,
+            shared=inbox.shared,
         )
         ingestor = self.ingestor
 
@@ -90,14 +90,14 @@ class IngestApp:
 
         self._inbox = PullLoop(
             js,
-            INGEST_STREAM,
-            "ingest-inbox",
+            inbox.stream,
+            inbox.name,
             inbox_handler(self.ingestor),
             batch=500,
             shared=True,
             dead_letter=consumer_dead_letters(
                 bus.Publisher(js, s),
-                "ingest-inbox",
+                inbox.name,
                 sanitize=sanitized,
                 producer_of=lambda m: m.subject.removeprefix("myelin.ingest."),
             ),

@@ -11,7 +11,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from myelin import bus
+from myelin import bus, topology
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.dead_letters import consumer_dead_letters
 from myelin.models import ModelRegistry
@@ -23,10 +23,10 @@ from services.retrainer.drift_api import drift_handler
 from services.retrainer.schedule import run_schedule
 
 log = logging.getLogger(__name__)
-DRIFT_DURABLE = "retrainer-drift"
+DRIFT_DURABLE = topology.RETRAINER_DURABLE
 # The batch's deadline is pushed back every third of this while a job runs (in_progress),
 # so a job may take as long as it needs; a process that died is redelivered after it.
-ACK_WAIT_S = 60.0
+ACK_WAIT_S = topology.RETRAINER_ACK_WAIT_S
 STOP_GRACE_S = 10.0  # a running job gets this long to finish at stop, then is interrupted
 
 
@@ -62,13 +62,14 @@ class RetrainerApp:
             start: int | None = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
         except NotFoundError:
             start = None
+        d = topology.durable(DRIFT_DURABLE, s)
         await ensure_consumer(
             js,
-            DRIFT_STREAM,
-            DRIFT_DURABLE,
-            "myelin.drift.>",
-            max_ack_pending=64,
-            ack_wait_s=ACK_WAIT_S,
+            d.stream,
+            d.name,
+            d.filter_subject,
+            max_ack_pending=d.max_ack_pending,
+            ack_wait_s=d.ack_wait_s,
             start_seq=start,
         )
         self.loop = PullLoop(

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from myelin import bus
+from myelin import bus, topology
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.dead_letters import consumer_dead_letters
 from myelin.errors import Poison
@@ -47,7 +47,7 @@ from services.warehouse.sink import WarehouseSink
 from services.warehouse.sql_api import serve_sql
 
 log = logging.getLogger(__name__)
-EVENTS_DRAIN = "warehouse-events"
+EVENTS_DRAIN = topology.WAREHOUSE_DRAINS[EVENTS_STREAM]
 WAREHOUSE_NICENESS = 10
 
 
@@ -80,31 +80,36 @@ class WarehouseApp:
         self._js = bus.jetstream(self._nc, s)
         # Each ClickHouse insert costs milliseconds and leaves a part to merge, whatever its
         # size: drains linger to insert at most about once a second per table.
-        big = 5 * s.features_batch  # EVENTS messages hold up to 100 events each
-        self._handlers = {
-            EVENTS_DRAIN: (EVENTS_STREAM, events_drain(self.sink), big),
-            "warehouse-late": (LATE_STREAM, late_drain(self.sink), 1000),
-            "warehouse-features": (FEATURES_STREAM, features_drain(self.sink), 100),
-            "warehouse-inferences": (INFERENCES_STREAM, inference_drain(self.sink), 1000),
-            "warehouse-audit": (AUDIT_STREAM, audit_drain(self.sink), 1000),
-            "warehouse-dlq": (DLQ_STREAM, dlq_drain(self.sink), 1000),
-            "warehouse-drift": (DRIFT_STREAM, drift_drain(self.sink), 100),
+        handlers = {
+            EVENTS_STREAM: events_drain(self.sink),
+            LATE_STREAM: late_drain(self.sink),
+            FEATURES_STREAM: features_drain(self.sink),
+            INFERENCES_STREAM: inference_drain(self.sink),
+            AUDIT_STREAM: audit_drain(self.sink),
+            DLQ_STREAM: dlq_drain(self.sink),
+            DRIFT_STREAM: drift_drain(self.sink),
         }
-        for durable, (stream, _, batch) in self._handlers.items():
+        drains = [d for d in topology.durables(s) if d.owner == "warehouse"]
+        self._handlers = {
+            d.name: (d.stream, handlers[d.stream], topology.warehouse_batch(d.stream, s))
+            for d in drains
+        }
+        for d in drains:
+            durable = d.name
             # Resume right after the last acked batch: what a killed predecessor had fetched
             # but not stored comes again now, not after the ack wait (rows collapse anyway).
             try:
-                info = await self._js.consumer_info(stream, durable)
+                info = await self._js.consumer_info(d.stream, durable)
                 start: int | None = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
             except NotFoundError:
                 start = None
             await ensure_consumer(
                 self._js,
-                stream,
+                d.stream,
                 durable,
-                ">",
-                max_ack_pending=batch * 2,
-                ack_wait_s=30.0,
+                d.filter_subject,
+                max_ack_pending=d.max_ack_pending,
+                ack_wait_s=d.ack_wait_s,
                 start_seq=start,
             )
             self._start_loop(durable, stored=(start or 1) - 1)
@@ -147,14 +152,14 @@ class WarehouseApp:
         loop = self.loops[EVENTS_DRAIN]
         loop.stop()
         await asyncio.gather(self._tasks[EVENTS_DRAIN], return_exceptions=True)
-        _, _, batch = self._handlers[EVENTS_DRAIN]
+        d = topology.durable(EVENTS_DRAIN, self.settings)
         await ensure_consumer(
             self._js,
-            EVENTS_STREAM,
-            EVENTS_DRAIN,
-            ">",
-            max_ack_pending=batch * 2,
-            ack_wait_s=30.0,
+            d.stream,
+            d.name,
+            d.filter_subject,
+            max_ack_pending=d.max_ack_pending,
+            ack_wait_s=d.ack_wait_s,
             start_seq=from_seq,
         )
         self._start_loop(EVENTS_DRAIN, stored=from_seq - 1)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -13,7 +14,9 @@ from typing import Any
 import psutil
 import pytest
 
+from myelin import bus
 from myelin.settings import Settings
+from myelin.topology import TERRAFORM_FILE as TOPOLOGY
 from tests.helpers import clickstream
 from tests.prom_rules import rule_files, rules, selectors
 
@@ -95,6 +98,41 @@ def check_slis(settings: Settings, metrics_base: int) -> None:
                     assert sel.name in exported, f"{path.name}: {sel.name} is not exported"
 
 
+async def check_topology(settings: Settings) -> None:
+    """What the running stack created on its nats-server is what infra/terraform declares
+    (infra/terraform/topology.json), and nothing else but the features consumers."""
+    doc = json.loads(TOPOLOGY.read_text())
+    nc = await bus.connect(settings, "test-topology", reconnect=False)
+    try:
+        js = bus.jetstream(nc, settings)
+        infos = await js.streams_info()
+        names = {i.config.name or "": i for i in infos}
+        plain = {n: sorted(i.config.subjects or []) for n, i in names.items()}
+        plain = {n: v for n, v in plain.items() if not n.startswith(("KV_", "OBJ_"))}
+        assert plain == {n: sorted(v["subjects"]) for n, v in doc["streams"].items()}
+        assert {n.removeprefix("KV_") for n in names if n.startswith("KV_")} == set(
+            doc["kv_buckets"]
+        )
+        assert {n.removeprefix("OBJ_") for n in names if n.startswith("OBJ_")} == set(
+            doc["object_stores"]
+        )
+        for stream in doc["streams"]:
+            for c in await js.consumers_info(stream):
+                declared = doc["consumers"].get(c.name)
+                if declared is None:
+                    assert re.fullmatch(r"features-.+-p\d+", c.name), c.name
+                    continue
+                assert declared["stream"] == stream
+                assert (c.config.filter_subject or ">") == declared["filter_subject"]
+                assert str(c.config.ack_policy) == declared["ack_policy"]
+                assert c.config.max_ack_pending == declared["max_ack_pending"]
+                assert c.config.ack_wait == declared["ack_wait_s"]
+        present = {c.name for s in doc["streams"] for c in await js.consumers_info(s)}
+        assert set(doc["consumers"]) <= present, set(doc["consumers"]) - present
+    finally:
+        await nc.close()
+
+
 def sql(url: str, query: str) -> str:
     import urllib.parse
     import urllib.request
@@ -165,6 +203,7 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
         assert "myelin_features_late_total" in features_metrics
         assert "myelin_features_position" in features_metrics
         check_slis(settings, metrics_base)
+        asyncio.run(check_topology(settings))
         # `myelin up` supervises its children: a killed service is started again, and said so
         features = [c for c in children if "services.features" in " ".join(c.cmdline())]
         assert len(features) == 1
