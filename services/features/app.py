@@ -420,6 +420,11 @@ class FeaturesApp:
             + [f"{k}: definition does not read: {v}" for k, v in self.broken_versions.items()],
             # per view version, as metrics with a key label (name@hash)
             "version_lag_messages": {ref: v["lag_messages"] for ref, v in snaps.items()},
+            "version_watermark_delay_s": {
+                ref: v["watermark_delay_s"]
+                for ref, v in snaps.items()
+                if v["watermark_delay_s"] is not None
+            },
             "version_events": {ref: v["events"] for ref, v in snaps.items()},
             "version_late": {ref: v["late"] for ref, v in snaps.items()},
             "version_duplicates": {ref: v["duplicates"] for ref, v in snaps.items()},

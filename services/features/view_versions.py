@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,15 @@ class VersionRunner:
     def retire_part(self, part: PartitionRunner) -> None:
         self.retired_stats.add(part.pipeline.stats)
 
+    def watermark_delay_s(self, now_ms: int) -> float | None:
+        """How far the newest event time this process has seen for the version trails
+        the clock (None: no event yet). Grows when producers stall or the pipeline lags."""
+        newest = max(
+            (w for part in self.parts.values() for w in part.pipeline.watermarks.values()),
+            default=0,
+        )
+        return max(now_ms - newest, 0) / 1000 if newest else None
+
     def snapshot(self) -> dict[str, Any]:
         st = self.stats()
         return {
@@ -107,6 +117,7 @@ class VersionRunner:
             "error": self.error,
             "position": self.position,
             "lag_messages": self.lag_messages,
+            "watermark_delay_s": self.watermark_delay_s(int(time.time() * 1000)),
             "partitions": sorted(self.parts),  # owned by this process
             "events": st.events,
             "applied": st.applied,

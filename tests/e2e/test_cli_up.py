@@ -87,6 +87,7 @@ def check_slis(settings: Settings, metrics_base: int) -> None:
     assert "myelin_rpc_duration_seconds_bucket{" in ingest and 'le="0.25"' in ingest
     assert re.search(r'^myelin_features_freshness_seconds_bucket\{[^}]*le="1.0"', features, re.M)
     assert re.search(r'^myelin_consumer_lag_messages\{durable="features-', features, re.M)
+    assert re.search(r"^myelin_features_version_watermark_delay_s\{", features, re.M)
     assert re.search(
         r'^myelin_consumer_lag_seconds\{durable="warehouse-events"', scrape(metrics_base + 1), re.M
     )
