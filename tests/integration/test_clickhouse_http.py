@@ -18,32 +18,14 @@ import msgspec
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from myelin.contracts import StreamEvent
 from myelin.stack.process import free_port
 from myelin.warehouse import ServerWarehouse, Warehouse
 from services.warehouse.http_interface import MAX_BODY_BYTES, serve_clickhouse_http
 from services.warehouse.sink import WarehouseSink, events_table
+from tests.helpers import stream_event
 
 pytestmark = pytest.mark.integration
-_mp = msgspec.msgpack.Encoder()
 COUNTS = "SELECT entity_id, count() AS n FROM myelin.events GROUP BY entity_id ORDER BY entity_id"
-
-
-def event(i: int, t: int) -> StreamEvent:
-    user = f"u{i % 3}"
-    return StreamEvent(
-        event_id=f"h{i}",
-        type="purchase",
-        schema_version=1,
-        event_time=t + i,
-        ingest_time=t,
-        producer_id="p",
-        client_version="",
-        trace_id=f"{i:032x}",
-        entity_id=user,
-        partition=0,
-        data=msgspec.Raw(_mp.encode({"user_id": user, "item_id": "x", "amount": 2.5})),
-    )
 
 
 @pytest.fixture
@@ -52,7 +34,8 @@ async def endpoint(warehouse: Warehouse) -> AsyncIterator[str]:
     events (u0: 4, u1: 3, u2: 3)."""
     sink = WarehouseSink(warehouse)
     t = int(time.time() * 1000)
-    await sink.insert("events", events_table([(i + 1, event(i, t)) for i in range(10)]))
+    evs = [stream_event(f"h{i}", f"u{i % 3}", t + i, typ="purchase") for i in range(10)]
+    await sink.insert("events", events_table([(i + 1, e) for i, e in enumerate(evs)]))
     port = free_port()
     runner = await serve_clickhouse_http(sink, "127.0.0.1", port)
     try:

@@ -26,9 +26,14 @@ CHECKOV = ROOT / ".venv" / "tools" / "bin" / "checkov"
 
 
 def clean(node: Any) -> Any:
-    """python-hcl2's tree without its markers: block labels unquoted, no ``__is_block__``."""
+    """python-hcl2's tree without its markers: block labels unquoted, no ``__is_block__`` or
+    ``__comments__``."""
     if isinstance(node, dict):
-        return {unquote(k): clean(v) for k, v in node.items() if k != "__is_block__"}
+        return {
+            unquote(k): clean(v)
+            for k, v in node.items()
+            if k not in ("__is_block__", "__comments__")
+        }
     if isinstance(node, list):
         return [clean(v) for v in node]
     return node
@@ -58,8 +63,8 @@ def unquote(value: Any) -> Any:
 
 
 def test_every_file_parses() -> None:
-    files = sorted(TF.rglob("*.tf")) + sorted(TF.rglob("*.tfvars"))
-    assert len(files) >= 25
+    files = sorted(TF.rglob("*.tf")) + sorted(TF.rglob("*.tfvars")) + sorted(TF.rglob("*.hcl"))
+    assert len(files) >= 29
     for f in files:
         parse(f)  # raises on a syntax error
 
@@ -133,25 +138,41 @@ def test_autoscaling_hpa_on_cpu_and_p99_and_keda_on_lag() -> None:
 
 
 @pytest.mark.parametrize("env", ["dev", "staging", "prod"])
-def test_environments_call_the_platform_with_their_sizes(env: str) -> None:
-    main = parse(TF / "envs" / env / "main.tf")
-    calls = {n: b for block in main["module"] for n, b in block.items()}
-    assert unquote(calls["platform"]["environment"]) == env
-    tfvars = parse(TF / "envs" / env / "terraform.tfvars")
+def test_environments_set_every_variable_of_the_root_and_no_secret(env: str) -> None:
+    root = parse(TF / "main.tf")
+    calls = {n: b for block in root["module"] for n, b in block.items()}
+    assert unquote(calls["platform"]["source"]) == "./modules/platform"
+    declared = {n for block in root["variable"] for n in block}
+    tfvars = parse(TF / "envs" / f"{env}.tfvars")
+    assert set(tfvars) == declared  # every root variable set, nothing unknown
+    assert unquote(tfvars["environment"]) == env
     assert {"stream_replicas", "partitions", "features_workers", "redis", "clickhouse"} <= set(
         tfvars["sizes"]
     )
     assert re.search(r"@sha256:[0-9a-f]{64}", tfvars["image"])
-    text = (TF / "envs" / env / "main.tf").read_text() + (
-        TF / "envs" / env / "terraform.tfvars"
-    ).read_text()
+    backend = parse(TF / "envs" / f"{env}.backend.hcl")
+    assert f"myelin/{env}/" in backend["key"]
+    text = (TF / "envs" / f"{env}.tfvars").read_text()
     assert not re.search(r"(?i)(password|secret|token)\s*=\s*\"[^\"]+\"", text)
 
 
-def test_checkov_finds_no_failed_check() -> None:
+@pytest.mark.parametrize("env", ["dev", "staging", "prod"])
+def test_checkov_finds_no_failed_check(env: str) -> None:
+    """Scanned as each environment deploys it (its var file sets the image digests)."""
     assert CHECKOV.exists(), "checkov is installed by `make test` (make install) into .venv/tools"
     done = subprocess.run(
-        [str(CHECKOV), "-d", str(TF), "--framework", "terraform", "--skip-download", "-o", "json"],
+        [
+            str(CHECKOV),
+            "-d",
+            str(TF),
+            "--framework",
+            "terraform",
+            "--skip-download",
+            "--var-file",
+            str(TF / "envs" / f"{env}.tfvars"),
+            "-o",
+            "json",
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,7 +1,9 @@
+environment  = "prod"
 kube_context = "myelin-prod"
 nats_servers = "nats-0.nats.nats.svc:4222,nats-1.nats.nats.svc:4222,nats-2.nats.nats.svc:4222,nats-3.nats.nats.svc:4222,nats-4.nats.nats.svc:4222"
-image        = "ghcr.io/myelin/myelin@sha256:0000000000000000000000000000000000000000000000000000000000000000"
-opa_image    = "docker.io/openpolicyagent/opa@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+# release digests: replace with the image you ship (tags are refused)
+image     = "ghcr.io/myelin/myelin@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+opa_image = "docker.io/openpolicyagent/opa@sha256:0000000000000000000000000000000000000000000000000000000000000000"
 sizes = {
   stream_replicas    = 3
   partitions         = 64

@@ -1,7 +1,9 @@
+environment  = "dev"
 kube_context = "myelin-dev"
 nats_servers = "nats-0.nats.nats-dev.svc:4222"
-image        = "ghcr.io/myelin/myelin@sha256:0000000000000000000000000000000000000000000000000000000000000000"
-opa_image    = "docker.io/openpolicyagent/opa@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+# release digests: replace with the image you ship (tags are refused)
+image     = "ghcr.io/myelin/myelin@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+opa_image = "docker.io/openpolicyagent/opa@sha256:0000000000000000000000000000000000000000000000000000000000000000"
 sizes = {
   stream_replicas    = 1
   partitions         = 8

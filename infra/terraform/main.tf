@@ -1,5 +1,7 @@
-# The prod environment: providers (credentials from the environment, never in files)
-# and the platform module with this environment's sizes (terraform.tfvars).
+# The root module: providers (credentials from the environment, never in files) and the
+# platform. One environment per var file and state:
+#   terraform init -backend-config=envs/staging.backend.hcl
+#   terraform apply -var-file=envs/staging.tfvars
 terraform {
   required_version = ">= 1.6"
   required_providers {
@@ -21,13 +23,17 @@ terraform {
     }
   }
   backend "s3" {
-    key     = "myelin/prod/terraform.tfstate"
-    encrypt = true
+    encrypt = true # bucket and key: envs/<env>.backend.hcl
   }
 }
 
+variable "environment" {
+  description = "dev, staging or prod (the platform module checks it)."
+  type        = string
+}
+
 variable "kube_context" {
-  description = "The kubeconfig context of the prod cluster."
+  description = "The kubeconfig context of the environment's cluster."
   type        = string
 }
 
@@ -47,7 +53,7 @@ variable "opa_image" {
 }
 
 variable "sizes" {
-  description = "This environment's shape."
+  description = "The environment's shape: stream replicas, partitions, worker and pod bounds, Redis and ClickHouse."
   type        = any
 }
 
@@ -66,9 +72,9 @@ provider "jetstream" {
 }
 
 module "platform" {
-  source             = "../../modules/platform"
-  environment        = "prod"
-  namespace          = "myelin-prod"
+  source             = "./modules/platform"
+  environment        = var.environment
+  namespace          = "myelin-${var.environment}"
   image              = var.image
   opa_image          = var.opa_image
   nats_url           = join(",", [for s in split(",", var.nats_servers) : "nats://${trimspace(s)}"])
@@ -80,4 +86,9 @@ module "platform" {
   redis              = var.sizes.redis
   clickhouse         = var.sizes.clickhouse
   prometheus_address = "http://prometheus-operated.monitoring.svc:9090"
+}
+
+output "namespace" {
+  description = "Where the platform runs."
+  value       = module.platform.namespace
 }

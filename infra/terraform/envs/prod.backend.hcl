@@ -1,0 +1,3 @@
+bucket = "myelin-terraform-state"
+key    = "myelin/prod/terraform.tfstate"
+region = "eu-west-1"

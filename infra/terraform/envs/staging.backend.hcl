@@ -1,0 +1,3 @@
+bucket = "myelin-terraform-state"
+key    = "myelin/staging/terraform.tfstate"
+region = "eu-west-1"
