@@ -313,6 +313,7 @@ class PullLoop:
             fetch_errors = 0
         except (TimeoutError, nats.errors.TimeoutError):
             self.idle = True
+            self.pending = 0  # nothing came for a whole fetch: nothing waits for this loop
             return psub, fetch_errors, None
         except Exception as exc:  # noqa: BLE001 - connection trouble
             fetch_errors += 1

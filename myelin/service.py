@@ -146,27 +146,29 @@ async def run_until_signalled(app: ServiceApp, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log = logging.getLogger(app.name)
     await app.start()
-    tune_gc()
-    telemetry.setup_metrics(instance_name(app).replace("-", "_"), settings, app.status)
-    health_nc = await bus.connect(settings, f"{app.name}-health")
-    sub = await serve_health(health_nc, app)
-    probes = (
-        await serve_health_http(app, settings.host, settings.health_http_port)
-        if settings.health_http_port
-        else None
-    )
-    log.info("%s ready", app.name)
-    try:
+    health_nc: NATS | None = None
+    sub: Any = None
+    probes: web.AppRunner | None = None
+    try:  # anything failing from here on still stops the app (flushes, closes its engines)
+        tune_gc()
+        telemetry.setup_metrics(instance_name(app).replace("-", "_"), settings, app.status)
+        health_nc = await bus.connect(settings, f"{app.name}-health")
+        sub = await serve_health(health_nc, app)
+        if settings.health_http_port:
+            probes = await serve_health_http(app, settings.host, settings.health_http_port)
+        log.info("%s ready", app.name)
         await stop.wait()
     finally:
         log.info("%s stopping", app.name)
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         if probes is not None:
             await probes.cleanup()
         await app.stop()
-        with contextlib.suppress(Exception):
-            await health_nc.drain()
+        if health_nc is not None:
+            with contextlib.suppress(Exception):
+                await health_nc.drain()
         telemetry.shutdown_tracing()
         log.info("%s stopped", app.name)
 

@@ -81,7 +81,8 @@ def timed(rpc: str) -> Iterator[dict[str, str]]:
     try:
         yield attrs
     except BaseException:
-        attrs["outcome"] = "error"
+        if attrs["outcome"] == "ok":  # the caller may have said "rejected" already
+            attrs["outcome"] = "error"
         raise
     finally:
         took = time.perf_counter() - started
@@ -122,7 +123,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {
         "n": n,
         "p50": round(xs[(n - 1) // 2] * 1000, 3),
-        "p99": round(xs[min(n - 1, (99 * n) // 100)] * 1000, 3),
+        "p99": round(xs[max(0, -(-99 * n // 100) - 1)] * 1000, 3),  # nearest rank
         "max": round(xs[-1] * 1000, 3),
     }
 

@@ -40,6 +40,48 @@ _ONE_PAIR = re.compile(_PAIR)
 _OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 SETTING_NAME = re.compile(rf"^{_IDENT}$")
 MAX_QUERY_CHARS = 256 * 1024  # ClickHouse's own max_query_size default
+# Settings a query may not change: whatever names a file, directory, URL, schema or
+# template (``format_schema``, ``output_format_schema`` and ``format_template_*`` read or
+# write files even under readonly = 1), credentials, other storages, or lifts a guard.
+# Everything else (result shape, limits within LIMITS, time zones, planning switches, what
+# stock clients such as clickhouse-connect send) may.
+_FORBIDDEN_IN_NAME = (
+    "schema",
+    "template",
+    "path",
+    "file",
+    "dir",
+    "url",
+    "cert",
+    "key",
+    "password",
+    "secret",
+    "credential",
+    "user",
+    "access",
+    "s3",
+    "azure",
+    "hdfs",
+    "kafka",
+    "remote",
+    "backup",
+    "introspection",
+    "ddl",
+)
+# Caps every query runs under; a caller may ask for less, never for more (0 = unlimited is
+# refused: one analyst query shares the engine with the warehouse's drains).
+LIMITS = {
+    "max_execution_time": 20,
+    "max_memory_usage": 4_000_000_000,
+    "max_result_bytes": 256 * 1024 * 1024,
+}
+# Output formats served: text, JSON, columnar and binary row formats. Not the ones that
+# read a schema or template file, nor chdb's in-process Python objects.
+_ALLOWED_FORMAT = re.compile(
+    r"^(TabSeparated\w*|TSV\w*|CSV\w*|CustomSeparated\w*|JSON\w*|NDJSON|Native|RowBinary\w*|"
+    r"Arrow|ArrowStream|Parquet|ORC|Avro|BSONEachRow|Pretty\w*|Values|Vertical|Markdown|XML|"
+    r"TSKV|LineAsString|RawBLOB|Null|MySQLDump|SQLInsert|Npy|Prometheus)$"
+)
 
 
 class WarehouseError(MyelinError):
@@ -62,9 +104,52 @@ class UnknownSetting(QueryRejected):
     ch_code = 115  # UNKNOWN_SETTING
 
 
+class FormatRefused(QueryRejected):
+    ch_code = 73  # UNKNOWN_FORMAT
+
+
+def check_format(fmt: str) -> str:
+    """``fmt`` if this interface serves it, else :class:`FormatRefused`."""
+    if not _ALLOWED_FORMAT.match(fmt):
+        raise FormatRefused(
+            f"output format {fmt!r} is not served here (formats that read schema or template "
+            "files, and in-process objects, are not): use e.g. TabSeparated, CSV, "
+            "JSONEachRow, Native, ArrowStream or Parquet"
+        )
+    return fmt
+
+
+def _check_setting(name: str, value: str) -> str:
+    """The value to write for setting ``name``, or :class:`UnknownSetting`."""
+    lowered = name.lower()
+    if not SETTING_NAME.match(name):
+        raise UnknownSetting(f"{name!r} is not a setting name")
+    if any(w in lowered for w in _FORBIDDEN_IN_NAME):
+        raise UnknownSetting(
+            f"setting {name} may not be changed here: no setting that names a file, URL, "
+            "schema, template, credential or other storage"
+        )
+    cap = LIMITS.get(lowered)
+    if cap is not None:
+        try:
+            asked = float(value.strip("'"))
+        except ValueError:
+            raise UnknownSetting(f"setting {name} needs a number, got {value}") from None
+        if asked <= 0 or asked > cap:
+            return str(cap)  # 0 (unlimited) or more than the cap: the cap
+    return value
+
+
+# Quote characters ClickHouse's lexer also accepts (typographic quotes as string and
+# identifier quotes): refused, so that what this module calls a literal is what the
+# engine calls one.
+_CURLY = "\u2018\u2019\u201c\u201d"
+
+
 def scrub(sql: str) -> str:
     """``sql`` with the inside of string literals, quoted identifiers and comments replaced
-    by ``_`` (quotes kept), the same length: its structure, with no data in the way."""
+    by ``_`` (quotes kept), the same length: its structure, with no data in the way.
+    Block comments nest, as in ClickHouse; an unterminated one runs to the end."""
     out = list(sql)
     i, n = 0, len(sql)
     while i < n:
@@ -90,10 +175,16 @@ def scrub(sql: str) -> str:
             out[i:end] = " " * (end - i)
             i = end
         elif sql.startswith("/*", i):
-            j = sql.find("*/", i + 2)
-            end = n if j < 0 else j + 2
-            out[i:end] = " " * (end - i)
-            i = end
+            depth, j = 1, i + 2
+            while j < n and depth:
+                if sql.startswith("/*", j):
+                    depth, j = depth + 1, j + 2
+                elif sql.startswith("*/", j):
+                    depth, j = depth - 1, j + 2
+                else:
+                    j += 1
+            out[i:j] = " " * (j - i)
+            i = j
         else:
             i += 1
     return "".join(out)
@@ -124,6 +215,11 @@ def read_only_query(sql: str, settings: Mapping[str, str] | None = None) -> Read
             f"the query is {len(sql)} characters; at most {MAX_QUERY_CHARS} are served"
         )
     clean = scrub(sql)
+    if any(q in clean for q in _CURLY) or "$" in clean:
+        raise QueryRejected(
+            "typographic quotes and $ (heredoc strings) are not served outside string "
+            "literals: use plain 'single quotes'"
+        )
     end = len(clean.rstrip().rstrip(";").rstrip())
     text, clean = sql[:end], clean[:end]
     if not clean.strip():
@@ -155,10 +251,15 @@ def read_only_query(sql: str, settings: Mapping[str, str] | None = None) -> Read
         if not SETTING_NAME.match(name):
             raise UnknownSetting(f"{name!r} is not a setting name")
         merged[name] = quote_literal(raw)
+    if fmt is not None:
+        check_format(fmt)
     level = "1" if "(" in clean else "2"
     if merged.pop("readonly", level).strip("'") != level:
         raise QueryRejected(
             f"readonly is {level} for this query on this interface: remove the readonly setting"
         )
+    merged = {k: _check_setting(k, v) for k, v in merged.items()}
+    for name, cap in LIMITS.items():
+        merged.setdefault(name, str(cap))
     clause = ", ".join([*(f"{k} = {v}" for k, v in merged.items()), f"readonly = {level}"])
     return ReadOnlyQuery(f"{text}\nSETTINGS {clause}", fmt, merged)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -73,13 +74,28 @@ def extract(carrier: Mapping[str, str] | None) -> context.Context:
 MAX_LINKS = 128  # the SDK's default cap of links per span
 
 
-def span_context_of(carrier: Mapping[str, str] | None) -> trace.SpanContext | None:
-    """The remote span context a ``traceparent`` header carries; None when there is none."""
-    if not carrier or "traceparent" not in carrier:
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_traceparent(header: str) -> trace.SpanContext | None:
+    m = _TRACEPARENT.match(header.strip())
+    if m is None:
         return None
-    ctx = _PROPAGATOR.extract({"traceparent": carrier["traceparent"]})
-    sc = trace.get_current_span(ctx).get_span_context()
-    return sc if sc.is_valid else None
+    tid, sid = int(m.group(1), 16), int(m.group(2), 16)
+    if not tid or not sid:
+        return None
+    return trace.SpanContext(
+        trace_id=tid, span_id=sid, is_remote=True, trace_flags=trace.TraceFlags(int(m.group(3), 16))
+    )
+
+
+def span_context_of(carrier: Mapping[str, str] | None) -> trace.SpanContext | None:
+    """The remote span context a W3C ``traceparent`` header carries (version 00); None
+    when there is none. Parsed directly and cached: every consumer batch reads one per
+    message, and a batch's messages mostly share a few."""
+    header = carrier.get("traceparent") if carrier else None
+    return _parse_traceparent(header) if header else None
 
 
 def links_to(contexts: Iterable[trace.SpanContext | None]) -> list[trace.Link]:

@@ -336,12 +336,16 @@ class ServerWarehouse:
     def query_raw(
         self, sql: str, fmt: str, params: dict[str, str], database: str | None
     ) -> RawResult:
+        # query parameters go to the server as param_<name> (server-side binding); without
+        # {name:Type} placeholders clickhouse-connect would format them in client-side
+        binds = params if params and "{" in sql else None
         with self._lock:
             default_db = self._client.database
             self._client.database = database or default_db
             try:
-                # query parameters go to the server as param_<name> (server-side binding)
-                data = self._client.raw_query(sql, parameters=params or None, fmt=fmt)
+                data = self._client.raw_query(sql, parameters=binds, fmt=fmt)
+            except Exception as exc:  # noqa: BLE001 - the server's error, with its code
+                raise WarehouseError(str(exc).strip()[:2000]) from None
             finally:
                 self._client.database = default_db
         return RawResult(bytes(data))

@@ -123,12 +123,14 @@ class Stack:
             )
         if "ops" in self.services and s.ops_http_port:
             claims.append(PortClaim(s.ops_http_port, s.host, "ops page", "MYELIN_OPS_HTTP_PORT"))
-        if s.metrics_port:
-            names = [n for svc in self.services for n in self._process_names(svc)]
-            for k, name in enumerate(names):
-                claims.append(
-                    PortClaim(s.metrics_port + k, s.host, f"{name} metrics", "MYELIN_METRICS_PORT")
-                )
+        names = [n for svc in self.services for n in self._process_names(svc)]
+        for base, what, var in (
+            (s.metrics_port, "metrics", "MYELIN_METRICS_PORT"),
+            (s.health_http_port, "probes", "MYELIN_HEALTH_HTTP_PORT"),
+        ):
+            if base:
+                for k, name in enumerate(names):
+                    claims.append(PortClaim(base + k, s.host, f"{name} {what}", var))
         return claims
 
     def _process_names(self, service: str) -> list[str]:
@@ -157,7 +159,9 @@ class Stack:
             await bus.provision(bus.jetstream(nc, s), s)
         finally:
             await nc.drain()
-        self._metrics_next = s.metrics_port  # when set: consecutive ports, one per process
+        # when set: consecutive ports, one per process, in start order
+        self._metrics_next = s.metrics_port
+        self._health_next = s.health_http_port
         for service in self.services:
             await self.start_service(service)
         if self.supervise:
@@ -170,16 +174,23 @@ class Stack:
         s = self.settings
         env = s.to_env()
         for k, name in enumerate(self._process_names(service), start=1):
-            port = self._metrics_next
+            port, probes = self._metrics_next, self._health_next
             proc = ManagedProcess(
                 name,
                 [sys.executable, "-m", f"services.{service}"],
                 self.logs_dir / f"{name}.log",
-                {**env, "MYELIN_INSTANCE": str(k), "MYELIN_METRICS_PORT": str(port or 0)},
+                {
+                    **env,
+                    "MYELIN_INSTANCE": str(k),
+                    "MYELIN_METRICS_PORT": str(port or 0),
+                    "MYELIN_HEALTH_HTTP_PORT": str(probes or 0),
+                },
             )
             if port:
                 self.metrics[name] = port
                 self._metrics_next = port + 1
+            if probes:
+                self._health_next = probes + 1
             self.procs[name] = proc
             self.restarts[name] = 0
             proc.start()

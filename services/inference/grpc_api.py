@@ -5,6 +5,7 @@ trace context is read from the ``traceparent`` metadata entry."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -43,22 +44,44 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
+# The caller's fault: recorded as outcome "rejected" in the latency SLI, not "error".
+_CLIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.ALREADY_EXISTS,
+    }
+)
+_SLI: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("sli", default=None)
+
+
 @contextlib.contextmanager
 def _boundary(context: grpc.aio.ServicerContext[Any, Any], method: str) -> Iterator[None]:
     md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
     with (
-        slis.timed(method),
+        slis.timed(method) as sli,
         telemetry.tracer("myelin.inference").start_as_current_span(
             method, context=telemetry.extract(md), kind=SpanKind.SERVER
         ),
     ):
-        yield
+        token = _SLI.set(sli)
+        try:
+            yield
+        finally:
+            _SLI.reset(token)
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     for cls, code in _CODES:
         if isinstance(exc, cls):
             msg = exc.message if isinstance(exc, MyelinError) else str(exc)
+            sli = _SLI.get()
+            if sli is not None and code in _CLIENT_CODES:
+                sli["outcome"] = "rejected"
             await context.abort(code, msg)
     log.exception("unexpected error", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")

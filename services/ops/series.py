@@ -2,8 +2,9 @@
 series the page plots (rates from counter deltas, lags, percentiles).
 
 A snapshot is ``{instance: health reply}`` (``features``, ``features-2``, ``ingest`` ...),
-one per second. Counters are summed over a service's instances; a counter that goes
-backwards (a restarted process) counts from zero again instead of a negative rate.
+one per second. Rates sum each instance's own growth (an instance missing from either
+snapshot adds nothing); a counter that goes backwards (a restarted process) counts from
+zero again instead of a negative rate.
 """
 
 from __future__ import annotations
@@ -36,12 +37,22 @@ def service_of(instance: str) -> str:
     return head if head and tail.isdigit() else instance
 
 
-def _total(snap: Snapshot, service: str, key: str) -> float:
-    return sum(
-        float(h.get(key, 0) or 0)
-        for inst, h in snap.items()
-        if service_of(inst) == service and isinstance(h.get(key, 0), int | float)
-    )
+def _counter(h: Health, key: str) -> float:
+    v = h.get(key, 0)
+    return float(v) if isinstance(v, int | float) else 0.0
+
+
+def _delta(before: Snapshot, snap: Snapshot, service: str, key: str) -> float:
+    """How much ``key`` grew over the service's instances, each against its own previous
+    value: an instance that did not answer last time (or is new) adds nothing this time,
+    and one whose counter went back (a restart) counts from zero."""
+    total = 0.0
+    for inst, h in snap.items():
+        if service_of(inst) != service or inst not in before:
+            continue
+        now, then = _counter(h, key), _counter(before[inst], key)
+        total += now - then if now >= then else now
+    return total
 
 
 def _pct(snap: Snapshot, field_: str, key: str, which: str) -> float | None:
@@ -107,8 +118,7 @@ class Series:
         dt = max(now - then, 1e-3)
         point: dict[str, float | None] = {}
         for name, service, key in RATES:
-            delta = _total(snap, service, key) - _total(before, service, key)
-            point[name] = (delta if delta >= 0 else _total(snap, service, key)) / dt
+            point[name] = _delta(before, snap, service, key) / dt
         point["lag_messages"] = lag_messages(snap)
         views = {v for h in snap.values() for v in (h.get("freshness_ms") or {})}
         for q in ("p50", "p99"):

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import msgspec
 from aiohttp import web
 
-from myelin.sql_guard import QueryRejected, read_only_query
+from myelin.sql_guard import QueryRejected, check_format, read_only_query
 from myelin.warehouse import RawResult, WarehouseError
 from services.warehouse.sink import WarehouseSink
 
@@ -93,7 +93,7 @@ _STATUS_BY_CODE = {
     456: 400,  # UNKNOWN_QUERY_PARAMETER
     457: 400,  # BAD_QUERY_PARAMETER
 }
-_CODE = re.compile(r"^Code: (\d+)\.")
+_CODE = re.compile(r"Code: (\d+)\.")
 _summary = msgspec.json.Encoder()
 
 
@@ -136,23 +136,20 @@ def clickhouse_http_app(sink: WarehouseSink) -> web.Application:
         query_id = params.get("query_id") or str(uuid.uuid4())
         if request.method == "GET" and "query" not in params:
             return await ok(request)
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        try:
+            raw = await request.read()  # the whole body (client_max_size bounds it)
+        except web.HTTPRequestEntityTooLarge:
             return _error(
                 62,
-                f"the request body is over {MAX_BODY_BYTES} bytes: this server takes "
-                "queries, not data",
+                f"the request body is over {MAX_BODY_BYTES} bytes: this server takes queries, "
+                "not data",
                 query_id,
             )
+        if request.headers.get("Content-Encoding", "identity") not in ("identity", ""):
+            return _error(
+                1, "compressed request bodies are not supported: send the query plain", query_id
+            )
         try:
-            raw = await request.content.read(MAX_BODY_BYTES + 1)
-            if len(raw) > MAX_BODY_BYTES:
-                return _error(62, f"the request body is over {MAX_BODY_BYTES} bytes", query_id)
-            if request.headers.get("Content-Encoding", "identity") not in ("identity", ""):
-                return _error(
-                    1,
-                    "compressed request bodies are not supported: send the query plain",
-                    query_id,
-                )
             body = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             return _error(62, f"the query is not UTF-8 text: {exc}", query_id)
@@ -160,9 +157,9 @@ def clickhouse_http_app(sink: WarehouseSink) -> web.Application:
         binds, settings = split_params(params)
         try:
             q = read_only_query(text, settings)
+            fmt = check_format(q.fmt or params.get("default_format") or "TabSeparated")
         except QueryRejected as exc:
             return _error(exc.ch_code, str(exc), query_id)
-        fmt = q.fmt or params.get("default_format") or "TabSeparated"
         started = time.perf_counter()
         try:
             result: RawResult = await sink.run(
@@ -170,7 +167,7 @@ def clickhouse_http_app(sink: WarehouseSink) -> web.Application:
             )
         except WarehouseError as exc:
             message = str(exc)
-            m = _CODE.match(message)
+            m = _CODE.search(message)
             return _error(int(m.group(1)) if m else 1000, message, query_id)
         if len(result.data) > MAX_RESULT_BYTES:
             return _error(

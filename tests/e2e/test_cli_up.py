@@ -41,12 +41,16 @@ def free_port_run(n: int, taken: set[int]) -> int:
                 continue
 
 
-def scrape(port: int) -> str:
+def get(url: str) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(url, timeout=5) as r:
         text: str = r.read().decode()
     return text
+
+
+def scrape(port: int) -> str:
+    return get(f"http://127.0.0.1:{port}/metrics")
 
 
 def post_events(settings: Settings, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,7 +152,13 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
     ports |= {settings.ingest_http_port, settings.inference_grpc_port}
     ports |= {settings.warehouse_http_port, settings.ops_http_port}
     metrics_base = free_port_run(7, ports)  # one Prometheus port per service
-    env = {**os.environ, **settings.to_env(), "MYELIN_METRICS_PORT": str(metrics_base)}
+    probes_base = free_port_run(7, ports | set(range(metrics_base, metrics_base + 7)))
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        "MYELIN_METRICS_PORT": str(metrics_base),
+        "MYELIN_HEALTH_HTTP_PORT": str(probes_base),  # /livez /readyz, one port per process
+    }
     for k in ("MYELIN_NATS_URL", "MYELIN_REDIS_URL"):  # embedded engines, on the fixture's ports
         env.pop(k, None)
     # Outside the repository, with the default policy dir: the policies ship with the
@@ -204,6 +214,9 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing(settings: Settings) -> None:
         assert "myelin_features_late_total" in features_metrics
         assert "myelin_features_position" in features_metrics
         check_slis(settings, metrics_base)
+        for i in range(7):  # every process answers its own probe port, ready
+            ready = json.loads(get(f"http://127.0.0.1:{probes_base + i}/readyz"))
+            assert ready["ready"] is True, ready
         asyncio.run(check_topology(settings))
         # `myelin up` supervises its children: a killed service is started again, and said so
         features = [c for c in children if "services.features" in " ".join(c.cmdline())]

@@ -157,7 +157,7 @@ async def test_plain_http_as_curl_sends_it(endpoint: str) -> None:
         (b"SELEKT 1", 403, "164", "read-only"),
         (b"SELECT FROM WHERE", 400, "62", "SYNTAX_ERROR"),
         (b"SELECT * FROM myelin.nope", 404, "60", "UNKNOWN_TABLE"),
-        (b"SELECT 1 FORMAT NoSuchFormat", 404, "73", "UNKNOWN_FORMAT"),
+        (b"SELECT 1 FORMAT NoSuchFormat", 404, "73", "not served here"),
         (b"SELECT '\x00'", 200, None, ""),
         (b"", 403, "164", "empty query"),
         (b"SELECT 1" + b" " * MAX_BODY_BYTES, 400, "62", "over"),
@@ -216,3 +216,51 @@ async def test_the_server_path_runs_the_same_queries_through_the_interface(
         assert bound.data == b"3\n"
     finally:
         server.close()
+
+
+async def test_lexer_tricks_and_file_settings_change_nothing_on_the_engine(
+    endpoint: str, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    host_file = Path("/etc/hostname")
+    hostname = (await asyncio.to_thread(host_file.read_text)).strip()
+    attacks: list[tuple[dict[str, str], str]] = [
+        (
+            {},
+            "SELECT 1 /* /* */ ' */ ; CREATE TABLE default.pwn (x Int32) ENGINE = Memory; SELECT 3 -- '",
+        ),
+        ({}, "SELECT * FROM /* /* */ ' */ file('/etc/hostname', 'LineAsString') -- '"),
+        ({}, "SELECT $$'$$, 2 -- '"),
+        ({"output_format_schema": str(victim)}, "SELECT toInt32(1) AS x FORMAT Protobuf"),
+        ({"format_template_resultset": "/etc/passwd"}, "SELECT 1 FORMAT Template"),
+        ({}, "SELECT 1 FORMAT DataFrame"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for params, sql in attacks:
+            async with http.post(f"{endpoint}/", params=params, data=sql.encode()) as r:
+                text = await r.text()
+                assert r.status in (400, 403, 404), (sql, r.status, text)
+                assert "root:" not in text and (not hostname or hostname not in text), text
+        async with http.get(
+            f"{endpoint}/", params={"query": "EXISTS TABLE default.pwn", "default_format": "CSV"}
+        ) as r:
+            assert await r.text() == "0\n"
+        # limits: "unlimited" is capped, a smaller limit is kept
+        q = "SELECT getSetting('max_memory_usage'), getSetting('max_execution_time') FORMAT CSV"
+        async with http.get(
+            f"{endpoint}/",
+            params={"query": q, "max_memory_usage": "0", "max_execution_time": "5"},
+        ) as r:
+            assert await r.text() == "4000000000,5\n"
+    assert victim.read_text() == "untouched"
+
+
+async def test_a_body_sent_in_chunks_is_read_whole(endpoint: str) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for part in (b"SELECT 4", b"0 + ", b"2"):
+            yield part
+            await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession() as http, http.post(f"{endpoint}/", data=chunks()) as r:
+        assert r.status == 200 and await r.text() == "42\n"

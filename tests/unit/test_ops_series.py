@@ -52,6 +52,17 @@ def test_rates_sum_workers_and_percentiles_take_the_worst() -> None:
     assert series["drift_score"] == [0.4]
 
 
+def test_an_instance_that_missed_a_round_is_not_a_spike() -> None:
+    s = Series()
+    s.add(0.0, snap(1000, 5000, f2_applied=7000))
+    missed = snap(1100, 5100)
+    del missed["features-2"]  # no answer within the round
+    s.add(1.0, missed)
+    s.add(2.0, snap(1200, 5200, f2_applied=7100))  # back: counted from the next round
+    s.add(3.0, snap(1300, 5300, f2_applied=7200))
+    assert s.to_json()["series"]["features_applied_per_s"] == [100.0, 100.0, 200.0]
+
+
 def test_a_restarted_counter_is_not_a_negative_rate_and_the_window_is_bounded() -> None:
     s = Series(window=3)
     s.add(0.0, snap(5000, 0))

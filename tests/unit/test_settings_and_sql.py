@@ -51,8 +51,8 @@ def test_analyst_sql_is_read_only(sql: str, msg: str) -> None:
 
 
 def test_analyst_sql_gets_readonly_setting() -> None:
-    assert read_only_sql(" select 1; ").endswith("SETTINGS readonly = 2")
-    assert read_only_sql("select now()").endswith("SETTINGS readonly = 1")
+    assert read_only_sql(" select 1; ").endswith(", readonly = 2")
+    assert read_only_sql("select now()").endswith(", readonly = 1")
 
 
 def test_training_sql_refuses_odd_names() -> None:

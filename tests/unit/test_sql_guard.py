@@ -6,10 +6,13 @@ from __future__ import annotations
 import pytest
 
 from myelin.sql_guard import (
+    LIMITS,
     MAX_QUERY_CHARS,
+    FormatRefused,
     QueryRejected,
     QueryTooLarge,
     UnknownSetting,
+    check_format,
     read_only_query,
     scrub,
 )
@@ -66,7 +69,8 @@ def test_settings_merge_with_readonly_last_and_values_quoted() -> None:
     )
     assert q.sql == (
         "SELECT 1\nSETTINGS max_threads = 2, max_result_rows = '5', "
-        "output_format_json_quote_64bit_integers = 'it\\'s', readonly = 2"
+        "output_format_json_quote_64bit_integers = 'it\\'s', max_execution_time = 20, "
+        "max_memory_usage = 4000000000, max_result_bytes = 268435456, readonly = 2"
     )
 
 
@@ -90,3 +94,52 @@ def test_refusals_say_why(
 ) -> None:
     with pytest.raises(error, match=msg):
         read_only_query(sql, settings)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # block comments nest in ClickHouse: the first */ does not end this one
+        "SELECT 1 /* /* */ ' */ ; CREATE TABLE default.pwn (x Int32) ENGINE = Memory; SELECT 3 -- '",
+        "SELECT $$'$$, 2 -- '",  # a heredoc string
+        "SELECT \u2018'\u2019, 2 -- '",  # typographic quotes are string quotes too
+        "SELECT \u201cx\u201d FROM t",
+    ],
+)
+def test_what_the_engine_lexes_differently_is_refused(sql: str) -> None:
+    with pytest.raises(QueryRejected):
+        read_only_query(sql)
+
+
+def test_a_function_hidden_behind_a_nested_comment_still_means_readonly_1() -> None:
+    q = read_only_query("SELECT * FROM /* /* */ ' */ file('/etc/hostname', 'LineAsString') -- '")
+    assert q.sql.endswith("readonly = 1")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["output_format_schema", "format_template_resultset", "format_schema", "user_files_path"],
+)
+def test_settings_that_name_files_are_refused(name: str) -> None:
+    with pytest.raises(UnknownSetting, match="may not be changed here"):
+        read_only_query("SELECT 1", {name: "/etc/passwd"})
+    with pytest.raises(UnknownSetting):
+        read_only_query(f"SELECT 1 SETTINGS {name} = '/tmp/x'")
+
+
+def test_limits_apply_to_every_query_and_may_only_shrink() -> None:
+    q = read_only_query("SELECT 1", {"max_memory_usage": "0", "max_execution_time": "5"})
+    assert q.settings["max_memory_usage"] == str(LIMITS["max_memory_usage"])  # 0: unlimited
+    assert q.settings["max_execution_time"] == "'5'"
+    assert q.settings["max_result_bytes"] == str(LIMITS["max_result_bytes"])
+    big = read_only_query("SELECT 1", {"max_execution_time": "100000"})
+    assert big.settings["max_execution_time"] == str(LIMITS["max_execution_time"])
+
+
+@pytest.mark.parametrize("fmt", ["Template", "Protobuf", "CapnProto", "DataFrame", "ArrowTable"])
+def test_formats_that_read_files_or_make_objects_are_refused(fmt: str) -> None:
+    with pytest.raises(FormatRefused):
+        read_only_query(f"SELECT 1 FORMAT {fmt}")
+    with pytest.raises(FormatRefused):
+        check_format(fmt)
+    assert check_format("JSONEachRow") == "JSONEachRow"
