@@ -22,6 +22,9 @@ from myelin.warehouse import DDL, ChdbWarehouse
 
 TS = pa.timestamp("ms", tz="UTC")
 
+# 30 days back, on a day boundary: inside the tables' retention (TTL) whatever the date
+BASE_MS = (int(time.time() * 1000) // 86_400_000 - 30) * 86_400_000
+
 
 def main(rows: int) -> None:
     d = Path(tempfile.mkdtemp(prefix="myelin-tbench-"))
@@ -32,7 +35,7 @@ def main(rows: int) -> None:
         rng = np.random.default_rng(1)
         entities = rows // 10
         ent = np.char.add("u", rng.integers(0, entities, rows).astype(str))
-        t = 1_790_000_000_000 + rng.integers(0, 7 * 86_400_000, rows)
+        t = BASE_MS + rng.integers(0, 7 * 86_400_000, rows)
         keys = ["a", "b", "c", "d"]
         vals = rng.random((rows, len(keys)))
         fv = pa.table(
@@ -59,7 +62,7 @@ def main(rows: int) -> None:
                 "entity_id": pa.array(
                     np.char.add("u", rng.integers(0, entities, rows).astype(str))
                 ),
-                "ts": pa.array(1_790_000_000_000 + rng.integers(0, 7 * 86_400_000, rows), TS),
+                "ts": pa.array(BASE_MS + rng.integers(0, 7 * 86_400_000, rows), TS),
                 "label": pa.array(rng.integers(0, 2, rows).astype(np.uint8)),
             }
         )

@@ -81,7 +81,9 @@ def jetstream(nc: NATS, settings: Settings) -> JetStreamContext:
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int = 1) -> None:
     """Create the stream, or update it to the spec; safe to call any number of times.
-    ``replicas``: copies kept by a JetStream cluster (1 on a single server)."""
+    ``replicas``: copies kept by a JetStream cluster (1 on a single server). An existing
+    stream keeps its retention (max age): changing that is governed (the warehouse's
+    retention step asks governance first)."""
     config = api.StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
@@ -93,10 +95,11 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec, replicas: int = 
         num_replicas=replicas,
     )
     try:
-        await js.stream_info(spec.name)
+        info = await js.stream_info(spec.name)
     except NotFoundError:
         await js.add_stream(config)
         return
+    config.max_age = info.config.max_age
     await js.update_stream(config)
 
 

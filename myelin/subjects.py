@@ -85,16 +85,15 @@ class StreamSpec:
 
 
 def stream_specs(duplicate_window_s: float) -> list[StreamSpec]:
+    """The platform's streams and their subjects (retention: :mod:`myelin.retention`,
+    applied by :func:`myelin.topology.streams`)."""
     return [
-        StreamSpec(INGEST_STREAM, ("myelin.ingest.>",), duplicate_window_s, max_age_s=7 * 86400.0),
+        StreamSpec(INGEST_STREAM, ("myelin.ingest.>",), duplicate_window_s),
         StreamSpec(EVENTS_STREAM, ("myelin.events.>",), duplicate_window_s),
         StreamSpec(DLQ_STREAM, ("myelin.dlq.>",), duplicate_window_s),
         StreamSpec(LATE_STREAM, ("myelin.late.>",), duplicate_window_s),
         StreamSpec(INFERENCES_STREAM, ("myelin.inferences.>",), duplicate_window_s),
         StreamSpec(AUDIT_STREAM, ("myelin.audit.>",), duplicate_window_s),
         StreamSpec(DRIFT_STREAM, ("myelin.drift.>",), duplicate_window_s),
-        # derived data: rebuilt by replay, so a week of it is kept
-        StreamSpec(
-            FEATURES_STREAM, ("myelin.features.>",), duplicate_window_s, max_age_s=7 * 86400.0
-        ),
+        StreamSpec(FEATURES_STREAM, ("myelin.features.>",), duplicate_window_s),
     ]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from myelin import retention
 from myelin.settings import Settings
 from myelin.subjects import (
     ARTIFACTS_BUCKET,
@@ -64,7 +65,11 @@ class Durable:
 
 
 def streams(settings: Settings) -> list[StreamSpec]:
-    return stream_specs(settings.duplicate_window_s)
+    """Every stream, with its retention from :mod:`myelin.retention`."""
+    return [
+        replace(spec, max_age_s=retention.stream_max_age_s(spec.name))
+        for spec in stream_specs(settings.duplicate_window_s)
+    ]
 
 
 def buckets(settings: Settings) -> list[Bucket]:

@@ -19,12 +19,20 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from myelin import retention
 from myelin.settings import Settings
 from myelin.sql_guard import QueryRejected, WarehouseError, read_only_query
 
 __all__ = ["QueryRejected", "WarehouseError"]
 
 DATABASE = "myelin"
+
+
+def _ttl(table: str) -> str:
+    """The TTL clause a table is created with, from the declared retention."""
+    r = retention.rule(f"table:{table}")
+    return f"TTL toDateTime({r.column}) + INTERVAL {r.days} DAY" if r.days else ""
+
 
 DDL: tuple[str, ...] = (
     f"CREATE DATABASE IF NOT EXISTS {DATABASE}",
@@ -44,7 +52,8 @@ DDL: tuple[str, ...] = (
         keep_rank UInt64
     ) ENGINE = ReplacingMergeTree(keep_rank)
     PARTITION BY toYYYYMM(event_time)
-    ORDER BY (type, entity_id, event_time, event_id)""",
+    ORDER BY (type, entity_id, event_time, event_id)
+    {_ttl('events')}""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.feature_values (
         view LowCardinality(String),
         view_hash LowCardinality(String),
@@ -54,7 +63,8 @@ DDL: tuple[str, ...] = (
         trace_id String,
         values Map(LowCardinality(String), Float64)
     ) ENGINE = ReplacingMergeTree
-    ORDER BY (view, view_hash, entity_id, as_of, stream_seq)""",
+    ORDER BY (view, view_hash, entity_id, as_of, stream_seq)
+    {_ttl('feature_values')}""",
     # The ledger: one row per request and entity (OIP: per request), a request id once per
     # model (a client's retry collapses under FINAL); partitioned by month with a min-max
     # index on ts for time ranges.
@@ -82,7 +92,8 @@ DDL: tuple[str, ...] = (
         INDEX ts_range ts TYPE minmax GRANULARITY 1
     ) ENGINE = ReplacingMergeTree
     PARTITION BY toYYYYMM(ts)
-    ORDER BY (model, request_id, route, row)""",
+    ORDER BY (model, request_id, route, row)
+    {_ttl('inferences')}""",
     # DriftDetected records, one row per column (input feature or __score__) of a breach
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.drift_events (
         drift_id String,
@@ -100,7 +111,8 @@ DDL: tuple[str, ...] = (
         breached Array(LowCardinality(String)),
         thresholds Map(LowCardinality(String), Float64)
     ) ENGINE = ReplacingMergeTree
-    ORDER BY (model, model_version, drift_id, feature)""",
+    ORDER BY (model, model_version, drift_id, feature)
+    {_ttl('drift_events')}""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.audit (
         decision_id String,
         ts DateTime64(3, 'UTC'),
@@ -113,7 +125,8 @@ DDL: tuple[str, ...] = (
         trace_id String,
         cached UInt8
     ) ENGINE = ReplacingMergeTree
-    ORDER BY (action, ts, decision_id)""",
+    ORDER BY (action, ts, decision_id)
+    {_ttl('audit')}""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.dead_letters (
         event_id String,
         ts DateTime64(3, 'UTC'),
@@ -124,7 +137,8 @@ DDL: tuple[str, ...] = (
         stream_seq UInt64,
         detail Map(String, String)
     ) ENGINE = ReplacingMergeTree
-    ORDER BY (reason, ts, stream_seq)""",
+    ORDER BY (reason, ts, stream_seq)
+    {_ttl('dead_letters')}""",
     # tables made by earlier versions gain the columns added since (no-op on new ones)
     f"ALTER TABLE {DATABASE}.dead_letters ADD COLUMN IF NOT EXISTS detail Map(String, String)",
 )

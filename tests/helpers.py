@@ -24,6 +24,11 @@ from services.features.views import USER_ACTIVITY
 FEATURES = list(USER_ACTIVITY.feature_names)
 
 
+# A day boundary 30 days back: fixed event times in tests stay inside every retention
+# (myelin/retention.py; the warehouse tables have TTLs), whatever day the suite runs.
+RECENT_DAY_MS = (int(time.time() * 1000) // 86_400_000 - 30) * 86_400_000
+
+
 def tiny_model(seed: int = 0, rows: int = 2000) -> Trained:
     rng = np.random.default_rng(seed)
     cols = {f: rng.poisson(3, rows).astype(np.float64) for f in FEATURES}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
+from myelin import retention
 from myelin.errors import MyelinError
 
 if TYPE_CHECKING:
@@ -113,6 +114,12 @@ class FeatureView(msgspec.Struct, frozen=True, forbid_unknown_fields=True, dict=
             raise ValueError(
                 f"view {self.name}: ttl_s {self.ttl_s} is shorter than its longest window "
                 f"({self.max_window_s} s)"
+            )
+        longest = retention.online_max_ttl_s()
+        if self.ttl_s > longest:
+            raise ValueError(
+                f"view {self.name}: ttl_s {self.ttl_s} is longer than the online store's "
+                f"retention ({longest:.0f} s, myelin/retention.py)"
             )
 
     @property

@@ -12,7 +12,7 @@ import msgspec
 
 from myelin.records import AuditRecord
 
-Action = Literal["serve", "promote", "backfill", "pii_read", "serve_view"]
+Action = Literal["serve", "promote", "backfill", "pii_read", "serve_view", "retention"]
 ACTIONS: tuple[str, ...] = ("serve", "promote", "backfill", "pii_read", "serve_view")
 
 

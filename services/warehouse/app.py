@@ -20,6 +20,7 @@ from nats.js.errors import NotFoundError
 from myelin import bus, topology
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.dead_letters import consumer_dead_letters
+from myelin.decisions import GovernanceClient
 from myelin.errors import Poison
 from myelin.settings import Settings
 from myelin.subjects import (
@@ -43,6 +44,7 @@ from services.warehouse.drains import (
     late_drain,
 )
 from services.warehouse.http_interface import serve_clickhouse_http
+from services.warehouse.retention import RetentionReport, apply_retention, governed_retention
 from services.warehouse.sink import WarehouseSink
 from services.warehouse.sql_api import serve_sql
 
@@ -68,6 +70,7 @@ class WarehouseApp:
         self._subs: list[Any] = []
         self._handlers: dict[str, tuple[str, Callable[[list[Msg]], Awaitable[None]], int]] = {}
         self._http: web.AppRunner | None = None
+        self.retention = RetentionReport()
 
     async def start(self) -> None:
         s = self.settings
@@ -78,6 +81,9 @@ class WarehouseApp:
         self.sink = WarehouseSink(await asyncio.to_thread(open_warehouse, s))
         self._nc = await bus.connect(s, self.name)
         self._js = bus.jetstream(self._nc, s)
+        self.retention = await apply_retention(
+            self._js, self.sink, governed_retention(GovernanceClient(self._nc))
+        )
         # Each ClickHouse insert costs milliseconds and leaves a part to merge, whatever its
         # size: drains linger to insert at most about once a second per table.
         handlers = {
@@ -210,5 +216,6 @@ class WarehouseApp:
             # stream sequence each drain has stored, and what was left behind it
             "positions": {name: loop.position for name, loop in self.loops.items()},
             "pending": {name: loop.pending for name, loop in self.loops.items()},
+            "retention": self.retention.status(),
             "ts_ms": int(time.time() * 1000),
         }

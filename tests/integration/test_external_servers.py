@@ -12,6 +12,7 @@ from myelin.settings import Settings
 from myelin.warehouse import DATABASE, ServerWarehouse, open_warehouse
 from services.governance.logic import policy_version
 from services.governance.policy_engines import OpaEngine, load_policies
+from tests.helpers import RECENT_DAY_MS
 
 
 @pytest.mark.clickhouse_server
@@ -26,7 +27,8 @@ def test_clickhouse_server_uses_the_same_ddl_and_sql() -> None:
         row = pa.table(
             {
                 "event_id": ["x"],
-                "ts": pa.array([1], pa.timestamp("ms", tz="UTC")),
+                # inside the table's retention (a row of 1970 would expire at once)
+                "ts": pa.array([RECENT_DAY_MS], pa.timestamp("ms", tz="UTC")),
                 "reason": ["r"],
                 "message": ["m"],
                 "producer_id": ["p"],

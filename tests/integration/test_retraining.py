@@ -40,7 +40,7 @@ from myelin.warehouse import Warehouse, arrow_to_ipc, read_only_sql
 from services.governance.app import GovernanceApp
 from services.retrainer.schedule import run_schedule
 from services.warehouse.sink import events_table, feature_values_table
-from tests.helpers import stream_event
+from tests.helpers import RECENT_DAY_MS, stream_event
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ VIEW, VERSION = "activity", "ab12cd34"
 FEATURES = ["imps", "clicks", "ctr"]
 CLICK_WINDOW_S = 30
 SPEC = labels_spec("clicked_impressions", CLICK_WINDOW_S)
-T0 = 1_790_000_000_000
+T0 = RECENT_DAY_MS
 ROOT = Path(__file__).resolve().parents[2]
 
 

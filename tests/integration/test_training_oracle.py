@@ -24,11 +24,12 @@ from services.features.pipeline import SEQ_STRIDE, FeaturePipeline
 from services.features.views import USER_ACTIVITY, Feature, FeatureView, view_doc
 from services.warehouse.sink import events_table, feature_values_table
 from tests import pit_oracle
+from tests.helpers import RECENT_DAY_MS
 
 pytestmark = pytest.mark.integration
 TS = pa.timestamp("ms", tz="UTC")
 MIN = 60_000
-T0 = 1_790_000_000_000 + 12_345  # not aligned to a minute or an hour
+T0 = RECENT_DAY_MS + 12_345  # not aligned to a minute or an hour
 PARTITIONS = 4
 SOLO_PARTITION = 5  # used by one crafted sequence only (see ``_workload``)
 LABELS = "myelin.test_oracle_labels"

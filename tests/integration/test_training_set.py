@@ -8,19 +8,22 @@ import pytest
 
 from myelin.training import training_set_sql
 from myelin.warehouse import Warehouse, arrow_to_ipc, read_only_sql
+from tests.helpers import RECENT_DAY_MS
 
 pytestmark = pytest.mark.integration
 TS = pa.timestamp("ms", tz="UTC")
 
 
 def test_point_in_time_join_matches_a_hand_computed_case(warehouse: Warehouse) -> None:
-    # Feature values for entity a change at t=10, 20, 30; for b at t=15.
+    # Feature values for entity a change at t=10, 20, 30; for b at t=15 (seconds after B,
+    # a recent day: the table's retention would drop rows of 1970)
+    B = RECENT_DAY_MS
     fv = pa.table(
         {
             "view": ["v"] * 4,
             "view_hash": ["h"] * 4,
             "entity_id": ["a", "a", "a", "b"],
-            "as_of": pa.array([10_000, 20_000, 30_000, 15_000], TS),
+            "as_of": pa.array([B + 10_000, B + 20_000, B + 30_000, B + 15_000], TS),
             "stream_seq": pa.array([1, 2, 3, 4], pa.uint64()),
             "trace_id": [""] * 4,
             "values": pa.array(
@@ -31,11 +34,13 @@ def test_point_in_time_join_matches_a_hand_computed_case(warehouse: Warehouse) -
     )
     warehouse.insert_arrow("myelin.feature_values", fv)
     warehouse.insert_arrow("myelin.feature_values", fv)  # a replayed batch must not duplicate rows
-    labels = """SELECT * FROM VALUES('entity_id String, ts DateTime64(3, \\'UTC\\'), label UInt8',
-        ('a', 5, 0), ('a', 20, 1), ('a', 25, 0), ('a', 99, 1), ('b', 15, 1), ('b', 16, 0), ('c', 50, 1))"""
+    s = B // 1000
+    labels = f"""SELECT * FROM VALUES('entity_id String, ts DateTime64(3, \\'UTC\\'), label UInt8',
+        ('a', {s + 5}, 0), ('a', {s + 20}, 1), ('a', {s + 25}, 0), ('a', {s + 99}, 1),
+        ('b', {s + 15}, 1), ('b', {s + 16}, 0), ('c', {s + 50}, 1))"""
     # VALUES reads DateTime64 from seconds
     table = warehouse.query_arrow(training_set_sql("v", ["x"], labels))
-    got = [(r["entity_id"], int(r["ts"].timestamp()), r["x"]) for r in table.to_pylist()]
+    got = [(r["entity_id"], int(r["ts"].timestamp()) - s, r["x"]) for r in table.to_pylist()]
     assert got == [
         ("a", 5, 0.0),  # nothing before t=5: reads 0
         ("b", 15, 0.0),  # b's first value is at 15 exactly: not visible at 15
@@ -45,8 +50,8 @@ def test_point_in_time_join_matches_a_hand_computed_case(warehouse: Warehouse) -
         ("c", 50, 0.0),  # unknown entity
         ("a", 99, 3.0),
     ]
-    assert table.column("features_as_of").to_pylist()[4] == dt.datetime(
-        1970, 1, 1, 0, 0, 20, tzinfo=dt.UTC
+    assert table.column("features_as_of").to_pylist()[4] == dt.datetime.fromtimestamp(
+        s + 20, tz=dt.UTC
     )
 
 
@@ -60,7 +65,7 @@ def _tied_feature_rows(
     seq = 1_000
     for e in range(entities):
         entity = f"u{e:03d}"
-        as_of = 1_790_000_000_000 + int(rng.integers(0, 1000))
+        as_of = RECENT_DAY_MS + int(rng.integers(0, 1000))
         for _ in range(groups):
             as_of += int(rng.integers(2, 5_000))  # labels at as_of + 1 stay apart
             for _ in range(int(rng.integers(2, 8))):
@@ -153,15 +158,21 @@ def test_tied_as_of_rows_resolve_to_the_newest_and_the_result_is_reproducible(
 def test_labels_finer_than_a_millisecond_and_several_versions(warehouse: Warehouse) -> None:
     # One event's rows in two versions (same entity, as_of and stream_seq) and a newer
     # event in the same millisecond; labels in µs and in whole seconds.
-    rows = [("a", 10_000, 5, 1.0), ("a", 10_000, 9, 2.0), ("a", 20_000, 12, 3.0)]
+    b = RECENT_DAY_MS  # a recent day: the table's retention would drop rows of 1970
+    rows = [("a", b + 10_000, 5, 1.0), ("a", b + 10_000, 9, 2.0), ("a", b + 20_000, 12, 3.0)]
     warehouse.insert_arrow("myelin.feature_values", _fv_table(rows, version="ab12"))
     other = [(e, t, s, x + 100) for e, t, s, x in rows]
     warehouse.insert_arrow("myelin.feature_values", _fv_table(other, version="cd34"))
-    micro = """SELECT * FROM VALUES('entity_id String, ts DateTime64(6, \\'UTC\\'), label UInt8',
-        ('a', '1970-01-01 00:00:10', 0), ('a', '1970-01-01 00:00:10.0005', 1),
-        ('a', '1970-01-01 00:00:10.001', 0), ('a', '1970-01-01 00:00:20.000001', 1))"""
-    seconds = """SELECT * FROM VALUES('entity_id String, ts DateTime(\\'UTC\\'), label UInt8',
-        ('a', 10, 0), ('a', 11, 1), ('a', 21, 0))"""
+
+    def at(seconds: int) -> str:
+        return dt.datetime.fromtimestamp(b // 1000 + seconds, tz=dt.UTC).strftime("%F %T")
+
+    micro = f"""SELECT * FROM VALUES('entity_id String, ts DateTime64(6, \\'UTC\\'), label UInt8',
+        ('a', '{at(10)}', 0), ('a', '{at(10)}.0005', 1),
+        ('a', '{at(10)}.001', 0), ('a', '{at(20)}.000001', 1))"""
+    sec = b // 1000
+    seconds = f"""SELECT * FROM VALUES('entity_id String, ts DateTime(\\'UTC\\'), label UInt8',
+        ('a', {sec + 10}, 0), ('a', {sec + 11}, 1), ('a', {sec + 21}, 0))"""
     for labels, version, expected in [
         (micro, "ab12", [0.0, 2.0, 2.0, 3.0]),  # 10.0005 s is after the row of 10 s
         (seconds, "ab12", [0.0, 2.0, 3.0]),

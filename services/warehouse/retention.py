@@ -1,0 +1,136 @@
+"""Outbound adapter: applies the declared retention (:mod:`myelin.retention`) to the live
+stores: each stream's max age, each warehouse table's TTL. A store already at its declared
+retention is left alone; any other change is asked of governance first (action
+``retention``, audited there) and applied only when allowed. A refusal keeps the current
+retention and is reported with its reasons (``myelin status``, the warehouse's health).
+The online store's limit (the longest TTL a view may set) is checked where views are
+registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from myelin.decisions import GovernanceClient
+from myelin.retention import DAY_S, RULES, Retention
+from myelin.warehouse import DATABASE
+from services.warehouse.sink import WarehouseSink
+
+log = logging.getLogger(__name__)
+Decide = Callable[[Retention, int], Awaitable[tuple[bool, list[str]]]]
+_TTL = re.compile(r"\bTTL toDateTime\(`?(\w+)`?\) \+ toIntervalDay\((\d+)\)")
+
+
+@dataclass
+class RetentionReport:
+    applied: dict[str, int] = field(default_factory=dict)  # resource -> days, changed now
+    refused: dict[str, list[str]] = field(default_factory=dict)  # resource -> reasons
+    unchanged: list[str] = field(default_factory=list)
+
+    def status(self) -> dict[str, Any]:
+        return {"applied": self.applied, "refused": self.refused, "unchanged": self.unchanged}
+
+
+def ttl_days(engine_full: str) -> int:
+    """The TTL of a MergeTree table in days, from ``system.tables.engine_full`` (0: none)."""
+    m = _TTL.search(engine_full)
+    return int(m.group(2)) if m else 0
+
+
+async def _stream_days(js: JetStreamContext, name: str) -> int | None:
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        return None  # not provisioned here: nothing to change
+    return round((info.config.max_age or 0) / DAY_S)
+
+
+async def _table_days(sink: WarehouseSink, table: str) -> int | None:
+    rows = (
+        await sink.query(
+            "SELECT engine_full FROM system.tables "
+            f"WHERE database = '{DATABASE}' AND name = '{table}'"
+        )
+    ).to_pylist()
+    return ttl_days(str(rows[0]["engine_full"])) if rows else None
+
+
+async def _apply(js: JetStreamContext, sink: WarehouseSink, r: Retention) -> None:
+    if r.kind == "stream":
+        cfg = (await js.stream_info(r.name)).config
+        cfg.max_age = r.seconds
+        await js.update_stream(cfg)
+    else:
+        ttl = f"TTL toDateTime({r.column}) + INTERVAL {r.days} DAY" if r.days else "REMOVE TTL"
+        verb = "MODIFY " + ttl if r.days else ttl
+        # existing parts are not rewritten now: expired rows go at the next merges
+        await sink.run(
+            sink.wh.command,
+            f"ALTER TABLE {DATABASE}.{r.name} {verb} SETTINGS materialize_ttl_after_modify = 0",
+        )
+
+
+def governed_retention(client: GovernanceClient) -> Decide:
+    """Asks governance (action ``retention``) whether a resource may change to its declared
+    retention; an unreachable governance is a refusal (the current retention stays)."""
+
+    async def decide(r: Retention, current_days: int) -> tuple[bool, list[str]]:
+        try:
+            verdict = await client.decide(
+                "retention",
+                r.resource,
+                {
+                    "resource": r.resource,
+                    "kind": r.kind,
+                    "days": r.days,
+                    "current_days": current_days,
+                    "pii": r.pii,
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - not decided: not changed
+            return False, [f"governance did not answer ({type(exc).__name__}: {exc}); not changed"]
+        return verdict.allow, list(verdict.reasons)
+
+    return decide
+
+
+async def apply_retention(
+    js: JetStreamContext,
+    sink: WarehouseSink,
+    decide: Decide,
+    rules: tuple[Retention, ...] = RULES,
+) -> RetentionReport:
+    report = RetentionReport()
+    for r in rules:
+        if r.kind == "online":
+            continue
+        current = (
+            await _stream_days(js, r.name)
+            if r.kind == "stream"
+            else await _table_days(sink, r.name)
+        )
+        if current is None or current == r.days:
+            report.unchanged.append(r.resource)
+            continue
+        allow, reasons = await decide(r, current)
+        if not allow:
+            report.refused[r.resource] = reasons
+            log.error(
+                "retention of %s stays %d days: governance refused %d days: %s",
+                r.resource,
+                current,
+                r.days,
+                "; ".join(reasons),
+            )
+            continue
+        await _apply(js, sink, r)
+        report.applied[r.resource] = r.days
+        log.info("retention of %s: %d -> %d days", r.resource, current, r.days)
+    return report
