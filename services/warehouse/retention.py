@@ -25,6 +25,7 @@ from services.warehouse.sink import WarehouseSink
 
 log = logging.getLogger(__name__)
 Decide = Callable[[Retention, int], Awaitable[tuple[bool, list[str]]]]
+NO_ANSWER = "governance did not answer"
 _TTL = re.compile(r"\bTTL toDateTime\(`?(\w+)`?\) \+ toIntervalDay\((\d+)\)")
 
 
@@ -95,7 +96,7 @@ def governed_retention(client: GovernanceClient) -> Decide:
                 },
             )
         except Exception as exc:  # noqa: BLE001 - not decided: not changed
-            return False, [f"governance did not answer ({type(exc).__name__}: {exc}); not changed"]
+            return False, [f"{NO_ANSWER} ({type(exc).__name__}: {exc}); not changed"]
         return verdict.allow, list(verdict.reasons)
 
     return decide
@@ -108,6 +109,7 @@ async def apply_retention(
     rules: tuple[Retention, ...] = RULES,
 ) -> RetentionReport:
     report = RetentionReport()
+    silent: list[str] | None = None  # governance did not answer: not asked again this round
     for r in rules:
         if r.kind == "online":
             continue
@@ -119,7 +121,12 @@ async def apply_retention(
         if current is None or current == r.days:
             report.unchanged.append(r.resource)
             continue
-        allow, reasons = await decide(r, current)
+        if silent is not None:
+            allow, reasons = False, silent
+        else:
+            allow, reasons = await decide(r, current)
+            if not allow and reasons and reasons[0].startswith(NO_ANSWER):
+                silent = reasons
         if not allow:
             report.refused[r.resource] = reasons
             log.error(

@@ -128,17 +128,30 @@ async def test_without_an_answer_from_governance_nothing_changes(
 ) -> None:
     js = bus.jetstream(nc, settings)
     warehouse.command("ALTER TABLE myelin.dead_letters REMOVE TTL")
+    warehouse.command("ALTER TABLE myelin.drift_events REMOVE TTL")
+    asked = 0
+    no_governance = governed_retention(GovernanceClient(nc, timeout_s=0.5))
+
+    async def counting(r: retention.Retention, days: int) -> tuple[bool, list[str]]:
+        nonlocal asked
+        asked += 1
+        return await no_governance(r, days)
+
     try:
         report = await apply_retention(
             js,
             sink,
-            governed_retention(GovernanceClient(nc, timeout_s=0.5)),  # no governance running
-            (retention.rule("table:dead_letters"),),
+            counting,
+            (retention.rule("table:dead_letters"), retention.rule("table:drift_events")),
         )
         assert report.applied == {}
-        assert "governance did not answer" in report.refused["table:dead_letters"][0]
+        assert all("governance did not answer" in r[0] for r in report.refused.values())
+        assert len(report.refused) == 2 and asked == 1  # not asked again in the same round
         assert table_ttl(warehouse, "dead_letters") == 0
     finally:
         warehouse.command(
             "ALTER TABLE myelin.dead_letters MODIFY TTL toDateTime(ts) + INTERVAL 30 DAY"
+        )
+        warehouse.command(
+            "ALTER TABLE myelin.drift_events MODIFY TTL toDateTime(ts) + INTERVAL 365 DAY"
         )
