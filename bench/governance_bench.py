@@ -1,0 +1,200 @@
+"""Governance decision latency, beside raw regopy, in one run:
+
+1. raw regopy: ``set_input`` + an evaluation of the ``serve`` entry point of the policies
+   compiled once into a bundle (the ceiling of an uncached decision), and, for reference,
+   an ad-hoc query of the package document (how governance evaluated before: it compiles
+   every module again);
+2. governance's decision point (``Decider``: cache, evaluation, interpretation) with the
+   audit record discarded: uncached (every input new) and cached (one input again);
+3. the same with every decision's audit record stored on a real JetStream (embedded
+   nats-server) before it returns, as governance runs.
+
+Targets (issue 12): p99 < 2 ms uncached and < 0.2 ms cached. CPU us per decision beside.
+
+Run: .venv/bin/python -m bench.governance_bench [--decisions N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench._common import pct, table
+from myelin import bus
+from myelin.audit import AuditLog
+from myelin.records import AuditRecord
+from myelin.settings import Settings
+from myelin.stack.engines import NatsServer
+from myelin.stack.process import free_port
+from myelin.stack.supervisor import with_ports
+from services.governance.decider import Decider
+from services.governance.logic import DecisionRequest, policy_version
+from services.governance.policy_engines import RegoEngine, load_policies
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve_input(i: int) -> dict[str, Any]:
+    return {
+        "model": {
+            "version": i,
+            "provenance": {
+                "training_window": ["2026-11-01", "2026-11-30"],
+                "feature_views": ["v@1"],
+            },
+            "metrics": {"auc": 0.6 + (i % 100) / 1000},
+            "labels": {},
+        }
+    }
+
+
+def timed_sync(n: int, fn: Callable[[int], object]) -> tuple[list[float], float]:
+    lat: list[float] = []
+    cpu0 = time.process_time()
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        lat.append((time.perf_counter() - t0) * 1000)
+    return lat, (time.process_time() - cpu0) / n * 1e6
+
+
+async def timed(n: int, fn: Callable[[int], Awaitable[object]]) -> tuple[list[float], float]:
+    lat: list[float] = []
+    cpu0 = time.process_time()
+    for i in range(n):
+        t0 = time.perf_counter()
+        await fn(i)
+        lat.append((time.perf_counter() - t0) * 1000)
+    return lat, (time.process_time() - cpu0) / n * 1e6
+
+
+async def main(n: int) -> None:
+    sources = load_policies(ROOT / "myelin" / "policies")
+    from regopy import Interpreter
+
+    raw = Interpreter()
+    for name, text in sources.items():
+        raw.add_module(name, text)
+
+    bundle = raw.build(None, ["myelin/serve"])
+
+    def bare(i: int) -> object:
+        raw.set_input(serve_input(i))
+        out = raw.query_bundle_entrypoint(bundle, "myelin/serve")  # kept alive while read
+        return json.loads(str(out))
+
+    def adhoc(i: int) -> object:
+        raw.set_input(serve_input(i))
+        out = raw.query("x := data.myelin.serve")  # kept alive: the binding points into it
+        return json.loads(str(out.binding("x")))
+
+    bare(0)
+    raw_lat, raw_cpu = timed_sync(n, bare)
+    adhoc_lat, adhoc_cpu = timed_sync(max(n // 10, 50), adhoc)
+
+    async def discard(_record: AuditRecord) -> None:
+        return None
+
+    engine = RegoEngine(sources, policy_version(sources))
+    quiet = Decider(engine, discard, cache_ttl_s=3600)
+
+    def req(i: int) -> DecisionRequest:
+        return DecisionRequest("serve", f"ctr:v{i}", serve_input(i))
+
+    await quiet.decide(req(-1))
+    unc_lat, unc_cpu = await timed(n, lambda i: quiet.decide(req(i)))
+    hot = req(-1)
+    hit_lat, hit_cpu = await timed(n, lambda _i: quiet.decide(hot))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s = with_ports(Settings(state_dir=Path(tmp)), nats_port=free_port())
+        async with NatsServer(Path(tmp) / "nats", s.nats_port):
+            nc = await bus.connect(s, "bench", reconnect=False)
+            try:
+                js = bus.jetstream(nc, s)
+                await bus.provision(js, s)
+                audited = Decider(engine, AuditLog(bus.Publisher(js, s)), cache_ttl_s=3600)
+                base = 10 * n
+                await audited.decide(req(base - 1))
+                a_unc_lat, a_unc_cpu = await timed(n, lambda i: audited.decide(req(base + i)))
+                hot2 = req(base - 1)
+                a_hit_lat, a_hit_cpu = await timed(n, lambda _i: audited.decide(hot2))
+            finally:
+                await nc.close()
+
+    rows: list[tuple[str, str, float, float, str]] = [
+        (
+            "raw regopy, ad-hoc query (governance before)",
+            "p50 ms",
+            pct(adhoc_lat, 50),
+            pct(raw_lat, 50),
+            "compiles every module per query",
+        ),
+        ("raw regopy, ad-hoc query (governance before)", "us/decision CPU", adhoc_cpu, raw_cpu, ""),
+        (
+            "decision, uncached (audit discarded)",
+            "p50 ms",
+            pct(unc_lat, 50),
+            pct(raw_lat, 50),
+            "ceiling: raw regopy set_input + bundle entry point",
+        ),
+        (
+            "decision, uncached (audit discarded)",
+            "p99 ms",
+            pct(unc_lat, 99),
+            pct(raw_lat, 99),
+            "target p99 < 2 ms",
+        ),
+        ("decision, uncached (audit discarded)", "us/decision CPU", unc_cpu, raw_cpu, ""),
+        (
+            "decision, cached (audit discarded)",
+            "p99 ms",
+            pct(hit_lat, 99),
+            pct(raw_lat, 99),
+            "target p99 < 0.2 ms",
+        ),
+        ("decision, cached (audit discarded)", "us/decision CPU", hit_cpu, raw_cpu, ""),
+        (
+            "decision, uncached, audit stored on JetStream",
+            "p99 ms",
+            pct(a_unc_lat, 99),
+            pct(raw_lat, 99),
+            "the decision returns once its audit record is stored",
+        ),
+        (
+            "decision, uncached, audit stored on JetStream",
+            "us/decision CPU",
+            a_unc_cpu,
+            raw_cpu,
+            "",
+        ),
+        (
+            "decision, cached, audit stored on JetStream",
+            "p50 ms",
+            pct(a_hit_lat, 50),
+            pct(raw_lat, 50),
+            "",
+        ),
+        (
+            "decision, cached, audit stored on JetStream",
+            "p99 ms",
+            pct(a_hit_lat, 99),
+            pct(raw_lat, 99),
+            "target p99 < 0.2 ms",
+        ),
+        ("decision, cached, audit stored on JetStream", "us/decision CPU", a_hit_cpu, raw_cpu, ""),
+    ]
+    print(table(f"Governance decisions ({n:,} per row, serve policy, one process)", rows))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--decisions", type=int, default=3000)
+    args = ap.parse_args()
+    asyncio.run(main(args.decisions))
