@@ -12,6 +12,7 @@ one that counted: the first copy on the stream, late-marked if a view found it l
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from myelin.sql_guard import QueryRejected, WarehouseError, read_only_query
 __all__ = ["QueryRejected", "WarehouseError"]
 
 DATABASE = "myelin"
+
+
+_TTL_CLAUSE = re.compile(r"\bTTL (.+?)(?= SETTINGS |$)")
 
 
 def _ttl(table: str) -> str:
@@ -53,7 +57,7 @@ DDL: tuple[str, ...] = (
     ) ENGINE = ReplacingMergeTree(keep_rank)
     PARTITION BY toYYYYMM(event_time)
     ORDER BY (type, entity_id, event_time, event_id)
-    {_ttl('events')}""",
+    {_ttl("events")}""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.feature_values (
         view LowCardinality(String),
         view_hash LowCardinality(String),
@@ -64,7 +68,7 @@ DDL: tuple[str, ...] = (
         values Map(LowCardinality(String), Float64)
     ) ENGINE = ReplacingMergeTree
     ORDER BY (view, view_hash, entity_id, as_of, stream_seq)
-    {_ttl('feature_values')}""",
+    {_ttl("feature_values")}""",
     # The ledger: one row per request and entity (OIP: per request), a request id once per
     # model (a client's retry collapses under FINAL); partitioned by month with a min-max
     # index on ts for time ranges.
@@ -93,7 +97,7 @@ DDL: tuple[str, ...] = (
     ) ENGINE = ReplacingMergeTree
     PARTITION BY toYYYYMM(ts)
     ORDER BY (model, request_id, route, row)
-    {_ttl('inferences')}""",
+    {_ttl("inferences")}""",
     # DriftDetected records, one row per column (input feature or __score__) of a breach
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.drift_events (
         drift_id String,
@@ -112,7 +116,7 @@ DDL: tuple[str, ...] = (
         thresholds Map(LowCardinality(String), Float64)
     ) ENGINE = ReplacingMergeTree
     ORDER BY (model, model_version, drift_id, feature)
-    {_ttl('drift_events')}""",
+    {_ttl("drift_events")}""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.audit (
         decision_id String,
         ts DateTime64(3, 'UTC'),
@@ -126,7 +130,7 @@ DDL: tuple[str, ...] = (
         cached UInt8
     ) ENGINE = ReplacingMergeTree
     ORDER BY (action, ts, decision_id)
-    {_ttl('audit')}""",
+    {_ttl("audit")}""",
     f"""CREATE TABLE IF NOT EXISTS {DATABASE}.dead_letters (
         event_id String,
         ts DateTime64(3, 'UTC'),
@@ -138,7 +142,7 @@ DDL: tuple[str, ...] = (
         detail Map(String, String)
     ) ENGINE = ReplacingMergeTree
     ORDER BY (reason, ts, stream_seq)
-    {_ttl('dead_letters')}""",
+    {_ttl("dead_letters")}""",
     # tables made by earlier versions gain the columns added since (no-op on new ones)
     f"ALTER TABLE {DATABASE}.dead_letters ADD COLUMN IF NOT EXISTS detail Map(String, String)",
 )
@@ -208,9 +212,14 @@ def migrate(wh: Warehouse) -> bool:
         ("inferences", "sorting_key", "model, request_id, row", _INFERENCES_V2_MIGRATION),
     )
     for table, field, old, steps in plans:
-        if old not in _table(wh, table).get(field, ""):
+        current = _table(wh, table)
+        if old not in current.get(field, ""):
             continue
-        create = next(stmt for stmt in DDL if f".{table} (" in stmt)
+        # re-created with the TTL the old table had (none, from earlier builds): changing
+        # a retention is governance's to allow (the warehouse's retention step), not this
+        m = _TTL_CLAUSE.search(current.get("engine_full", ""))
+        keep = f"TTL {m.group(1)}" if m else ""
+        create = next(stmt for stmt in DDL if f".{table} (" in stmt).replace(_ttl(table), keep)
         for stmt in steps:
             wh.command(create if stmt == f"<create {table}>" else stmt)
         moved = True

@@ -13,7 +13,7 @@ import msgspec
 from myelin.records import AuditRecord
 
 Action = Literal["serve", "promote", "backfill", "pii_read", "serve_view", "retention"]
-ACTIONS: tuple[str, ...] = ("serve", "promote", "backfill", "pii_read", "serve_view")
+ACTIONS: tuple[str, ...] = ("serve", "promote", "backfill", "pii_read", "serve_view", "retention")
 
 
 class DecisionRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -61,11 +61,15 @@ class RegoEngine:
                 return None
             expressions = doc.get("expressions") or []
             return expressions[0] if expressions else None
-        out = self._rego.query(f"x := data.{package}")
-        binding = out.binding("x")
-        if binding is None:
+        out = self._rego.query(f"x := data.{package}")  # kept alive while read
+        text = str(out)  # never out.binding() on an undefined result: regopy aborts
+        if text.strip() == "undefined":
             return None
-        return json.loads(str(binding))
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise RuntimeError(f"policy {package} could not be evaluated: {text}") from None
+        return (doc.get("bindings") or {}).get("x") if isinstance(doc, dict) else None
 
     async def close(self) -> None:
         return None

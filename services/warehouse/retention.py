@@ -24,7 +24,7 @@ from myelin.warehouse import DATABASE
 from services.warehouse.sink import WarehouseSink
 
 log = logging.getLogger(__name__)
-Decide = Callable[[Retention, int], Awaitable[tuple[bool, list[str]]]]
+Decide = Callable[[Retention, float], Awaitable[tuple[bool, list[str]]]]
 NO_ANSWER = "governance did not answer"
 _TTL = re.compile(r"\bTTL toDateTime\(`?(\w+)`?\) \+ toIntervalDay\((\d+)\)")
 
@@ -34,9 +34,15 @@ class RetentionReport:
     applied: dict[str, int] = field(default_factory=dict)  # resource -> days, changed now
     refused: dict[str, list[str]] = field(default_factory=dict)  # resource -> reasons
     unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # resource -> error (retried next start)
 
     def status(self) -> dict[str, Any]:
-        return {"applied": self.applied, "refused": self.refused, "unchanged": self.unchanged}
+        return {
+            "applied": self.applied,
+            "refused": self.refused,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+        }
 
 
 def ttl_days(engine_full: str) -> int:
@@ -45,15 +51,16 @@ def ttl_days(engine_full: str) -> int:
     return int(m.group(2)) if m else 0
 
 
-async def _stream_days(js: JetStreamContext, name: str) -> int | None:
+async def _stream_days(js: JetStreamContext, name: str) -> float | None:
+    """The stream's max age in days, exactly (12 hours is 0.5, not 0: forever)."""
     try:
         info = await js.stream_info(name)
     except NotFoundError:
         return None  # not provisioned here: nothing to change
-    return round((info.config.max_age or 0) / DAY_S)
+    return (info.config.max_age or 0) / DAY_S
 
 
-async def _table_days(sink: WarehouseSink, table: str) -> int | None:
+async def _table_days(sink: WarehouseSink, table: str) -> float | None:
     rows = (
         await sink.query(
             "SELECT engine_full FROM system.tables "
@@ -82,7 +89,7 @@ def governed_retention(client: GovernanceClient) -> Decide:
     """Asks governance (action ``retention``) whether a resource may change to its declared
     retention; an unreachable governance is a refusal (the current retention stays)."""
 
-    async def decide(r: Retention, current_days: int) -> tuple[bool, list[str]]:
+    async def decide(r: Retention, current_days: float) -> tuple[bool, list[str]]:
         try:
             verdict = await client.decide(
                 "retention",
@@ -113,31 +120,36 @@ async def apply_retention(
     for r in rules:
         if r.kind == "online":
             continue
-        current = (
-            await _stream_days(js, r.name)
-            if r.kind == "stream"
-            else await _table_days(sink, r.name)
-        )
-        if current is None or current == r.days:
-            report.unchanged.append(r.resource)
-            continue
-        if silent is not None:
-            allow, reasons = False, silent
-        else:
-            allow, reasons = await decide(r, current)
-            if not allow and reasons and reasons[0].startswith(NO_ANSWER):
-                silent = reasons
-        if not allow:
-            report.refused[r.resource] = reasons
-            log.error(
-                "retention of %s stays %d days: governance refused %d days: %s",
-                r.resource,
-                current,
-                r.days,
-                "; ".join(reasons),
+        try:
+            current = (
+                await _stream_days(js, r.name)
+                if r.kind == "stream"
+                else await _table_days(sink, r.name)
             )
+            if current is None or abs(current - r.days) * DAY_S < 1:
+                report.unchanged.append(r.resource)
+                continue
+            if silent is not None:
+                allow, reasons = False, silent
+            else:
+                allow, reasons = await decide(r, current)
+                if not allow and reasons and reasons[0].startswith(NO_ANSWER):
+                    silent = reasons
+            if not allow:
+                report.refused[r.resource] = reasons
+                log.error(
+                    "retention of %s stays %g days: governance refused %d days: %s",
+                    r.resource,
+                    current,
+                    r.days,
+                    "; ".join(reasons),
+                )
+                continue
+            await _apply(js, sink, r)
+        except Exception as exc:  # noqa: BLE001 - one store's trouble: the others go on
+            report.failed[r.resource] = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("retention of %s not applied: %r", r.resource, exc)
             continue
-        await _apply(js, sink, r)
         report.applied[r.resource] = r.days
-        log.info("retention of %s: %d -> %d days", r.resource, current, r.days)
+        log.info("retention of %s: %g -> %d days", r.resource, current, r.days)
     return report

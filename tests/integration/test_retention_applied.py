@@ -123,6 +123,17 @@ async def test_a_change_is_applied_only_where_governance_allows_and_is_audited(
     )
 
 
+async def test_provisioning_never_changes_an_existing_streams_retention(
+    nc: NATS, settings: Settings
+) -> None:
+    js = bus.jetstream(nc, settings)
+    cfg = (await js.stream_info(EVENTS_STREAM)).config
+    cfg.max_age = 12 * 3600.0  # half a day: not "forever", not the declared 400 days
+    await js.update_stream(cfg)
+    await bus.provision(js, settings)
+    assert (await js.stream_info(EVENTS_STREAM)).config.max_age == 12 * 3600.0
+
+
 async def test_without_an_answer_from_governance_nothing_changes(
     nc: NATS, settings: Settings, sink: WarehouseSink, warehouse: Warehouse
 ) -> None:
@@ -132,7 +143,7 @@ async def test_without_an_answer_from_governance_nothing_changes(
     asked = 0
     no_governance = governed_retention(GovernanceClient(nc, timeout_s=0.5))
 
-    async def counting(r: retention.Retention, days: int) -> tuple[bool, list[str]]:
+    async def counting(r: retention.Retention, days: float) -> tuple[bool, list[str]]:
         nonlocal asked
         asked += 1
         return await no_governance(r, days)

@@ -3,6 +3,7 @@ marks, offline feature values; a redelivered batch changes nothing."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import msgspec
@@ -30,6 +31,7 @@ from services.warehouse.drains import (
     features_drain,
     late_drain,
 )
+from services.warehouse.retention import ttl_days
 from services.warehouse.sink import WarehouseSink, events_table, inferences_table
 
 pytestmark = pytest.mark.integration
@@ -131,6 +133,7 @@ def test_raw_history_of_an_earlier_build_is_migrated(warehouse: Warehouse) -> No
     old = old.replace(",\n        keep_rank UInt64", "").replace(
         "ReplacingMergeTree(keep_rank)", "ReplacingMergeTree(late)"
     )
+    old = re.sub(r"\n\s*TTL .*", "", old)  # earlier builds had no retention
     warehouse.command("DROP TABLE myelin.events")
     warehouse.command(old)
     t = int(time.time() * 1000)
@@ -143,6 +146,14 @@ def test_raw_history_of_an_earlier_build_is_migrated(warehouse: Warehouse) -> No
         ).to_pylist()
         assert [(r["event_id"], r["stream_seq"]) for r in rows] == [("w1", 1000), ("w2", 2000)]
         assert [r["keep_rank"] for r in rows] == [keep_rank(1000, False), keep_rank(2000, False)]
+        # the migration keeps the old table's retention (none): changing it is governed
+        engine = warehouse.query_arrow(
+            "SELECT engine_full FROM system.tables WHERE database = 'myelin' AND name = 'events'"
+        ).to_pylist()[0]["engine_full"]
+        assert ttl_days(str(engine)) == 0
+        warehouse.command(
+            "ALTER TABLE myelin.events MODIFY TTL toDateTime(ingest_time) + INTERVAL 400 DAY"
+        )
     finally:  # leave the current table for the other tests, whatever happened
         warehouse.command("DROP TABLE IF EXISTS myelin.events_v1")
         if (

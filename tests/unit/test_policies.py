@@ -136,6 +136,15 @@ def test_policy_case(policy: str, doc: dict[str, Any], reason: str | None) -> No
         assert len(reasons) == 1 and reason in reasons[0], reasons
 
 
+def test_a_document_outside_the_bundle_is_queried_and_an_unknown_one_is_none() -> None:
+    doc = {"model": model(labels={"blocked": "true"})}
+    bundled = asyncio.run(ENGINE.evaluate("myelin.serve", doc))
+    adhoc = asyncio.run(ENGINE.evaluate("myelin.serve.reasons", doc))  # not an entry point
+    assert adhoc == bundled["reasons"] == ["model is labelled blocked"]
+    assert asyncio.run(ENGINE.evaluate("myelin.no_such_policy", {})) is None  # no abort
+    assert "myelin/serve" in ENGINE.entrypoints
+
+
 def test_every_policy_and_every_rule_has_a_case() -> None:
     files = sorted(POLICIES.glob("*.rego"))
     assert files
