@@ -28,6 +28,7 @@ from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts import ContractRegistry
 from myelin.contracts.store import ContractStore
 from myelin.decisions import GovernanceClient
+from myelin.errors import Retryable
 from myelin.online import OnlineReader
 from myelin.service import BatchGc
 from myelin.settings import Settings
@@ -58,6 +59,13 @@ SYNC_EVERY_S = 2.0  # how often a worker of several re-reads the registered vers
 
 class HotKeysUnsupported(ValueError):
     """Salted hot keys and partition-owned feature state do not go together."""
+
+
+class PartitionMoved(Retryable):
+    """This worker lost the partition's lease; the batch is not written (the loop waits
+    for the lease manager to stop the partition here)."""
+
+    code = "partition_moved"
 
 
 class FeaturesApp:
@@ -282,6 +290,15 @@ class FeaturesApp:
         store = runner.store.for_partition(p)
         pub = bus.Publisher(js, s)
         durable = consumer_name(view, p)
+        leases = self.leases
+
+        async def fence() -> None:
+            if leases is not None and not await leases.confirm(p):
+                raise PartitionMoved(
+                    f"{self.worker} no longer holds partition {p} of {view.ref}: its lease "
+                    "expired or another worker took it (nothing of this batch was written)"
+                )
+
         pipeline = FeaturePipeline(
             runner.engine,
             self.registry,
@@ -290,6 +307,7 @@ class FeaturesApp:
             reload_registry=self._contracts.registry,
             late_sink=late_publisher(pub),
             dead_letters=event_dead_letters(pub, durable),
+            fence=fence if leases is not None else None,
         )
         position = await pipeline.start()
         # Redis holds the committed position; the consumer is re-created to start right after

@@ -97,6 +97,20 @@ class PartitionLeases:
     async def open(self) -> None:
         self._kv = await leases_bucket(self._js, self.lease_s, self._replicas)
 
+    async def confirm(self, p: int) -> bool:
+        """Whether this worker holds partition ``p``'s lease on the server now (read, not
+        remembered): a batch asks before it publishes anything, so a worker that was
+        paused past its lease finds out before its stale results go out, not at its next
+        renewal."""
+        rev = self.held.get(p)
+        if rev is None:
+            return False
+        try:
+            entry = await self._kv.get(f"part.{p}")
+        except KeyNotFoundError:
+            return False  # expired (the TTL runs on the server's clock)
+        return bool(entry.revision == rev)
+
     async def tick(self) -> None:
         """Heartbeat, renew, then rebalance (give back above the share, take free ones).
 

@@ -170,6 +170,19 @@ class OnlineStore:
         raw = await self._r.hgetall(self._wm_key)
         return {int(k): int(v) for k, v in raw.items()}
 
+    async def check_position(self, after: int) -> None:
+        """:class:`ConcurrentWriter` when another writer has applied this partition beyond
+        ``after`` (the caller's last batch): checked before a batch publishes its feature
+        rows, so rows computed from stale states never go out."""
+        raw = await self._r.get(self._pos_key)
+        stored = int(raw) if raw else 0
+        if stored > after:
+            raise ConcurrentWriter(
+                f"{self.view.name}@{self.version} partition {self.partition} is at stream "
+                f"sequence {stored}, beyond this writer's {after}: another worker applied it "
+                "meanwhile; re-reading its state"
+            )
+
     async def apply(
         self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int], after: int
     ) -> int:
@@ -240,6 +253,8 @@ class StateStore(Protocol):
 
     async def watermarks(self) -> dict[int, int]: ...
 
+    async def check_position(self, after: int) -> None: ...
+
     async def apply(
         self, updates: list[OnlineUpdate], last_seq: int, watermarks: dict[int, int], after: int
     ) -> int: ...
@@ -250,6 +265,9 @@ class StateStore(Protocol):
 class MemoryStateStore:
     """States kept in this process only: used to recompute the offline store by replay
     (the online store, already at the stream head, is left alone)."""
+
+    async def check_position(self, after: int) -> None:
+        return None  # one writer: this process
 
     def __init__(self) -> None:
         self._states: dict[str, EntityState] = {}

@@ -1,6 +1,10 @@
 """The feature use case: a batch of stream events -> offline rows, then online state.
 
 Order of effects, for exactly-once results:
+0. the fence: this worker still holds the partition's lease (read from the server), and
+   the stored position is still this pipeline's (no other writer applied past it), so
+   rows computed from stale states never go out (a worker paused past its lease
+   published such rows before: an event counted twice in the warehouse);
 1. per-event feature values -> the FEATURES stream (ids from the batch's sequences; the
    warehouse drains them into ReplacingMergeTree, where a replayed row collapses), and
    late events -> the LATE stream;
@@ -124,7 +128,11 @@ class FeaturePipeline:
         reload_registry: Callable[[], Awaitable[ContractRegistry]] | None = None,
         late_sink: Callable[[str, list[tuple[int, StreamEvent]]], Awaitable[None]] | None = None,
         dead_letters: DeadLetters | None = None,
+        fence: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``fence``: raises when this process may no longer write this partition (a lease
+        lost); called, with the position check, before a batch publishes anything."""
+        self._fence = fence
         self._reload = reload_registry
         self._late_sink = late_sink
         self._dead_letters = dead_letters
@@ -296,6 +304,11 @@ class FeaturePipeline:
                 event_seq=seq,
             ) from exc
 
+        # Before anything goes out: still ours, and nobody applied past our position (rows
+        # computed from stale states must never reach the FEATURES stream)
+        if self._fence is not None:
+            await self._fence()
+        await self.online.check_position(self.stats.position)
         if fv_rows:
             await self.rows_sink(self.view, fv_rows, batch[0][0], batch[-1][0])
         if late_events and self._late_sink is not None:
