@@ -44,7 +44,12 @@ from services.warehouse.drains import (
     late_drain,
 )
 from services.warehouse.http_interface import serve_clickhouse_http
-from services.warehouse.retention import RetentionReport, apply_retention, governed_retention
+from services.warehouse.retention import (
+    RetentionReport,
+    apply_retention,
+    governed_retention,
+    keep_applying,
+)
 from services.warehouse.sink import WarehouseSink
 from services.warehouse.sql_api import serve_sql
 
@@ -71,6 +76,7 @@ class WarehouseApp:
         self._handlers: dict[str, tuple[str, Callable[[list[Msg]], Awaitable[None]], int]] = {}
         self._http: web.AppRunner | None = None
         self.retention = RetentionReport()
+        self._retention_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -81,9 +87,17 @@ class WarehouseApp:
         self.sink = WarehouseSink(await asyncio.to_thread(open_warehouse, s))
         self._nc = await bus.connect(s, self.name)
         self._js = bus.jetstream(self._nc, s)
-        self.retention = await apply_retention(
-            self._js, self.sink, governed_retention(GovernanceClient(self._nc))
-        )
+        decide = governed_retention(GovernanceClient(self._nc))
+        self.retention = await apply_retention(self._js, self.sink, decide)
+        if self.retention.unsettled:  # tried again until governance answers
+
+            def keep(report: RetentionReport) -> None:
+                self.retention = report
+
+            self._retention_task = asyncio.create_task(
+                keep_applying(self._js, self.sink, decide, self.retention, keep),
+                name="retention",
+            )
         # Each ClickHouse insert costs milliseconds and leaves a part to merge, whatever its
         # size: drains linger to insert at most about once a second per table.
         handlers = {
@@ -183,6 +197,11 @@ class WarehouseApp:
         return await bus.serve(self._nc, RPC_WAREHOUSE_REWIND, handle)
 
     async def stop(self) -> None:
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._retention_task
+            self._retention_task = None
         if self._http is not None:
             await self._http.cleanup()
             self._http = None

@@ -9,6 +9,7 @@ registered.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,13 @@ class RetentionReport:
     refused: dict[str, list[str]] = field(default_factory=dict)  # resource -> reasons
     unchanged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # resource -> error (retried next start)
+
+    @property
+    def unsettled(self) -> bool:
+        """A store still to try again: governance did not answer, or applying failed."""
+        return bool(self.failed) or any(
+            reasons and reasons[0].startswith(NO_ANSWER) for reasons in self.refused.values()
+        )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -153,3 +161,29 @@ async def apply_retention(
         report.applied[r.resource] = r.days
         log.info("retention of %s: %g -> %d days", r.resource, current, r.days)
     return report
+
+
+async def keep_applying(
+    js: JetStreamContext,
+    sink: WarehouseSink,
+    decide: Decide,
+    first: RetentionReport,
+    on_report: Callable[[RetentionReport], None],
+    every_s: float = 60.0,
+    rules: tuple[Retention, ...] = RULES,
+) -> None:
+    """While a store is unsettled (governance did not answer, or a change failed), try
+    again every ``every_s``: a warehouse that started while governance was down must not
+    keep personal data past its retention until its next restart. A refusal with reasons
+    is a decision, not retried. Runs until cancelled."""
+    report = first
+    while report.unsettled:
+        await asyncio.sleep(every_s)
+        try:
+            again = await apply_retention(js, sink, decide, rules)
+        except Exception as exc:  # noqa: BLE001 - tried again next round
+            log.warning("retention round failed: %r", exc)
+            continue
+        again.applied = {**report.applied, **again.applied}
+        report = again
+        on_report(report)

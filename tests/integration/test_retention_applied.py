@@ -21,7 +21,13 @@ from myelin.settings import Settings
 from myelin.subjects import AUDIT_STREAM, EVENTS_STREAM
 from myelin.warehouse import Warehouse
 from services.governance.app import GovernanceApp
-from services.warehouse.retention import apply_retention, governed_retention, ttl_days
+from services.warehouse.retention import (
+    RetentionReport,
+    apply_retention,
+    governed_retention,
+    keep_applying,
+    ttl_days,
+)
 from services.warehouse.sink import WarehouseSink
 
 pytestmark = pytest.mark.integration
@@ -163,6 +169,37 @@ async def test_without_an_answer_from_governance_nothing_changes(
         warehouse.command(
             "ALTER TABLE myelin.dead_letters MODIFY TTL toDateTime(ts) + INTERVAL 30 DAY"
         )
+        warehouse.command(
+            "ALTER TABLE myelin.drift_events MODIFY TTL toDateTime(ts) + INTERVAL 365 DAY"
+        )
+
+
+async def test_a_store_governance_did_not_answer_for_is_tried_again(
+    nc: NATS, settings: Settings, sink: WarehouseSink, warehouse: Warehouse
+) -> None:
+    """A warehouse started while governance was down does not keep the old retention until
+    its next restart: it asks again, and applies once governance allows."""
+    js = bus.jetstream(nc, settings)
+    rules = (retention.rule("table:drift_events"),)
+    warehouse.command("ALTER TABLE myelin.drift_events REMOVE TTL")
+    decide = governed_retention(GovernanceClient(nc, timeout_s=0.5))
+    first = await apply_retention(js, sink, decide, rules)
+    assert first.unsettled and table_ttl(warehouse, "drift_events") == 0
+    reports: list[object] = []
+    task = asyncio.create_task(
+        keep_applying(js, sink, decide, first, reports.append, every_s=0.2, rules=rules)
+    )
+    gov = GovernanceApp(settings)
+    await gov.start()  # governance comes up
+    try:
+        await asyncio.wait_for(task, timeout=15)  # returns once settled
+        assert table_ttl(warehouse, "drift_events") == 365
+        last = reports[-1]
+        assert isinstance(last, RetentionReport) and not last.unsettled
+        assert last.applied == {"table:drift_events": 365}
+    finally:
+        task.cancel()
+        await gov.stop()
         warehouse.command(
             "ALTER TABLE myelin.drift_events MODIFY TTL toDateTime(ts) + INTERVAL 365 DAY"
         )
