@@ -1084,7 +1084,10 @@ async def test_sdk_refuses_what_json_cannot_carry_and_sends_the_rest_whole(
 
         await explore(sdk_cases, check, 100)
     assert (checked.rejected, unchecked.rejected) == ([], [])
-    assert checked.accepted + unchecked.accepted == len(sent)
+    # a batch whose reply was lost (a request timeout on a loaded machine) is sent again and
+    # its events come back as duplicates of the stored ones: accepted or duplicate, once each
+    answered = checked.accepted + checked.duplicates + unchecked.accepted + unchecked.duplicates
+    assert answered == len(sent)
     stored = [e.event_id for e in await Streams(bus.jetstream(nc, hostile_settings)).events()]
     assert sorted(stored) == sorted(sent)
 
