@@ -84,7 +84,7 @@ def buckets(settings: Settings) -> list[Bucket]:
 
 OBJECT_STORES = (ARTIFACTS_BUCKET,)
 
-# The warehouse's drains: stream -> (durable, messages per batch)
+# The warehouse's drains: stream -> durable (batch sizes: warehouse_batch)
 WAREHOUSE_DRAINS = {
     EVENTS_STREAM: "warehouse-events",
     LATE_STREAM: "warehouse-late",

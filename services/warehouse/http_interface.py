@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import msgspec
 from aiohttp import web
 
-from myelin.sql_guard import QueryRejected, check_format, read_only_query
+from myelin.sql_guard import LIMITS, QueryRejected, check_format, read_only_query
 from myelin.warehouse import RawResult, WarehouseError
 from services.warehouse.sink import WarehouseSink
 
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "myelin-warehouse"
 MAX_BODY_BYTES = 1024 * 1024  # a query, not data: this interface takes no inserts
-MAX_RESULT_BYTES = 256 * 1024 * 1024  # the result is built in memory before it is sent
+# the result is built in memory before it is sent: the guard's engine-side cap, checked again
+MAX_RESULT_BYTES = LIMITS["max_result_bytes"]
 # Parameters that shape the HTTP exchange, not the query (ClickHouse's own list).
 _EXCHANGE = frozenset(
     {
