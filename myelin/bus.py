@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError, TooManyStalledMsgsError
 
-from myelin import telemetry
+from myelin import access, nats_identity, telemetry
 from myelin.errors import BAD_INPUT, MyelinError, Overloaded, Poison, RemoteError, Retryable
 from myelin.settings import Settings
 from myelin.subjects import (
@@ -36,10 +37,42 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MSG_ID = "Nats-Msg-Id"
+#: The header a request handler reads its caller's identity from: set by :func:`serve`
+#: from the subject's last token (which the server lets only that identity publish to);
+#: a caller's own value of it is overwritten.
+CALLER = "Myelin-Caller"
+
+_identities: weakref.WeakKeyDictionary[NATS, str] = weakref.WeakKeyDictionary()
 
 
-async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> NATS:
-    """Connect with unlimited reconnects (services must outlive a NATS restart).
+def identity_of(nc: NATS) -> str:
+    """The identity ``nc`` connected as (``anonymous`` without a credential)."""
+    return _identities.get(nc, nats_identity.ANONYMOUS)
+
+
+def auth_options(settings: Settings, identity: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The identity a connection takes and the ``nats.connect`` options that prove it
+    (:func:`myelin.nats_identity.resolve`)."""
+    cred = nats_identity.resolve(settings, identity)
+    if cred is None:
+        return nats_identity.ANONYMOUS, {}
+    return cred.identity, {
+        "nkeys_seed": str(cred.seed_file),
+        "inbox_prefix": nats_identity.inbox_prefix(cred.identity),
+    }
+
+
+def remember_identity(nc: NATS, identity: str) -> NATS:
+    _identities[nc] = identity
+    return nc
+
+
+async def connect(
+    settings: Settings, name: str, *, reconnect: bool = True, identity: str | None = None
+) -> NATS:
+    """Connect with unlimited reconnects (services must outlive a NATS restart), as
+    ``identity`` when its development credential exists, else as the process's own
+    (:mod:`myelin.nats_identity`).
 
     Connection trouble is logged as one line per event (nats-py's default callback prints
     a traceback for every failed reconnect attempt, twice a second for a whole outage)."""
@@ -53,8 +86,10 @@ async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> N
     async def on_reconnected() -> None:
         log.warning("nats (%s): reconnected", name)
 
-    return await nats.connect(
+    who, auth = auth_options(settings, identity)
+    nc = await nats.connect(
         servers(settings),
+        **auth,
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
@@ -65,6 +100,7 @@ async def connect(settings: Settings, name: str, *, reconnect: bool = True) -> N
         connect_timeout=5,
         allow_reconnect=reconnect,
     )
+    return remember_identity(nc, who)
 
 
 def servers(settings: Settings) -> list[str]:
@@ -322,18 +358,32 @@ async def serve(
 ) -> Any:
     """Answer requests on ``subject`` with ``handler``; errors become typed replies.
 
+    Requests arrive on ``<subject>.<caller identity>``; the handler finds the caller in
+    its headers under :data:`CALLER`.
+
     Up to ``concurrency`` requests are handled at once; past that a request is answered
     at once with a typed ``overloaded`` error (``retry_after``), so back-pressure reaches the
     caller instead of piling up in client memory (the subscription's buffer is bounded too).
     """
     inflight: set[asyncio.Task[None]] = set()
 
+    # On a server without authentication nobody is authenticated: every caller is let in.
+    enforce = identity_of(nc) != nats_identity.ANONYMOUS
+
     async def handle(msg: Msg) -> None:
         headers = dict(msg.headers or {})
+        caller = headers[CALLER] = msg.subject.rsplit(".", 1)[-1]
         with telemetry.tracer("myelin.bus").start_as_current_span(
             subject, context=telemetry.extract(headers)
         ):
             try:
+                if enforce and not access.may_call(caller, subject):
+                    await _audit_refusal(nc, caller, subject)
+                    raise Forbidden(
+                        f"identity {caller!r} may not call {subject}",
+                        caller=caller,
+                        endpoint=subject,
+                    )
                 result = await handler(msg.data, headers)
                 body = Reply(ok=True, result=msgspec.Raw(_json.encode(result)))
             except MyelinError as exc:
@@ -378,7 +428,7 @@ async def serve(
         task.add_done_callback(inflight.discard)
 
     sub = await nc.subscribe(
-        subject,
+        f"{subject}.*",
         queue=queue,
         cb=on_msg,
         pending_msgs_limit=10_000,
@@ -388,8 +438,45 @@ async def serve(
     return sub
 
 
+class Forbidden(MyelinError):
+    """The caller's identity may not use this endpoint (:mod:`myelin.access`)."""
+
+    code = "forbidden"
+
+
+async def _audit_refusal(nc: NATS, caller: str, endpoint: str) -> None:
+    """An audit record of a refused request (a refusal is never silent). The refusal
+    stands if the audit trail is down; that is logged."""
+    from myelin.audit import platform_record  # myelin.audit publishes through this module
+
+    record = platform_record(
+        access.FORBIDDEN_ACTION,
+        endpoint,
+        [f"identity {caller!r} may not call {endpoint}"],
+        {"caller": caller, "endpoint": endpoint},
+    )
+    try:
+        await nc.jetstream().publish(
+            f"myelin.audit.{record.action}",
+            msgspec.msgpack.encode(record),
+            timeout=2.0,
+            headers={MSG_ID: f"audit-{record.decision_id}"},
+        )
+    except Exception as exc:  # noqa: BLE001 - the refusal is what matters to the caller
+        log.warning(
+            "refused %s to %s, but its audit record was not stored: %r", endpoint, caller, exc
+        )
+
+
+def caller_subject(nc: NATS, subject: str) -> str:
+    """Where a request to the endpoint ``subject`` from ``nc`` goes."""
+    return f"{subject}.{identity_of(nc)}"
+
+
 async def request(nc: NATS, subject: str, payload: Any, *, timeout: float = 5.0) -> msgspec.Raw:
-    """Send a request and return the raw JSON result, or raise :class:`RemoteError`."""
+    """Send a request and return the raw JSON result, or raise :class:`RemoteError`.
+    It goes to ``<subject>.<this connection's identity>`` (see :func:`serve`)."""
+    subject = caller_subject(nc, subject)
     data = payload if isinstance(payload, bytes) else _json.encode(payload)
     headers = dict(telemetry.inject({}))
     loop = asyncio.get_running_loop()

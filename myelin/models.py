@@ -6,8 +6,11 @@ KV bucket ``myelin_models``:
 - ``<name>.aliases``   ``{"champion": N, "challenger": M}``
 Object store ``myelin_model_artifacts``: ``<name>/v<N>.onnx``.
 
-Moving an alias asks governance (``promote``) first; the promote policy includes every
-serving rule, so an alias is never moved to a version that inference would refuse.
+Aliases and routes are moved by governance alone (the registry owner: no other identity
+may write those keys): :meth:`ModelRegistry.set_alias` and friends send it a request, it
+asks its ``promote`` policy and writes (``services/governance/serving_owner.py``). The
+promote policy includes every serving rule, so an alias is never moved to a version that
+inference would refuse.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from myelin import bus
-from myelin.audit import platform_record
 from myelin.drift import Reference
-from myelin.errors import MyelinError
+from myelin.errors import MyelinError, RemoteError
 from myelin.subjects import (
     ARTIFACTS_BUCKET,
     MODELS_BUCKET,
-    RPC_GOVERNANCE_DECIDE,
-    audit_subject,
+    RPC_GOVERNANCE_PROMOTE,
+    RPC_GOVERNANCE_ROLLBACK,
+    RPC_GOVERNANCE_ROUTES,
 )
 
 ALIASES = ("champion", "challenger", "shadow")
@@ -238,35 +241,7 @@ class ModelRegistry:
             return mv
         raise RegistryError(f"could not allocate a version for {name}")
 
-    async def _ask_promote(
-        self, mv: ModelVersion, alias: str, requester: str, **extra: Any
-    ) -> None:
-        """Governance's ``promote`` decision on ``mv`` taking ``alias`` (or route); raises
-        :class:`PromotionDenied` with the policy's reasons."""
-        decision = msgspec.json.decode(
-            await bus.request(
-                self._nc,
-                RPC_GOVERNANCE_DECIDE,
-                {
-                    "action": "promote",
-                    "subject": f"{mv.name}:v{mv.version}",
-                    "input": {
-                        "alias": alias,
-                        "requester": requester,
-                        "model": msgspec.to_builtins(mv),
-                        **extra,
-                    },
-                },
-            )
-        )
-        if not decision["allow"]:
-            raise PromotionDenied(
-                f"promoting {mv.name} v{mv.version} to {alias} was denied: "
-                f"{'; '.join(decision['reasons'])}",
-                decision_id=decision["decision_id"],
-            )
-
-    async def _update(self, key: str, change: Callable[[bytes | None], bytes]) -> None:
+    async def update(self, key: str, change: Callable[[bytes | None], bytes]) -> None:
         """Compare-and-set ``key`` to ``change(current value or None)``."""
         kv, _ = await self._stores()
         for _ in range(20):
@@ -286,34 +261,6 @@ class ModelRegistry:
                 continue
         raise RegistryError(f"could not update {key}: too much contention")
 
-    async def set_alias(
-        self, name: str, alias: str, version: int, *, requester: str = "cli"
-    ) -> None:
-        """Point ``alias`` at ``version`` if governance allows the promotion."""
-        mv = await self.get(name, version)
-        routes = await self.routes(name)
-        await self._ask_promote(mv, alias, requester, routes=msgspec.to_builtins(routes))
-
-        def change(current: bytes | None) -> bytes:
-            aliases = msgspec.json.decode(current, type=dict[str, int]) if current else {}
-            aliases[alias] = version
-            return _json.encode(aliases)
-
-        await self._update(f"{name}.aliases", change)
-        if alias == "champion" and version in (routes.canary, routes.shadow):
-            # a version leaves its route when it becomes the champion
-            await self._write_routes(
-                name,
-                lambda r: msgspec.structs.replace(
-                    r,
-                    canary=0 if r.canary == version else r.canary,
-                    canary_share=0.0 if r.canary == version else r.canary_share,
-                    shadow=0 if r.shadow == version else r.shadow,
-                ),
-            )
-
-    # ------------------------------------------------------------------ routes
-
     async def routes(self, name: str) -> Routes:
         """``name``'s canary and shadow (``Routes()`` when it has none)."""
         kv, _ = await self._stores()
@@ -323,11 +270,17 @@ class ModelRegistry:
             return Routes()
         return _routes_dec.decode(entry.value)
 
-    async def _write_routes(self, name: str, change: Callable[[Routes], Routes]) -> None:
-        def encode(current: bytes | None) -> bytes:
-            return _json.encode(change(_routes_dec.decode(current) if current else Routes()))
+    # -------------------------------------------- what serves: moved by governance only
 
-        await self._update(f"{name}.routes", encode)
+    async def set_alias(self, name: str, alias: str, version: int, *, requester: str = "") -> None:
+        """Point ``alias`` at ``version``, if governance allows the promotion: governance,
+        the registry owner, decides and writes (nobody else may write aliases). The
+        requester on record is this connection's identity; ``requester`` counts only on
+        a server without authentication."""
+        await self._ask(
+            RPC_GOVERNANCE_PROMOTE,
+            {"name": name, "alias": alias, "version": version, "requester": requester},
+        )
 
     async def set_routes(
         self,
@@ -336,75 +289,38 @@ class ModelRegistry:
         canary: int | None = None,
         canary_share: float | None = None,
         shadow: int | None = None,
-        requester: str = "cli",
+        requester: str = "",
     ) -> Routes:
         """Move ``name``'s canary (a version and its share of the champion's traffic) and / or
         shadow (a version scored beside the champion, off the hot path); ``0`` removes a
-        route. Each new target asks governance (``promote`` to ``canary`` / ``shadow``)."""
-        check_name(name)
-        current = await self.routes(name)
-        champion = (await self.aliases(name)).get("champion")
-        new = current
-        if canary is not None:
-            share = current.canary_share if canary_share is None else canary_share
-            new = msgspec.structs.replace(new, canary=canary, canary_share=share if canary else 0.0)
-        elif canary_share is not None:
-            new = msgspec.structs.replace(new, canary_share=canary_share)
-        if shadow is not None:
-            new = msgspec.structs.replace(new, shadow=shadow)
-        elif canary and canary == current.shadow:
-            new = msgspec.structs.replace(new, shadow=0)  # it moves up from shadow to canary
-        if new.canary and not 0.0 < new.canary_share <= 1.0:
-            raise RegistryError(f"a canary share is in (0, 1], got {new.canary_share}")
-        for route, version in (("canary", new.canary), ("shadow", new.shadow)):
-            if version and version == champion:
-                raise RegistryError(
-                    f"v{version} is the champion of {name}; it cannot also be its {route}"
-                )
-        if new.canary and new.canary == new.shadow:
-            raise RegistryError(f"v{new.canary} cannot be both canary and shadow")
-        if new.shadow and champion is not None and new.shadow != current.shadow:
-            theirs = (await self.get(name, champion)).provenance.features
-            mine = (await self.get(name, new.shadow)).provenance.features
-            if list(mine) != list(theirs):
-                raise RegistryError(
-                    f"a shadow is scored on the features the champion was served: v{new.shadow} "
-                    f"reads {list(mine)}, the champion v{champion} {list(theirs)}"
-                )
-        for route, version, was in (
-            ("canary", new.canary, (current.canary, current.canary_share)),
-            ("shadow", new.shadow, (current.shadow, 0.0)),
-        ):
-            now = (version, new.canary_share if route == "canary" else 0.0)
-            if version and now != was:
-                await self._ask_promote(
-                    await self.get(name, version),
-                    route,
-                    requester,
-                    share=now[1],
-                    champion=champion,
-                    routes=msgspec.to_builtins(current),
-                )
-        await self._write_routes(name, lambda _: new)
-        return new
+        route. Each new target asks governance (``promote`` to ``canary`` / ``shadow``),
+        which writes the routes; returns them."""
+        raw = await self._ask(
+            RPC_GOVERNANCE_ROUTES,
+            {
+                "name": name,
+                "canary": canary,
+                "canary_share": canary_share,
+                "shadow": shadow,
+                "requester": requester,
+            },
+        )
+        return _routes_dec.decode(raw)
 
-    async def rollback(self, name: str, *, requester: str = "cli") -> Routes:
-        """Take every route away: the champion serves all traffic and nothing is shadowed.
-        Always allowed (it only takes traffic off versions), and audited."""
-        previous = await self.routes(name)
-        await self._write_routes(name, lambda _: Routes())
-        record = platform_record(
-            "rollback",
-            f"{name}",
-            [f"routes of {name} cleared by {requester}"],
-            {"model": name, "requester": requester, "previous": msgspec.to_builtins(previous)},
-            allow=True,
-        )
-        ack = await self._js.publish(
-            audit_subject(record.action),
-            msgspec.msgpack.encode(record),
-            headers={"Nats-Msg-Id": f"audit-{record.decision_id}"},
-        )
-        if ack.seq <= 0:
-            raise RegistryError("the audit trail did not store the rollback")
-        return previous
+    async def rollback(self, name: str, *, requester: str = "") -> Routes:
+        """Take every route away (the champion serves all traffic, nothing is shadowed);
+        always allowed, and audited. Returns the routes it took away."""
+        raw = await self._ask(RPC_GOVERNANCE_ROLLBACK, {"name": name, "requester": requester})
+        return _routes_dec.decode(raw)
+
+    async def _ask(self, endpoint: str, body: dict[str, Any]) -> bytes:
+        try:
+            return bytes(await bus.request(self._nc, endpoint, body, timeout=30.0))
+        except RemoteError as exc:
+            error = _REMOTE.get(exc.code, RegistryError)
+            raise error(exc.message, **exc.details) from None
+
+
+_REMOTE: dict[str, type[RegistryError]] = {
+    c.code: c for c in (RegistryError, ModelNotFound, PromotionDenied)
+}

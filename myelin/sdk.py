@@ -1,7 +1,10 @@
 """The async Python producer SDK.
 
-    async with Producer(nats_url, producer_id="checkout") as producer:
+    async with Producer(nats_url, producer_id="checkout", nkey_file="producer.nk") as producer:
         await producer.send("purchase", 2, {"user_id": "u1", "item_id": "i9", "amount": 12.5})
+
+- connects as the producer's NATS identity (``nkey_file``); behind an authenticating
+  server ingest stamps that identity, not the ``producer_id`` given here, on every event;
 
 - validates each event locally against the contracts registry (NATS KV) before sending,
   raising :class:`InvalidEvent` at once, with the field that is wrong;
@@ -31,6 +34,7 @@ import math
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -42,6 +46,7 @@ from myelin import __version__, bus
 from myelin.contracts.registry import ContractRegistry
 from myelin.contracts.store import ContractStore
 from myelin.errors import MyelinError, Overloaded, RemoteError, Retryable
+from myelin.nats_identity import ANONYMOUS, check_identity, inbox_prefix
 from myelin.subjects import RPC_INGEST_PUBLISH
 
 #: How deep a value may nest (contracts have flat fields; this only bounds the checks).
@@ -81,7 +86,12 @@ class Producer:
         request_timeout_s: float = 10.0,
         retry_horizon_s: float = 300.0,
         validate: bool = True,
+        nkey_file: str | Path | None = None,
     ) -> None:
+        """``nkey_file``: the producer's NATS credential, a seed file named
+        ``<identity>.nk`` (``myelin up`` writes ``producer.nk`` under
+        ``.myelin/security/nats/``); behind an authenticating server, ingest stamps that
+        identity on every event as its ``producer_id``."""
         self.nats_url = nats_url
         self.producer_id = producer_id
         self.batch_size = batch_size
@@ -90,6 +100,7 @@ class Producer:
         self.request_timeout_s = request_timeout_s
         self.retry_horizon_s = retry_horizon_s
         self.validate = validate
+        self.nkey_file = Path(nkey_file) if nkey_file is not None else None
         self.rejected: list[dict[str, Any]] = []
         self.accepted = 0
         self.duplicates = 0
@@ -104,11 +115,20 @@ class Producer:
         self._json = msgspec.json.Encoder()
 
     async def start(self) -> None:
-        self._nc = await nats.connect(
-            self.nats_url,
-            name=f"myelin-sdk-{self.producer_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+        auth: dict[str, Any] = {}
+        identity = ANONYMOUS
+        if self.nkey_file is not None:
+            identity = check_identity(self.nkey_file.name.removesuffix(".nk"))
+            auth = {"nkeys_seed": str(self.nkey_file), "inbox_prefix": inbox_prefix(identity)}
+        self._nc = bus.remember_identity(
+            await nats.connect(
+                self.nats_url,
+                **auth,
+                name=f"myelin-sdk-{self.producer_id}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+            ),
+            identity,
         )
         if self.validate:
             await self.refresh_contracts()

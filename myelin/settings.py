@@ -60,6 +60,8 @@ class Settings:
     host: str = "127.0.0.1"
     nats_url: str = ""
     nats_port: int = 4222
+    # the seed file of this process's NATS identity (myelin.nats_identity; '' : see there)
+    nats_nkey_file: str = ""
     redis_url: str = ""
     redis_cluster: bool = False  # MYELIN_REDIS_URL names a node of a Redis Cluster
     redis_port: int = 6390
@@ -141,6 +143,7 @@ class Settings:
             host=host,
             nats_port=nats_port,
             nats_url=_env("NATS_URL", f"nats://127.0.0.1:{nats_port}"),
+            nats_nkey_file=_env("NATS_NKEY_FILE", ""),
             redis_port=redis_port,
             redis_url=_env("REDIS_URL", f"redis://127.0.0.1:{redis_port}/0"),
             redis_cluster=_env("REDIS_CLUSTER", "0").lower() in ("1", "true", "yes"),

@@ -24,6 +24,10 @@ RETRAINS_BUCKET = "myelin_retrains"  # retrain jobs by id (myelin.retraining), c
 
 RPC_INGEST_PUBLISH = "myelin.rpc.ingest.publish"
 RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
+# the registry owner: governance decides and moves a model's aliases and routes
+RPC_GOVERNANCE_PROMOTE = "myelin.rpc.governance.promote"
+RPC_GOVERNANCE_ROUTES = "myelin.rpc.governance.routes"
+RPC_GOVERNANCE_ROLLBACK = "myelin.rpc.governance.rollback"
 RPC_WAREHOUSE_QUERY = "myelin.rpc.warehouse.query"
 RPC_WAREHOUSE_REWIND = "myelin.rpc.warehouse.rewind"  # re-drain EVENTS from a sequence
 RPC_FEATURES_REPLAY = "myelin.rpc.features.replay"

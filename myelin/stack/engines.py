@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -116,7 +117,10 @@ class NatsServer(_Engine):
         host: str = "127.0.0.1",
         sync_always: bool = False,
         cluster: ClusterMember | None = None,
+        authorization: str = "",
     ) -> None:
+        """``authorization``: the config's users and permissions (``myelin.access``);
+        without it the server takes any client."""
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = data_dir / "nats.conf"
         lines = [
@@ -140,7 +144,13 @@ class NatsServer(_Engine):
                 f"  routes: [{routes}]",
                 "}",
             ]
-        conf.write_text("\n".join(lines) + "\n")
+        if authorization:
+            lines.append(authorization)
+        # it may hold the users' public keys and permissions: the owner's to read
+        conf.unlink(missing_ok=True)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
         super().__init__(
             "nats-server", [str(nats_server_binary()), "-c", str(conf)], data_dir / "nats.log"
         )

@@ -15,7 +15,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from myelin.bus import servers
+from myelin.bus import auth_options, remember_identity, servers
 from myelin.errors import MyelinError
 from myelin.settings import Settings
 
@@ -37,10 +37,18 @@ def _reason(exc: BaseException | None) -> str:
 
 
 async def connect_once(
-    settings: Settings, name: str, *, timeout: float = 5.0, hint: str = ""
+    settings: Settings,
+    name: str,
+    *,
+    timeout: float = 5.0,
+    hint: str = "",
+    identity: str | None = None,
 ) -> NATS:
     """A connection without reconnects, or :class:`NatsUnreachable` within ``timeout``
-    seconds; nothing is logged on the way (later client errors go to debug)."""
+    seconds; nothing is logged on the way (later client errors go to debug). It connects
+    as ``identity`` when its development credential exists, else as the process's own
+    (:mod:`myelin.nats_identity`)."""
+    who, auth = auth_options(settings, identity)
     last: BaseException | None = None
 
     async def on_error(exc: Exception) -> None:
@@ -49,9 +57,10 @@ async def connect_once(
         log.debug("nats client %s: %r", name, exc)
 
     try:
-        return await asyncio.wait_for(
+        nc = await asyncio.wait_for(
             nats.connect(
                 servers(settings),
+                **auth,
                 name=f"myelin-{name}",
                 allow_reconnect=False,
                 # one retry of the server list, then NoServersError (0 would mean forever)
@@ -69,3 +78,4 @@ async def connect_once(
             + (f": {hint}" if hint else ""),
             url=settings.nats_url,
         ) from None
+    return remember_identity(nc, who)

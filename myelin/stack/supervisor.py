@@ -25,7 +25,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from myelin import bus
+from myelin import access, bus, nats_identity
 from myelin.errors import MyelinError
 from myelin.settings import Settings
 from myelin.stack.crash_policy import CrashPolicy
@@ -69,6 +69,8 @@ class Stack:
         self.nats: NatsServer | None = None
         self.redis: RedisServer | None = None
         self.procs: dict[str, ManagedProcess] = {}
+        # identity -> its NATS credential, when this stack runs its own NATS (security on)
+        self._credentials: dict[str, nats_identity.NatsCredential] = {}
         self.metrics: dict[str, int] = {}  # process name -> Prometheus port
         self._metrics_next = 0
         self.supervise = supervise
@@ -143,7 +145,16 @@ class Stack:
         check_ports_free(self.port_claims())  # before anything starts: nothing to undo
         s.state_dir.mkdir(parents=True, exist_ok=True)
         if "MYELIN_NATS_URL" not in os.environ:
-            self.nats = NatsServer(s.state_dir / "nats", s.nats_port, "127.0.0.1")
+            # security on: every service and client connects as its own identity, with
+            # permissions generated from the topology (myelin.access)
+            self._credentials = nats_identity.ensure_dev_seeds(s, list(access.DEV_IDENTITIES))
+            keys = {i: c.public_key() for i, c in self._credentials.items()}
+            self.nats = NatsServer(
+                s.state_dir / "nats",
+                s.nats_port,
+                "127.0.0.1",
+                authorization=access.nats_authorization(keys, s),
+            )
             self.nats.start()
             self.restarts["nats-server"] = 0
             await self.nats.wait_ready()
@@ -154,7 +165,7 @@ class Stack:
             self.restarts["redis-server"] = 0
             await self.redis.wait_ready()
             self._log(f"redis-server  {self.redis.url} (AOF, data in {s.state_dir / 'redis'})")
-        nc = await connect_once(s, "supervisor")
+        nc = await connect_once(s, "supervisor", identity=access.ADMIN)
         try:
             await bus.provision(bus.jetstream(nc, s), s)
         finally:
@@ -173,6 +184,9 @@ class Stack:
         ``MYELIN_FEATURES_WORKERS`` for features) and wait for each to report ready."""
         s = self.settings
         env = s.to_env()
+        credential = self._credentials.get(service)
+        if credential is not None:
+            env["MYELIN_NATS_NKEY_FILE"] = str(credential.seed_file)
         for k, name in enumerate(self._process_names(service), start=1):
             port, probes = self._metrics_next, self._health_next
             proc = ManagedProcess(
@@ -236,7 +250,9 @@ class Stack:
                     )
                 try:
                     if nc is None:
-                        nc = await connect_once(self.settings, "supervisor-health", timeout=2.0)
+                        nc = await connect_once(
+                            self.settings, "supervisor-health", timeout=2.0, identity=access.ADMIN
+                        )
                     raw = await bus.request(nc, health_subject(name), {}, timeout=1.0)
                     result: dict[str, Any] = msgspec.json.decode(raw)
                 except (MyelinError, nats.errors.Error) as exc:

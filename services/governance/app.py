@@ -9,11 +9,13 @@ from nats.aio.client import Client as NATS
 
 from myelin import bus
 from myelin.audit import AuditLog
+from myelin.models import ModelRegistry
 from myelin.settings import Settings
 from services.governance.decider import Decider
 from services.governance.logic import policy_version
-from services.governance.nats_api import serve_decisions
+from services.governance.nats_api import serve_decisions, serve_registry_owner
 from services.governance.policy_engines import OpaEngine, PolicyEngine, RegoEngine, load_policies
+from services.governance.serving_owner import ServingOwner
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ class GovernanceApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._nc: NATS | None = None
-        self._sub: Any = None
+        self._subs: list[Any] = []
         self._engine: PolicyEngine | None = None
         self.decider: Decider | None = None
 
@@ -42,14 +44,19 @@ class GovernanceApp:
             type(self._engine).__name__,
         )
         self._nc = await bus.connect(s, self.name)
-        audit = AuditLog(bus.Publisher(bus.jetstream(self._nc, s), s))
+        js = bus.jetstream(self._nc, s)
+        audit = AuditLog(bus.Publisher(js, s))
         self.decider = Decider(self._engine, audit, s.policy_cache_ttl_s)
-        self._sub = await serve_decisions(self._nc, self.decider)
+        owner = ServingOwner(ModelRegistry(self._nc, js), self.decider.decide, audit)
+        self._subs = [
+            await serve_decisions(self._nc, self.decider),
+            *await serve_registry_owner(self._nc, owner),
+        ]
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs = []
         if self._nc is not None:
             await self._nc.drain()
             self._nc = None

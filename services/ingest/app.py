@@ -15,6 +15,7 @@ from myelin import bus, topology
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts.store import ContractStore
 from myelin.dead_letters import consumer_dead_letters
+from myelin.nats_identity import ANONYMOUS
 from myelin.pii import load_tokenizer
 from myelin.settings import Settings
 from services.ingest.http_api import build_app
@@ -92,7 +93,7 @@ class IngestApp:
             js,
             inbox.stream,
             inbox.name,
-            inbox_handler(self.ingestor),
+            inbox_handler(self.ingestor, bus.identity_of(self._nc) != ANONYMOUS),
             batch=500,
             shared=True,
             dead_letter=consumer_dead_letters(

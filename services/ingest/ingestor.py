@@ -103,14 +103,18 @@ class Ingestor:
     def limits(self) -> Any:
         return self.validator.limits
 
-    async def ingest(self, body: bytes, *, per_event: bool = False) -> BatchResult:
-        """Raises :class:`BatchRefused` or :class:`Overloaded` for whole-batch outcomes."""
+    async def ingest(
+        self, body: bytes, *, per_event: bool = False, producer: str = ""
+    ) -> BatchResult:
+        """Raises :class:`BatchRefused` or :class:`Overloaded` for whole-batch outcomes.
+        ``producer``: the authenticated sender, stamped on every event ('' keeps what each
+        envelope says: a server without authentication)."""
         try:
             items = parse_batch(body, self.validator.limits)
         except BatchRefused as refused:
             await self.reject_batch(body, refused)
             raise
-        return await self.ingest_items(items, body=body, per_event=per_event)
+        return await self.ingest_items(items, body=body, per_event=per_event, producer=producer)
 
     async def reject_batch(self, body: bytes, refused: BatchRefused) -> None:
         self.counters.refused_batches += 1
@@ -120,7 +124,12 @@ class Ingestor:
         )
 
     async def ingest_items(
-        self, items: list[msgspec.Raw], *, body: bytes | None = None, per_event: bool = False
+        self,
+        items: list[msgspec.Raw],
+        *,
+        body: bytes | None = None,
+        per_event: bool = False,
+        producer: str = "",
     ) -> BatchResult:
         n = len(items)
         if not self._inflight.try_acquire(n):
@@ -137,7 +146,7 @@ class Ingestor:
         try:
             # Every event carries a trace id, even when no tracing backend is configured.
             trace_id = telemetry.trace_id_hex() or secrets.token_hex(16)
-            outcomes = self.validator.batch(items, now_ms, trace_id, body)
+            outcomes = self.validator.batch(items, now_ms, trace_id, body, producer)
             accepted: list[Accepted] = []
             rejected: list[Rejected] = []
             seen = self._recent.seen

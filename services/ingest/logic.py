@@ -247,7 +247,9 @@ class Validator:
         env: IncomingEvent | None,
         now_ms: int,
         trace_id: str,
+        producer: str = "",
     ) -> Outcome:
+        """``producer``: the authenticated producer, which wins over the envelope's."""
         limits = self.limits
         if len(raw) > limits.max_event_bytes:
             return self.reject(
@@ -276,7 +278,7 @@ class Validator:
                     f"unknown event type {env.type!r}; known types: "
                     f"{', '.join(self.registry.types())}",
                     env.event_id,
-                    env.producer_id,
+                    producer or env.producer_id,
                 )
             return self.reject(
                 index,
@@ -284,7 +286,7 @@ class Validator:
                 Reason.UNKNOWN_VERSION,
                 f"{env.type} has no schema version {env.schema_version}; known: {known}",
                 env.event_id,
-                env.producer_id,
+                producer or env.producer_id,
             )
         if env.event_time > now_ms + limits.max_future_skew_ms:
             return self.reject(
@@ -294,7 +296,7 @@ class Validator:
                 f"event_time is {(env.event_time - now_ms) / 1000:.0f}s in the future; "
                 f"at most {limits.max_future_skew_ms / 1000:.0f}s is accepted",
                 env.event_id,
-                env.producer_id,
+                producer or env.producer_id,
             )
         if env.event_time < now_ms - limits.max_age_ms:
             return self.reject(
@@ -304,7 +306,7 @@ class Validator:
                 f"event_time is {(now_ms - env.event_time) / 86_400_000:.1f} days old; "
                 f"at most {limits.max_age_ms / 86_400_000:.0f} days is accepted",
                 env.event_id,
-                env.producer_id,
+                producer or env.producer_id,
             )
         try:
             payload = contract.json_decoder.decode(env.data)
@@ -315,7 +317,7 @@ class Validator:
                 Reason.INVALID_PAYLOAD,
                 _field_error(exc, "data"),
                 env.event_id,
-                env.producer_id,
+                producer or env.producer_id,
             )
         except RecursionError:
             return self.reject(
@@ -324,7 +326,7 @@ class Validator:
                 Reason.INVALID_PAYLOAD,
                 "data nested too deeply",
                 env.event_id,
-                env.producer_id,
+                producer or env.producer_id,
             )
         except UnicodeDecodeError as exc:
             return self.reject(
@@ -333,9 +335,9 @@ class Validator:
                 Reason.INVALID_PAYLOAD,
                 f"data: {_utf8_error(exc)}",
                 env.event_id,
-                env.producer_id,
+                producer or env.producer_id,
             )
-        return self.accept(index, env, contract, payload, now_ms, trace_id)
+        return self.accept(index, env, contract, payload, now_ms, trace_id, producer)
 
     def accept(
         self,
@@ -345,8 +347,10 @@ class Validator:
         payload: Any,
         now_ms: int,
         trace_id: str,
+        producer: str = "",
     ) -> Outcome:
-        """Tokenize PII, pick the partition and stamp the stored form of a valid event."""
+        """Tokenize PII, pick the partition and stamp the stored form of a valid event
+        (``producer``: the authenticated producer, which wins over the envelope's)."""
         if contract.pii_fields:
             token = self.tok.token
             payload = msgspec.structs.replace(
@@ -368,7 +372,7 @@ class Validator:
                 Reason.INVALID_PAYLOAD,
                 "data: a number is outside the 64-bit range (-2**63 .. 2**64-1)",
                 env.event_id,
-                env.producer_id,
+                producer or env.producer_id,
             )
         stored = StreamEvent(
             event_id=env.event_id,
@@ -376,7 +380,7 @@ class Validator:
             schema_version=env.schema_version,
             event_time=env.event_time,
             ingest_time=now_ms,
-            producer_id=env.producer_id,
+            producer_id=producer or env.producer_id,
             client_version=env.client_version,
             trace_id=env.trace_id or trace_id,
             entity_id=key,
@@ -386,9 +390,16 @@ class Validator:
         return Accepted(index, env.event_id, stored)
 
     def batch(
-        self, items: list[msgspec.Raw], now_ms: int, trace_id: str = "", body: bytes | None = None
+        self,
+        items: list[msgspec.Raw],
+        now_ms: int,
+        trace_id: str = "",
+        body: bytes | None = None,
+        producer: str = "",
     ) -> list[Outcome]:
         """Each event validated on its own; a repeated ``event_id`` in a batch is rejected.
+        ``producer``: who sent the batch, as authenticated (its credential, not the body,
+        names the producer); '' keeps each envelope's ``producer_id``.
 
         Fast path: when the whole body decodes as envelopes in one call, per-event envelope
         decoding is skipped."""
@@ -417,9 +428,9 @@ class Validator:
                     except (msgspec.ValidationError, RecursionError, UnicodeDecodeError):
                         payload = None
                     if payload is not None:
-                        outcome = self.accept(i, env, contract, payload, now_ms, trace_id)
+                        outcome = self.accept(i, env, contract, payload, now_ms, trace_id, producer)
             if outcome is None:
-                outcome = self.event(i, raw, env, now_ms, trace_id)
+                outcome = self.event(i, raw, env, now_ms, trace_id, producer)
             if isinstance(outcome, Accepted):
                 if outcome.event_id in seen:
                     outcome = self.reject(

@@ -12,6 +12,7 @@ from nats.aio.client import Client as NATS
 
 from myelin import bus, slis, telemetry
 from myelin.errors import MyelinError
+from myelin.nats_identity import ANONYMOUS
 from myelin.subjects import RPC_INGEST_PUBLISH
 from services.ingest.ingestor import BatchResult, Ingestor
 from services.ingest.logic import BatchRefused
@@ -22,6 +23,9 @@ class BatchRefusedError(MyelinError):
 
 
 async def serve_ingest(nc: NATS, ingestor: Ingestor) -> Any:
+    # behind an authenticating server the caller's identity names the producer
+    authenticated = bus.identity_of(nc) != ANONYMOUS
+
     async def handle(data: bytes, headers: dict[str, str]) -> BatchResult:
         with (
             slis.timed("ingest_nats") as sli,
@@ -29,7 +33,9 @@ async def serve_ingest(nc: NATS, ingestor: Ingestor) -> Any:
         ):
             try:
                 return await ingestor.ingest(
-                    data, per_event=headers.get("Myelin-Mode") == "per_event"
+                    data,
+                    per_event=headers.get("Myelin-Mode") == "per_event",
+                    producer=headers[bus.CALLER] if authenticated else "",
                 )
             except BatchRefused as refused:
                 sli["outcome"] = "rejected"

@@ -1,0 +1,257 @@
+"""Identity and permissions on NATS, as ``myelin up`` runs it (security on by default).
+
+- a client without a credential is refused at the door;
+- every endpoint that changes state refuses a caller whose identity may not use it, with
+  a ``forbidden`` reply and an audit record naming the caller and the endpoint;
+- a compromised ingest credential can neither read features nor move or add a model, nor
+  answer or read other identities' requests: the server refuses each attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client as NATS
+
+from myelin import access, bus, nats_identity
+from myelin.errors import RemoteError
+from myelin.records import AuditRecord
+from myelin.settings import Settings
+from myelin.stack.supervisor import Stack
+from myelin.subjects import (
+    AUDIT_STREAM,
+    FEATURES_STREAM,
+    MODELS_BUCKET,
+    RPC_FEATURES_CHECK,
+    RPC_FEATURES_REPLAY,
+    RPC_FEATURES_VIEWS,
+    RPC_GOVERNANCE_DECIDE,
+    RPC_GOVERNANCE_PROMOTE,
+    RPC_GOVERNANCE_ROLLBACK,
+    RPC_GOVERNANCE_ROUTES,
+    RPC_INGEST_PUBLISH,
+    RPC_WAREHOUSE_QUERY,
+    RPC_WAREHOUSE_REWIND,
+)
+
+pytestmark = pytest.mark.e2e
+
+# every endpoint that changes state (or reads what only some may read), with a request
+# its rightful caller could send, and an identity that may not call it
+ATTEMPTS: list[tuple[str, dict[str, object], str]] = [
+    (RPC_INGEST_PUBLISH, {"events": []}, "inference"),
+    (RPC_GOVERNANCE_DECIDE, {"action": "serve", "subject": "x", "input": {}}, "producer"),
+    (RPC_GOVERNANCE_PROMOTE, {"name": "ctr", "alias": "champion", "version": 1}, "ingest"),
+    (RPC_GOVERNANCE_ROUTES, {"name": "ctr", "canary": 1, "canary_share": 0.5}, "producer"),
+    (RPC_GOVERNANCE_ROLLBACK, {"name": "ctr"}, "retrainer"),
+    (RPC_WAREHOUSE_REWIND, {"from_seq": 1}, "producer"),
+    (RPC_WAREHOUSE_QUERY, {"sql": "SELECT 1"}, "ingest"),
+    (RPC_FEATURES_REPLAY, {"requester": "x"}, "inference"),
+    (RPC_FEATURES_VIEWS, {"op": "register", "view": "x"}, "ingest"),
+    (RPC_FEATURES_CHECK, {}, "producer"),
+]
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Stack]:
+    services = ("governance", "warehouse", "features", "ingest")
+    async with Stack(settings, log=lambda _m: None, services=services) as s:
+        yield s
+
+
+class Client:
+    """A connection as one identity, keeping what the server said to it."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: NATS | None = None
+
+    async def connect(self, settings: Settings, identity: str) -> NATS:
+        seed = nats_identity.dev_seed_file(settings, identity)
+
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        self.nc = bus.remember_identity(
+            await nats.connect(
+                settings.nats_url,
+                nkeys_seed=str(seed),
+                inbox_prefix=nats_identity.inbox_prefix(identity),
+                allow_reconnect=False,
+                error_cb=on_error,
+            ),
+            identity,
+        )
+        return self.nc
+
+    async def refused(self, what: str) -> bool:
+        """Whether the server reported a permissions violation on a subject that starts
+        with ``what`` (nats-py reports it in lower case)."""
+        for _ in range(50):
+            if any(
+                f'permissions violation for {how} to "{what.lower()}' in e
+                for e in self.errors
+                for how in ("publish", "subscription")
+            ):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+
+@contextlib.asynccontextmanager
+async def as_identity(settings: Settings, identity: str) -> AsyncIterator[Client]:
+    c = Client()
+    await c.connect(settings, identity)
+    try:
+        yield c
+    finally:
+        assert c.nc is not None
+        with contextlib.suppress(nats.errors.Error):
+            await c.nc.close()
+
+
+async def _refused_connect(url: str, **options: Any) -> str:
+    """The error a refused connection ends with (nats-py leaves its socket open then)."""
+    nc = NATS()
+
+    async def quiet(_exc: Exception) -> None:
+        pass
+
+    try:
+        await nc.connect(
+            url, allow_reconnect=False, max_reconnect_attempts=0, error_cb=quiet, **options
+        )
+    except nats.errors.Error as exc:
+        return str(exc)
+    finally:
+        await nc.close()
+    raise AssertionError("the server let an unauthenticated client in")
+
+
+async def test_a_client_without_credentials_is_refused_and_credentials_are_private(
+    stack: Stack,
+) -> None:
+    s = stack.settings
+    assert "authorization violation" in (await _refused_connect(s.nats_url)).lower()
+    # a seed the server does not know is refused the same way
+    stranger = s.state_dir / "stranger.nk"
+    nats_identity.write_private(stranger, nats_identity.new_seed())
+    refusal = await _refused_connect(s.nats_url, nkeys_seed=str(stranger))
+    assert "authorization violation" in refusal.lower()
+    # and what proves an identity is its owner's to read
+    root = nats_identity.security_dir(stack.settings)
+    assert (root / "nats").stat().st_mode & 0o777 == 0o700
+    for identity in access.DEV_IDENTITIES:
+        path = nats_identity.dev_seed_file(stack.settings, identity)
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    conf = stack.settings.state_dir / "nats" / "nats.conf"
+    assert conf.stat().st_mode & 0o777 == 0o600
+    text = conf.read_text()
+    assert "authorization" in text
+    for identity in access.DEV_IDENTITIES:  # public keys only, never a seed
+        seed = nats_identity.dev_seed_file(stack.settings, identity).read_text().strip()
+        assert seed.startswith("SU") and seed not in text
+        assert nats_identity.public_key(seed.encode()) in text
+
+
+async def _forbidden_records(settings: Settings) -> list[AuditRecord]:
+    nc = await bus.connect(settings, "test-audit", reconnect=False, identity=access.ADMIN)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            f"myelin.audit.{access.FORBIDDEN_ACTION}", stream=AUDIT_STREAM
+        )
+        out: list[AuditRecord] = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                for m in await sub.fetch(100, timeout=0.5):
+                    out.append(msgspec.msgpack.decode(m.data, type=AuditRecord))
+        await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()
+
+
+async def test_every_mutating_endpoint_refuses_the_wrong_identity_and_audits_it(
+    stack: Stack,
+) -> None:
+    s = stack.settings
+    for endpoint, body, identity in ATTEMPTS:
+        assert not access.may_call(identity, endpoint), (endpoint, identity)
+        async with as_identity(s, identity) as c:
+            assert c.nc is not None
+            with pytest.raises(RemoteError) as err:
+                await bus.request(c.nc, endpoint, body, timeout=10.0)
+            assert err.value.code == "forbidden", (endpoint, err.value)
+            assert err.value.message == f"identity {identity!r} may not call {endpoint}"
+    records = await _forbidden_records(s)
+    seen = {(msgspec.json.decode(r.input_json)["caller"], r.subject) for r in records}
+    for endpoint, _body, identity in ATTEMPTS:
+        assert (identity, endpoint) in seen, f"no audit record of {identity} at {endpoint}"
+    assert all(not r.allow for r in records)
+    # the same door, the right identity: an answer, not a refusal
+    async with as_identity(stack.settings, access.OPERATOR) as c:
+        assert c.nc is not None
+        result = msgspec.json.decode(
+            await bus.request(c.nc, RPC_FEATURES_VIEWS, {"op": "list"}, timeout=10.0)
+        )
+        assert isinstance(result, dict | list)
+
+
+async def test_a_compromised_ingest_credential_cannot_read_features_or_move_a_model(
+    stack: Stack,
+) -> None:
+    s = stack.settings
+    async with as_identity(s, "ingest") as c:
+        nc = c.nc
+        assert nc is not None
+        js = nc.jetstream(timeout=1.0)
+        # read the feature values: no message read, no consumer on the stream
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+            await js.get_last_msg(FEATURES_STREAM, "myelin.features.>")
+        assert await c.refused(f"$JS.API.STREAM.MSG.GET.{FEATURES_STREAM}"), c.errors
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+            await js.pull_subscribe("myelin.features.>", stream=FEATURES_STREAM)
+        assert await c.refused(f"$JS.API.CONSUMER.CREATE.{FEATURES_STREAM}")
+        # move a model: neither its aliases nor its routes, nor a new version
+        for key in ("ctr.aliases", "ctr.routes", "ctr.v99"):
+            subject = f"$KV.{MODELS_BUCKET}.{key}"
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.Error)):
+                await js.publish(subject, b'{"champion": 99}')
+            assert await c.refused(subject), subject
+        # nor through the registry owner (refused and audited, as above)
+        with pytest.raises(RemoteError) as err:
+            await bus.request(
+                nc, RPC_GOVERNANCE_PROMOTE, {"name": "ctr", "alias": "champion", "version": 1}
+            )
+        assert err.value.code == "forbidden"
+        # pose as another identity: its requests, its replies, its endpoints
+        await nc.publish(f"{RPC_GOVERNANCE_PROMOTE}.operator", b"{}")
+        assert await c.refused(f"{RPC_GOVERNANCE_PROMOTE}.operator")
+        await nc.subscribe(f"{RPC_GOVERNANCE_PROMOTE}.*")
+        assert await c.refused(f"{RPC_GOVERNANCE_PROMOTE}.*")
+        await nc.subscribe("_INBOX_operator.>")
+        assert await c.refused("_INBOX_operator.>")
+    # what it may do, it still does: read the contracts it validates against
+    async with as_identity(s, "ingest") as c:
+        assert c.nc is not None
+        assert await bus.kv_keys(c.nc.jetstream(timeout=5.0), "myelin_contracts")
+
+
+def test_permissions_cover_every_identity() -> None:
+    s = Settings(state_dir=Path("/nonexistent"))
+    for identity in access.DEV_IDENTITIES:
+        g = access.grants(identity, s)
+        assert g.subscribe, identity
+        if identity not in ("admin", "governance"):
+            assert f"$KV.{MODELS_BUCKET}.*.aliases" in g.publish_deny, identity
+    with pytest.raises(ValueError, match="no permissions"):
+        access.grants("mallory", s)
