@@ -34,7 +34,7 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench._common import pct, table
-from myelin import bus, online
+from myelin import bus, grpc_client, online
 from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
 from myelin.gen import myelin_predict_pb2 as mp
@@ -163,7 +163,7 @@ async def main() -> None:
                 )
 
             async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{s.inference_grpc_port}") as ch,
+                grpc_client.channel(s) as ch,
                 grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as ech,
             ):
                 stub = mp_grpc.PredictorStub(ch)

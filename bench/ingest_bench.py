@@ -22,6 +22,7 @@ import msgspec
 
 from bench._common import table
 from myelin import bus
+from myelin.api_tokens import client_headers
 from myelin.contracts import StreamEvent
 from myelin.settings import Settings
 from myelin.stack.process import free_port
@@ -68,10 +69,12 @@ def make_events(n: int, tag: str) -> list[dict[str, Any]]:
     return out
 
 
-async def run_http(url: str, bodies: list[bytes], concurrency: int) -> tuple[int, float]:
+async def run_http(
+    url: str, bodies: list[bytes], concurrency: int, headers: dict[str, str] | None = None
+) -> tuple[int, float]:
     accepted = 0
     sem = asyncio.Semaphore(concurrency)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=headers) as http:
 
         async def send(body: bytes) -> None:
             nonlocal accepted
@@ -162,11 +165,14 @@ async def main(n: int, n_single: int, workers: int) -> None:
             js = bus.jetstream(nc, s)
             url = f"http://127.0.0.1:{s.ingest_http_port}/v1/events"
             # warm-up
-            await run_http(url, [enc.encode(make_events(BATCH, "warm"))], 1)
+            await run_http(url, [enc.encode(make_events(BATCH, "warm"))], 1, client_headers(s))
 
             http_events = make_events(n, "h")
             acc, el = await run_http(
-                url, [enc.encode(http_events[i : i + BATCH]) for i in range(0, n, BATCH)], 4
+                url,
+                [enc.encode(http_events[i : i + BATCH]) for i in range(0, n, BATCH)],
+                4,
+                client_headers(s),
             )
             assert acc == n, f"HTTP accepted {acc} of {n}"
             http_rate = n / el
@@ -181,6 +187,7 @@ async def main(n: int, n_single: int, workers: int) -> None:
                 url + "?mode=per_event",
                 [enc.encode(single[i : i + BATCH]) for i in range(0, n_single, BATCH)],
                 4,
+                client_headers(s),
             )
             assert acc == n_single
             single_rate = n_single / el

@@ -339,6 +339,7 @@ async def predict_load(settings: Settings, users: list[str], stop: asyncio.Event
         *users[:200],
         stdout=asyncio.subprocess.PIPE,
         cwd=str(ROOT),
+        env={**os.environ, "MYELIN_STATE_DIR": str(settings.state_dir)},
     )
     await stop.wait()
     proc.send_signal(signal.SIGTERM)

@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 
 from faults.workload import Workload
 from myelin import bus
+from myelin.api_tokens import client_headers
 from myelin.errors import MyelinError
 from myelin.settings import Settings
 from myelin.subjects import RPC_INGEST_PUBLISH, ingest_subject
@@ -90,11 +91,12 @@ class Load:
         st = self.stats
         st.started = time.monotonic()
         deadline = st.started + self.deadline_s
-        nc = await bus.connect(self.settings, "faults-load")  # reconnects without limit
+        # reconnects without limit; as a producer (its own inbox subject, its events)
+        nc = await bus.connect(self.settings, "faults-load", identity="producer")
         sem = asyncio.Semaphore(self.in_flight)
         tasks: list[asyncio.Task[None]] = []
         try:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(headers=client_headers(self.settings)) as http:
                 interval = self.batch / self.rate
                 for k, b in enumerate(batches(self.workload, self.batch)):
                     await asyncio.sleep(max(0.0, st.started + k * interval - time.monotonic()))
@@ -152,8 +154,12 @@ class Load:
             # message id makes a retried publish a no-op
             js = bus.jetstream(nc, self.settings)
             digest = hashlib.sha256(body).hexdigest()[:32]
+            who = bus.identity_of(nc)
             await js.publish(
-                ingest_subject("faults"), body, timeout=5, headers={"Nats-Msg-Id": f"in:{digest}"}
+                ingest_subject("faults" if who == "anonymous" else who),
+                body,
+                timeout=5,
+                headers={"Nats-Msg-Id": f"in:{digest}"},
             )
             self.stats.acked.update(e["event_id"] for e in events)
             return []

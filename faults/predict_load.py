@@ -19,8 +19,10 @@ import sys
 
 import grpc
 
+from myelin import grpc_client
 from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
+from myelin.settings import Settings
 
 
 async def run(target: str, users: list[str]) -> dict[str, int]:
@@ -28,7 +30,8 @@ async def run(target: str, users: list[str]) -> dict[str, int]:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     counts = {"ok": 0, "failed": 0}
     rng = random.Random(7)
-    async with grpc.aio.insecure_channel(target) as ch:
+    # MYELIN_STATE_DIR: the stack's, for its CA and the application token
+    async with grpc_client.channel(Settings.from_env(), target) as ch:
         stub = mp_grpc.PredictorStub(ch)
         k = 0
         while not stop.is_set():

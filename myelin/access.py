@@ -57,8 +57,9 @@ OPERATOR = "operator"
 PRODUCER = "producer"
 #: the identities ``myelin up`` creates credentials for
 DEV_IDENTITIES = (*SERVICES, ADMIN, OPERATOR, PRODUCER)
-#: the audit action of a refused request
+#: the audit actions of a refused request: an identity that may not, and no identity
 FORBIDDEN_ACTION = "forbidden"
+UNAUTHENTICATED_ACTION = "unauthenticated"
 
 
 def is_producer(identity: str) -> bool:
@@ -78,6 +79,14 @@ ENDPOINT_CALLERS: dict[str, frozenset[str]] = {
     RPC_FEATURES_CHECK: frozenset({OPERATOR}),
     RPC_FEATURES_VIEWS: frozenset({OPERATOR, "retrainer"}),
 }
+
+
+#: who may score over gRPC (OIP v2 and Predict): applications and people
+GRPC_CALLERS = frozenset({"app", OPERATOR})
+
+
+def may_score(identity: str) -> bool:
+    return identity == ADMIN or identity in GRPC_CALLERS
 
 
 def may_call(identity: str, endpoint: str) -> bool:
@@ -187,10 +196,10 @@ _SERVING_KEYS = (f"$KV.{MODELS_BUCKET}.*.aliases", f"$KV.{MODELS_BUCKET}.*.route
 def _service_grants(settings: Settings) -> dict[str, list[str]]:
     s = settings
     dlq = _publish_to(DLQ_STREAM, s)
-    forbidden = [f"myelin.audit.{FORBIDDEN_ACTION}"]
+    forbidden = [f"myelin.audit.{FORBIDDEN_ACTION}", f"myelin.audit.{UNAUTHENTICATED_ACTION}"]
     return {
         "governance": [
-            *_publish_to(AUDIT_STREAM, s),
+            *_publish_to(AUDIT_STREAM, s),  # every action, its refusals among them
             *_kv_read(MODELS_BUCKET),
             f"$JS.API.STREAM.INFO.OBJ_{ARTIFACTS_BUCKET}",  # the registry opens both stores
             *_SERVING_KEYS,

@@ -378,7 +378,7 @@ async def serve(
         ):
             try:
                 if enforce and not access.may_call(caller, subject):
-                    await _audit_refusal(nc, caller, subject)
+                    await audit_refusal(nc, caller, subject)
                     raise Forbidden(
                         f"identity {caller!r} may not call {subject}",
                         caller=caller,
@@ -444,15 +444,23 @@ class Forbidden(MyelinError):
     code = "forbidden"
 
 
-async def _audit_refusal(nc: NATS, caller: str, endpoint: str) -> None:
-    """An audit record of a refused request (a refusal is never silent). The refusal
+async def audit_refusal(
+    nc: NATS,
+    caller: str,
+    endpoint: str,
+    *,
+    action: str = access.FORBIDDEN_ACTION,
+    reason: str = "",
+) -> None:
+    """An audit record of a refused request (a refusal is never silent): ``forbidden``
+    (an identity that may not) or ``unauthenticated`` (no identity at all). The refusal
     stands if the audit trail is down; that is logged."""
     from myelin.audit import platform_record  # myelin.audit publishes through this module
 
     record = platform_record(
-        access.FORBIDDEN_ACTION,
+        action,
         endpoint,
-        [f"identity {caller!r} may not call {endpoint}"],
+        [reason or f"identity {caller!r} may not call {endpoint}"],
         {"caller": caller, "endpoint": endpoint},
     )
     try:

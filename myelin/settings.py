@@ -62,6 +62,13 @@ class Settings:
     nats_port: int = 4222
     # the seed file of this process's NATS identity (myelin.nats_identity; '' : see there)
     nats_nkey_file: str = ""
+    # the HTTP / gRPC doors' token digests (myelin.api_tokens; '': no authentication)
+    api_tokens_file: str = ""
+    api_token: Secret = field(default_factory=lambda: Secret(""))  # a client's own token
+    # TLS of the gRPC door (both '': plaintext) and the CA clients trust
+    grpc_tls_cert_file: str = ""
+    grpc_tls_key_file: str = ""
+    tls_ca_file: str = ""
     redis_url: str = ""
     redis_cluster: bool = False  # MYELIN_REDIS_URL names a node of a Redis Cluster
     redis_port: int = 6390
@@ -144,6 +151,11 @@ class Settings:
             nats_port=nats_port,
             nats_url=_env("NATS_URL", f"nats://127.0.0.1:{nats_port}"),
             nats_nkey_file=_env("NATS_NKEY_FILE", ""),
+            api_tokens_file=_env("API_TOKENS_FILE", ""),
+            api_token=Secret(_env("API_TOKEN", "")),
+            grpc_tls_cert_file=_env("GRPC_TLS_CERT_FILE", ""),
+            grpc_tls_key_file=_env("GRPC_TLS_KEY_FILE", ""),
+            tls_ca_file=_env("TLS_CA_FILE", ""),
             redis_port=redis_port,
             redis_url=_env("REDIS_URL", f"redis://127.0.0.1:{redis_port}/0"),
             redis_cluster=_env("REDIS_CLUSTER", "0").lower() in ("1", "true", "yes"),

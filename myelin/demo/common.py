@@ -12,6 +12,7 @@ import aiohttp
 import msgspec
 
 from myelin import bus, sql_client
+from myelin.api_tokens import client_headers
 from myelin.demo.progress import Progress
 from myelin.settings import Settings
 from myelin.sql_client import wait_stored
@@ -121,7 +122,7 @@ async def ingest(
     url = ingest_url(settings)
     enc = msgspec.json.Encoder()
     prog = Progress(label, len(events), "events", out)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=client_headers(settings)) as http:
 
         async def send(batch: list[dict[str, Any]]) -> None:
             tally(report, await post(http, url, enc.encode(batch)))

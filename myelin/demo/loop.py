@@ -15,7 +15,7 @@ import grpc
 import msgspec
 import pyarrow as pa
 
-from myelin import bus, sql_client
+from myelin import bus, grpc_client, sql_client
 from myelin.backtest import BacktestError, BacktestReport, NoLabelSource, run_backtest
 from myelin.backtest import format_report as format_backtest
 from myelin.demo.common import (
@@ -82,7 +82,7 @@ async def replay(
     loop.replay_rounds = sum(1 for users, _ in rounds if users)
     prog = Progress("replay (score, then send)", len(events), "events", out)
     async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_grpc_port}") as ch,
+        grpc_client.channel(settings) as ch,
         aiohttp.ClientSession() as http,
     ):
         stub = mp_grpc.PredictorStub(ch)
@@ -158,7 +158,7 @@ class LiveTraffic:
 
     async def _run(self) -> None:
         async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{self._s.inference_grpc_port}") as ch,
+            grpc_client.channel(self._s) as ch,
             aiohttp.ClientSession() as http,
         ):
             stub = mp_grpc.PredictorStub(ch)

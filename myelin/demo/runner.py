@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from nats.aio.client import Client as NATS
 
-from myelin import bus
+from myelin import bus, grpc_client
 from myelin.demo.common import (
     ANALYST_SQL,
     FEATURES,
@@ -135,7 +135,7 @@ def _pct(xs: list[float], q: float) -> float:
 async def score(settings: Settings, users: list[str], report: DemoReport, out: TextIO) -> None:
     """Predict under load: single-entity calls 32 in flight, then 100-entity calls."""
     target = f"127.0.0.1:{settings.inference_grpc_port}"
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with grpc_client.channel(settings, target) as ch:
         stub = mp_grpc.PredictorStub(ch)
         n = min(4000, max(len(users) * 2, 100))
         prog = Progress("predict (1 entity)", n, "requests", out)
@@ -182,7 +182,7 @@ async def oip_parity(
     direct = ort.InferenceSession(t.onnx, providers=["CPUExecutionProvider"]).run(
         None, {"input": x}
     )[1]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_grpc_port}") as ch:
+    async with grpc_client.channel(settings) as ch:
         stub = oip_grpc.GRPCInferenceServiceStub(ch)
         req = oip.ModelInferRequest(
             model_name=MODEL, model_version=str(version) if version else "", id="parity"
@@ -333,7 +333,7 @@ async def _refused(
     except PromotionDenied as exc:
         report.denied_promotion = exc.message
     report.denied_model = f"{MODEL} v{noise_v} (AUC {noise.metrics['auc']:.3f})"
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_grpc_port}") as ch:
+    async with grpc_client.channel(settings) as ch:
         try:  # asked for by version: serving it is refused too
             await mp_grpc.PredictorStub(ch).Predict(
                 mp.PredictRequest(

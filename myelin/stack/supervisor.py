@@ -25,7 +25,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from myelin import access, bus, nats_identity
+from myelin import access, api_tokens, bus, dev_tls, nats_identity
 from myelin.errors import MyelinError
 from myelin.settings import Settings
 from myelin.stack.crash_policy import CrashPolicy
@@ -71,6 +71,7 @@ class Stack:
         self.procs: dict[str, ManagedProcess] = {}
         # identity -> its NATS credential, when this stack runs its own NATS (security on)
         self._credentials: dict[str, nats_identity.NatsCredential] = {}
+        self._door_env: dict[str, str] = {}  # the HTTP and gRPC doors' TLS and tokens
         self.metrics: dict[str, int] = {}  # process name -> Prometheus port
         self._metrics_next = 0
         self.supervise = supervise
@@ -148,6 +149,7 @@ class Stack:
             # security on: every service and client connects as its own identity, with
             # permissions generated from the topology (myelin.access)
             self._credentials = nats_identity.ensure_dev_seeds(s, list(access.DEV_IDENTITIES))
+            self._door_env = _door_security(s)
             keys = {i: c.public_key() for i, c in self._credentials.items()}
             self.nats = NatsServer(
                 s.state_dir / "nats",
@@ -187,6 +189,7 @@ class Stack:
         credential = self._credentials.get(service)
         if credential is not None:
             env["MYELIN_NATS_NKEY_FILE"] = str(credential.seed_file)
+            env.update(self._door_env)
         for k, name in enumerate(self._process_names(service), start=1):
             port, probes = self._metrics_next, self._health_next
             proc = ManagedProcess(
@@ -436,6 +439,19 @@ class Stack:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _door_security(s: Settings) -> dict[str, str]:
+    """Development TLS and bearer tokens for the HTTP and gRPC doors (kept across
+    restarts), as the services' environment; a deployment's own settings win."""
+    env: dict[str, str] = {}
+    if not s.api_tokens_file:
+        env["MYELIN_API_TOKENS_FILE"] = str(api_tokens.ensure_dev_tokens(s))
+    if not (s.grpc_tls_cert_file or s.grpc_tls_key_file):
+        tls = dev_tls.ensure_dev_tls(s)
+        env["MYELIN_GRPC_TLS_CERT_FILE"] = str(tls.cert)
+        env["MYELIN_GRPC_TLS_KEY_FILE"] = str(tls.key)
+    return env
 
 
 def with_ports(settings: Settings, **ports: Any) -> Settings:

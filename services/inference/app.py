@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,13 +16,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from myelin import bus, online
+from myelin.api_tokens import TokenBook
 from myelin.decisions import GovernanceClient
+from myelin.errors import ConfigError
 from myelin.models import ModelRegistry
 from myelin.online import OnlineReader
 from myelin.redis_wire import RedisWire
 from myelin.settings import Settings
 from services.inference.drift_watch import DriftWatch
 from services.inference.grpc_api import build_server
+from services.inference.grpc_auth import TokenAuth
 from services.inference.model_host import ModelHost
 from services.inference.predictor import Predictor
 from services.inference.readiness import Probe, Readiness
@@ -102,7 +106,12 @@ class InferenceApp:
         )
         await readiness.publish()  # NOT_SERVING until the models are in
         self._server, self.port = build_server(
-            self.predictor, readiness, s.host, s.inference_grpc_port
+            self.predictor,
+            readiness,
+            s.host,
+            s.inference_grpc_port,
+            tls=_tls(s),
+            interceptors=self._auth(s),
         )
         # Listening early lets liveness checks through; readiness follows the models.
         await self._server.start()
@@ -116,6 +125,18 @@ class InferenceApp:
         )
         self._probe = asyncio.create_task(readiness.run(), name="readiness-probes")
         self._drift_task = asyncio.create_task(self.drift.run(), name="drift-watch")
+
+    def _auth(self, s: Settings) -> list[grpc.aio.ServerInterceptor]:
+        tokens = TokenBook.load(s)
+        if tokens is None:
+            return []
+        nc = self._nc
+        assert nc is not None
+
+        async def audit_refusal(action: str, caller: str, method: str, reason: str) -> None:
+            await bus.audit_refusal(nc, caller, method, action=action, reason=reason)
+
+        return [TokenAuth(tokens, audit_refusal)]
 
     async def stop(self) -> None:
         # Report NOT_SERVING, stop intake (gRPC, with a grace period for in-flight calls),
@@ -178,3 +199,15 @@ class InferenceApp:
             "drift_pending_rows": self.drift.pending_rows() if self.drift else {},
             **(p.host.status() if p else {}),
         }
+
+
+def _tls(s: Settings) -> tuple[bytes, bytes] | None:
+    """The gRPC door's key and certificate (``MYELIN_GRPC_TLS_*``), or ``None``."""
+    if not (s.grpc_tls_cert_file or s.grpc_tls_key_file):
+        return None
+    if not (s.grpc_tls_cert_file and s.grpc_tls_key_file):
+        raise ConfigError("set both MYELIN_GRPC_TLS_CERT_FILE and MYELIN_GRPC_TLS_KEY_FILE")
+    try:
+        return Path(s.grpc_tls_key_file).read_bytes(), Path(s.grpc_tls_cert_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the gRPC TLS key or certificate: {exc}") from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -224,16 +224,27 @@ class PredictorServicer(mp_grpc.PredictorServicer):
 
 
 def build_server(
-    predictor: Predictor, readiness: Readiness, host: str, port: int
+    predictor: Predictor,
+    readiness: Readiness,
+    host: str,
+    port: int,
+    *,
+    tls: tuple[bytes, bytes] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int]:
+    """``tls``: (private key, certificate chain) in PEM, or ``None`` for plaintext."""
     server = grpc.aio.server(
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ]
+        ],
     )
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(predictor, readiness), server)
     health_pb2_grpc.add_HealthServicer_to_server(readiness.health, server)
     mp_grpc.add_PredictorServicer_to_server(PredictorServicer(predictor), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([tls]))
     return server, bound

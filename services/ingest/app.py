@@ -12,13 +12,14 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from myelin import bus, topology
+from myelin.api_tokens import TokenBook
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts.store import ContractStore
 from myelin.dead_letters import consumer_dead_letters
 from myelin.nats_identity import ANONYMOUS
 from myelin.pii import load_tokenizer
 from myelin.settings import Settings
-from services.ingest.http_api import build_app
+from services.ingest.http_api import DOOR, build_app
 from services.ingest.ingestor import Ingestor
 from services.ingest.logic import Limits, RecentIds, Validator, sanitize
 from services.ingest.nats_api import serve_ingest
@@ -104,7 +105,14 @@ class IngestApp:
             ),
         )
         self._tasks.append(asyncio.create_task(self._inbox.run(), name="ingest-inbox"))
-        self._runner = web.AppRunner(build_app(self.ingestor), access_log=None)
+        nc = self._nc
+
+        async def audit_refusal(action: str, caller: str, reason: str) -> None:
+            await bus.audit_refusal(nc, caller, DOOR, action=action, reason=reason)
+
+        self._runner = web.AppRunner(
+            build_app(self.ingestor, TokenBook.load(s), audit_refusal), access_log=None
+        )
         await self._runner.setup()
         # reuse_port: several ingest workers can share the port; the kernel spreads connections.
         await web.TCPSite(self._runner, s.host, s.ingest_http_port, reuse_port=True).start()

@@ -11,23 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import grpc
 import msgspec
 import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 
-from myelin import access, bus, nats_identity
+from myelin import access, bus, grpc_client, nats_identity
+from myelin.api_tokens import TOKEN_IDENTITIES, client_token
+from myelin.contracts.envelope import StreamEvent
 from myelin.errors import RemoteError
+from myelin.gen import grpc_predict_v2_pb2 as oip
+from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
+from myelin.grpc_client import ca_file
 from myelin.records import AuditRecord
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
 from myelin.subjects import (
     AUDIT_STREAM,
+    EVENTS_STREAM,
     FEATURES_STREAM,
     MODELS_BUCKET,
     RPC_FEATURES_CHECK,
@@ -162,24 +171,6 @@ async def test_a_client_without_credentials_is_refused_and_credentials_are_priva
         assert nats_identity.public_key(seed.encode()) in text
 
 
-async def _forbidden_records(settings: Settings) -> list[AuditRecord]:
-    nc = await bus.connect(settings, "test-audit", reconnect=False, identity=access.ADMIN)
-    try:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(
-            f"myelin.audit.{access.FORBIDDEN_ACTION}", stream=AUDIT_STREAM
-        )
-        out: list[AuditRecord] = []
-        with contextlib.suppress(nats.errors.TimeoutError):
-            while True:
-                for m in await sub.fetch(100, timeout=0.5):
-                    out.append(msgspec.msgpack.decode(m.data, type=AuditRecord))
-        await sub.unsubscribe()
-        return out
-    finally:
-        await nc.close()
-
-
 async def test_every_mutating_endpoint_refuses_the_wrong_identity_and_audits_it(
     stack: Stack,
 ) -> None:
@@ -192,7 +183,7 @@ async def test_every_mutating_endpoint_refuses_the_wrong_identity_and_audits_it(
                 await bus.request(c.nc, endpoint, body, timeout=10.0)
             assert err.value.code == "forbidden", (endpoint, err.value)
             assert err.value.message == f"identity {identity!r} may not call {endpoint}"
-    records = await _forbidden_records(s)
+    records = await _records(s, access.FORBIDDEN_ACTION)
     seen = {(msgspec.json.decode(r.input_json)["caller"], r.subject) for r in records}
     for endpoint, _body, identity in ATTEMPTS:
         assert (identity, endpoint) in seen, f"no audit record of {identity} at {endpoint}"
@@ -255,3 +246,123 @@ def test_permissions_cover_every_identity() -> None:
             assert f"$KV.{MODELS_BUCKET}.*.aliases" in g.publish_deny, identity
     with pytest.raises(ValueError, match="no permissions"):
         access.grants("mallory", s)
+
+
+# ------------------------------------------------------------ the HTTP and gRPC doors
+
+
+@pytest.fixture
+async def doors(settings: Settings) -> AsyncIterator[Stack]:
+    async with Stack(
+        settings, log=lambda _m: None, services=("governance", "ingest", "inference")
+    ) as s:
+        yield s
+
+
+def _click(event_id: str) -> dict[str, object]:
+    return {
+        "event_id": event_id,
+        "type": "click",
+        "schema_version": 1,
+        "event_time": int(time.time() * 1000) - 1000,
+        "producer_id": "mallory",  # what the body claims; the token says otherwise
+        "data": {"user_id": "u1", "item_id": "i1"},
+    }
+
+
+async def _records(settings: Settings, action: str) -> list[AuditRecord]:
+    nc = await bus.connect(settings, "test-audit", reconnect=False, identity=access.ADMIN)
+    try:
+        sub = await nc.jetstream().pull_subscribe(f"myelin.audit.{action}", stream=AUDIT_STREAM)
+        out: list[AuditRecord] = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                for m in await sub.fetch(100, timeout=0.5):
+                    out.append(msgspec.msgpack.decode(m.data, type=AuditRecord))
+        await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()
+
+
+async def test_http_ingest_needs_a_producer_token_and_stamps_its_identity(doors: Stack) -> None:
+    s = doors.settings
+    url = f"http://127.0.0.1:{s.ingest_http_port}/v1/events"
+    tokens = {i: client_token(s, i) for i in TOKEN_IDENTITIES}
+    async with aiohttp.ClientSession() as http:
+        for headers, status, error in (
+            ({}, 401, "unauthenticated"),
+            ({"Authorization": "Bearer not-a-token"}, 401, "unauthenticated"),
+            ({"Authorization": f"Basic {tokens['producer']}"}, 401, "unauthenticated"),
+            ({"Authorization": f"Bearer {tokens['app']}"}, 403, "forbidden"),
+        ):
+            async with http.post(url, json=[_click("refused-1")], headers=headers) as r:
+                body = await r.json()
+                assert (r.status, body["error"]) == (status, error), (headers, body)
+                if status == 401:
+                    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+                    assert "Authorization: Bearer <token>" in body["message"]
+        ok = {"Authorization": f"Bearer {tokens['producer']}"}
+        async with http.post(url, json=[_click("stamped-1")], headers=ok) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["accepted"] == 1
+    unauthenticated = await _records(s, access.UNAUTHENTICATED_ACTION)
+    assert len([r for r in unauthenticated if r.subject == "POST /v1/events"]) == 3
+    forbidden = await _records(s, access.FORBIDDEN_ACTION)
+    assert any(msgspec.json.decode(r.input_json)["caller"] == "app" for r in forbidden)
+    # nothing refused was stored; the accepted event carries the token's producer
+    nc = await bus.connect(s, "test-events", reconnect=False, identity=access.ADMIN)
+    try:
+        sub = await nc.jetstream().pull_subscribe("myelin.events.>", stream=EVENTS_STREAM)
+        stored = [
+            e
+            for m in await sub.fetch(10, timeout=5)
+            for e in msgspec.msgpack.decode(m.data, type=list[StreamEvent])
+        ]
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    assert [(e.event_id, e.producer_id) for e in stored] == [("stamped-1", "producer")]
+
+
+async def test_grpc_needs_tls_and_an_application_token(doors: Stack) -> None:
+    s = doors.settings
+    target = f"127.0.0.1:{s.inference_grpc_port}"
+    ca = ca_file(s)
+    assert ca is not None
+    # plaintext to a TLS port: no answer at all
+    async with grpc.aio.insecure_channel(target) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await oip_grpc.GRPCInferenceServiceStub(ch).ServerMetadata(
+                oip.ServerMetadataRequest(), timeout=5
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    tls = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    async with grpc.aio.secure_channel(target, tls) as ch:
+        stub = oip_grpc.GRPCInferenceServiceStub(ch)
+        # probes need no token, as a load balancer sends none
+        assert (await stub.ServerLive(oip.ServerLiveRequest(), timeout=5)).live
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ServerMetadata(oip.ServerMetadataRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer <token>" in (err.value.details() or "")
+        producer = (("authorization", f"Bearer {client_token(s, 'producer')}"),)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ServerMetadata(oip.ServerMetadataRequest(), timeout=5, metadata=producer)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.details() == (
+            "identity 'producer' may not call /inference.GRPCInferenceService/ServerMetadata"
+        )
+    # the application's channel (TLS, its token on every call) gets answers
+    async with grpc_client.channel(s) as ch:
+        meta = await oip_grpc.GRPCInferenceServiceStub(ch).ServerMetadata(
+            oip.ServerMetadataRequest(), timeout=5
+        )
+        assert meta.name
+    methods = {r.subject for r in await _records(s, access.UNAUTHENTICATED_ACTION)}
+    assert "/inference.GRPCInferenceService/ServerMetadata" in methods
+    callers = {
+        (msgspec.json.decode(r.input_json)["caller"], r.subject)
+        for r in await _records(s, access.FORBIDDEN_ACTION)
+    }
+    assert ("producer", "/inference.GRPCInferenceService/ServerMetadata") in callers

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from myelin import bus
+from myelin.api_tokens import client_headers
 from myelin.settings import Settings
 from myelin.topology import TERRAFORM_FILE as TOPOLOGY
 from tests.helpers import clickstream
@@ -59,7 +60,7 @@ def post_events(settings: Settings, events: list[dict[str, Any]]) -> dict[str, A
     req = urllib.request.Request(
         f"http://127.0.0.1:{settings.ingest_http_port}/v1/events",
         data=json.dumps(events).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **client_headers(settings)},
     )
     with urllib.request.urlopen(req, timeout=10) as r:
         result: dict[str, Any] = json.loads(r.read())

@@ -21,6 +21,7 @@ import pytest
 
 from faults.harness import register_model
 from myelin import bus
+from myelin.api_tokens import client_headers
 from myelin.settings import Settings
 from myelin.stack.engines import NatsCluster, RedisCluster, redis_cluster_ports
 from myelin.stack.process import free_port
@@ -37,7 +38,7 @@ async def post_until_stored(settings: Settings, batch: list[dict[str, Any]]) -> 
     comes back ``duplicate``, never stored twice)."""
     url = f"http://127.0.0.1:{settings.ingest_http_port}/v1/events"
     deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=client_headers(settings)) as http:
         while True:
             try:
                 async with http.post(url, json=batch) as r:

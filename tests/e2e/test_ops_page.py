@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 
-from myelin import bus
+from myelin import bus, grpc_client
+from myelin.api_tokens import client_headers
 from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
 from myelin.models import PromotionDenied
@@ -67,8 +67,8 @@ async def traffic(settings: Settings, stop: asyncio.Event) -> int:
     url = f"http://127.0.0.1:{settings.ingest_http_port}/v1/events"
     sent = 0
     async with (
-        aiohttp.ClientSession() as http,
-        grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_grpc_port}") as ch,
+        aiohttp.ClientSession(headers=client_headers(settings)) as http,
+        grpc_client.channel(settings) as ch,
     ):
         stub = mp_grpc.PredictorStub(ch)
         k = 0

@@ -19,7 +19,9 @@ import psutil
 import pytest
 
 from myelin import bus
+from myelin.api_tokens import client_headers
 from myelin.contracts import StreamEvent
+from myelin.nats_identity import dev_seed_file
 from myelin.sdk import Producer
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
@@ -121,7 +123,11 @@ async def test_overload_pushes_back_with_bounded_memory_and_no_loss(settings: Se
 
         async def produce(k: int) -> Producer:
             async with Producer(
-                s.nats_url, producer_id=f"p{k}", batch_size=BATCH, linger_s=0.01
+                s.nats_url,
+                producer_id=f"p{k}",
+                batch_size=BATCH,
+                linger_s=0.01,
+                nkey_file=dev_seed_file(s, "producer"),
             ) as p:
                 for i in range(PER_PRODUCER):
                     await p.send(
@@ -132,7 +138,7 @@ async def test_overload_pushes_back_with_bounded_memory_and_no_loss(settings: Se
         started = time.monotonic()
         rss.start()
         try:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(headers=client_headers(s)) as http:
                 producers, _ = await asyncio.gather(
                     asyncio.gather(*(produce(k) for k in range(SDK_PRODUCERS))),
                     asyncio.gather(*(post_all(http, url, k, tally) for k in range(HTTP_PRODUCERS))),

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from myelin import bus, online
+from myelin.api_tokens import client_headers
 from myelin.contracts.registry import default_registry
 from myelin.contracts.schema import FieldSpec
 from myelin.contracts.store import ContractStore
@@ -65,7 +66,7 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
     )
     async with Stack(settings, log=lambda _m: None) as stack:
         t_before = int(time.time() * 1000)
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=client_headers(settings)) as http:
             for i in range(0, 4000, 1000):
                 async with http.post(
                     f"http://127.0.0.1:{settings.ingest_http_port}/v1/events",

@@ -17,6 +17,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from myelin import bus, sql_client
+from myelin.api_tokens import client_headers
 from myelin.demo.generator import CLICK_WINDOW_S, generate
 from myelin.demo.runner import FEATURES, MODEL, VIEW, register
 from myelin.models import ModelRegistry
@@ -35,7 +36,7 @@ SPEC = labels_spec("clicked_impressions", CLICK_WINDOW_S)
 
 async def post(settings: Settings, events: list[dict[str, Any]]) -> None:
     url = f"http://127.0.0.1:{settings.ingest_http_port}/v1/events"
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=client_headers(settings)) as http:
         for i in range(0, len(events), 2000):
             async with http.post(url, json=events[i : i + 2000]) as r:
                 assert r.status == 200, await r.text()

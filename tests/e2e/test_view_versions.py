@@ -12,7 +12,8 @@ import grpc
 import msgspec
 import pytest
 
-from myelin import bus
+from myelin import bus, grpc_client
+from myelin.api_tokens import client_headers
 from myelin.errors import RemoteError
 from myelin.gen import myelin_predict_pb2 as mp
 from myelin.gen import myelin_predict_pb2_grpc as mp_grpc
@@ -71,7 +72,10 @@ async def test_a_new_version_backfills_beside_the_served_one_and_is_promoted_wit
         {"name": "clicks_5m", "kind": "count", "window_s": 300, "source": "click"},
     ]
     users = [f"u{i}" for i in range(37)]
-    async with Stack(settings, log=lambda _m: None), aiohttp.ClientSession() as http:
+    async with (
+        Stack(settings, log=lambda _m: None),
+        aiohttp.ClientSession(headers=client_headers(settings)) as http,
+    ):
 
         async def post(batch: list[dict[str, Any]]) -> None:
             async with http.post(
@@ -146,7 +150,7 @@ async def test_a_new_version_backfills_beside_the_served_one_and_is_promoted_wit
                 new: True,
             }
             # the pinned model still reads the version it was trained on
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.inference_grpc_port}") as ch:
+            async with grpc_client.channel(settings) as ch:
                 stub = mp_grpc.PredictorStub(ch)
                 resp = await stub.Predict(mp.PredictRequest(model_name="ctr", entity_ids=users[:3]))
                 assert resp.feature_view_hash == OLD and resp.model_version == str(model_version)

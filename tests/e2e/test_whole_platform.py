@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import psutil
 import pytest
 
 from myelin import bus
+from myelin.api_tokens import client_headers, client_token
 from myelin.demo.runner import DemoReport, format_report, run_demo
 from myelin.drift import METRICS
+from myelin.grpc_client import ca_file
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
 from tests.helpers import (
@@ -206,6 +209,11 @@ async def test_stock_triton_client(settings: Settings, tmp_path: Path) -> None:
             text=True,
             timeout=60,
             check=False,
+            env={
+                **os.environ,
+                "TRITON_CA": str(ca_file(settings)),
+                "TRITON_TOKEN": client_token(settings, "app") or "",
+            },
         )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
@@ -255,7 +263,7 @@ async def test_ingest_to_online_across_repeated_features_crashes(settings: Setti
         )
 
         async def send() -> None:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(headers=client_headers(s)) as http:
                 for k, i in enumerate(range(0, n, 500)):
                     mode = "?mode=per_event" if k % 3 == 2 else ""  # both storage formats
                     async with http.post(url + mode, json=events[i : i + 500]) as r:
@@ -317,7 +325,7 @@ async def test_redis_restart_and_warehouse_kill_lose_and_double_count_nothing(
         )
 
         async def send() -> None:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(headers=client_headers(s)) as http:
                 for i in range(0, n, 400):
                     async with http.post(url, json=events[i : i + 400]) as r:
                         assert r.status == 200
