@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from myelin import topology
-from myelin.nats_identity import inbox_prefix
+from myelin.nats_identity import ANONYMOUS, inbox_prefix
 from myelin.settings import Settings
 from myelin.subjects import (
     ARTIFACTS_BUCKET,
@@ -39,13 +39,16 @@ from myelin.subjects import (
     MODELS_BUCKET,
     RETRAINS_BUCKET,
     RPC_FEATURES_CHECK,
+    RPC_FEATURES_ERASE,
     RPC_FEATURES_REPLAY,
     RPC_FEATURES_VIEWS,
     RPC_GOVERNANCE_DECIDE,
+    RPC_GOVERNANCE_ERASE,
     RPC_GOVERNANCE_PROMOTE,
     RPC_GOVERNANCE_ROLLBACK,
     RPC_GOVERNANCE_ROUTES,
     RPC_INGEST_PUBLISH,
+    RPC_WAREHOUSE_ERASE,
     RPC_WAREHOUSE_QUERY,
     RPC_WAREHOUSE_REWIND,
     VIEWS_BUCKET,
@@ -73,6 +76,9 @@ ENDPOINT_CALLERS: dict[str, frozenset[str]] = {
     RPC_GOVERNANCE_PROMOTE: frozenset({OPERATOR, "retrainer"}),
     RPC_GOVERNANCE_ROUTES: frozenset({OPERATOR, "retrainer"}),
     RPC_GOVERNANCE_ROLLBACK: frozenset({OPERATOR}),
+    RPC_GOVERNANCE_ERASE: frozenset({OPERATOR}),
+    RPC_FEATURES_ERASE: frozenset({"governance"}),
+    RPC_WAREHOUSE_ERASE: frozenset({"governance"}),
     RPC_WAREHOUSE_QUERY: frozenset({OPERATOR, "features", "retrainer", "ops"}),
     RPC_WAREHOUSE_REWIND: frozenset({OPERATOR, "features"}),
     RPC_FEATURES_REPLAY: frozenset({OPERATOR}),
@@ -99,6 +105,14 @@ def may_call(identity: str, endpoint: str) -> bool:
     if endpoint == RPC_INGEST_PUBLISH and is_producer(identity):
         return True
     return identity in allowed
+
+
+def requester(caller: str, claimed: str) -> str:
+    """Who asks, for the record and the policies: the authenticated caller; what the
+    request claims counts only on a server without authentication."""
+    if caller and caller != ANONYMOUS:
+        return caller
+    return claimed
 
 
 @dataclass(frozen=True)
@@ -203,6 +217,9 @@ def _service_grants(settings: Settings) -> dict[str, list[str]]:
             *_kv_read(MODELS_BUCKET),
             f"$JS.API.STREAM.INFO.OBJ_{ARTIFACTS_BUCKET}",  # the registry opens both stores
             *_SERVING_KEYS,
+            # erasure: a subject's key is overwritten on disk (a secure delete)
+            *_kv_read(topology.SUBJECT_KEYS_BUCKET),
+            f"$JS.API.STREAM.MSG.DELETE.KV_{topology.SUBJECT_KEYS_BUCKET}",
         ],
         "warehouse": [
             *dlq,
@@ -241,6 +258,7 @@ def _service_grants(settings: Settings) -> dict[str, list[str]]:
             *forbidden,
             *_durables("ingest", s),
             *_kv_read(topology.CONTRACTS_BUCKET),
+            *_kv_write(topology.SUBJECT_KEYS_BUCKET),  # a subject's key, created once
         ],
         "retrainer": [
             *dlq,

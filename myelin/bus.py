@@ -149,7 +149,10 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     for spec in topology.streams(settings):
         await ensure_stream(js, spec, replicas)
     for b in topology.buckets(settings):
-        await kv_bucket(js, b.name, history=b.history, replicas=replicas, ttl_s=b.ttl_s)
+        if b.erasable:
+            await erasable_kv_bucket(js, b.name, replicas=replicas)
+        else:
+            await kv_bucket(js, b.name, history=b.history, replicas=replicas, ttl_s=b.ttl_s)
     try:
         await js.object_store(ARTIFACTS_BUCKET)
     except (NotFoundError, BadRequestError):
@@ -162,6 +165,29 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     # The contracts that ship in code are published to the registry (idempotent; a changed
     # built-in version is refused, as any incompatible or conflicting registration is).
     await ContractStore(js).publish(default_registry().specs())
+
+
+async def erasable_kv_bucket(js: JetStreamContext, bucket: str, replicas: int = 1) -> None:
+    """A KV bucket (one value per key) whose messages may be deleted one by one, securely
+    (overwritten on disk): what a KV bucket refuses (``deny_delete``), and what erasing a
+    subject's key needs. Otherwise configured as nats-py creates a bucket."""
+    config = api.StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        allow_rollup_hdrs=True,
+        deny_delete=False,
+        deny_purge=False,
+        discard=api.DiscardPolicy.NEW,
+        max_msgs_per_subject=1,
+        max_consumers=-1,
+        max_msgs=-1,
+        num_replicas=replicas,
+        storage=api.StorageType.FILE,
+    )
+    try:
+        await js.stream_info(f"KV_{bucket}")
+    except NotFoundError:
+        await js.add_stream(config)
 
 
 async def kv_bucket(

@@ -28,6 +28,12 @@ from myelin.settings import Settings
 from myelin.stack.nats_connect import connect_once
 from myelin.stack.supervisor import SERVICES, Stack
 
+# the audit trail records the authenticated identity; this only where there is none
+REQUESTER_HELP = (
+    "who asks, on a server without authentication (otherwise the audit trail names "
+    "the credential's identity, e.g. operator)"
+)
+
 
 async def _connect(settings: Settings) -> NATS:
     """The CLI's NATS connection: one clear ``nats_unreachable`` error within seconds when
@@ -124,6 +130,23 @@ async def _status(settings: Settings) -> int:
     finally:
         await nc.close()
     return code
+
+
+async def _erase(settings: Settings, subject: str, reason: str) -> int:
+    """Forget a data subject (asks governance, which destroys the subject's key and has
+    the online store and the warehouse delete what they hold)."""
+    from myelin.subjects import RPC_GOVERNANCE_ERASE
+
+    nc = await _connect(settings)
+    try:
+        raw = await bus.request(
+            nc, RPC_GOVERNANCE_ERASE, {"subject": subject, "reason": reason}, timeout=600
+        )
+    finally:
+        await nc.close()
+    report = msgspec.json.decode(raw)
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
 
 
 async def _sql(settings: Settings, query: str, max_rows: int) -> int:
@@ -327,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("sql", help="read-only SQL on the warehouse")
     q.add_argument("query")
     q.add_argument("--max-rows", type=int, default=10_000)
+    e = sub.add_parser(
+        "erase",
+        help="forget a data subject: destroy its PII key, delete its online state and "
+        "warehouse rows (asks governance; audited)",
+    )
+    e.add_argument("subject", help="the entity id (the contracts' key field, e.g. a user_id)")
+    e.add_argument("--reason", required=True, help="why (e.g. the data subject's request id)")
     from myelin.contracts import cli as contracts_cli
 
     contracts_cli.add_parser(sub)
@@ -335,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = fs.add_parser(
         "replay", help="replay EVENTS into the offline store (asks governance first)"
     )
-    rp.add_argument("--requester", required=True, help="who asks (recorded in the audit trail)")
+    rp.add_argument("--requester", default="", help=REQUESTER_HELP)
     rp.add_argument(
         "--from-seq",
         type=int,
@@ -366,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         pp = fs.add_parser(cmd, help=text)
         pp.add_argument("view", help="NAME@HASH")
-        pp.add_argument("--requester", required=True, help="who asks (recorded in the audit trail)")
+        pp.add_argument("--requester", default="", help=REQUESTER_HELP)
     ex = fs.add_parser("export", help="print a version's definition as JSON")
     ex.add_argument("view", help="NAME@HASH or NAME (the served version)")
     from myelin import models_cli
@@ -399,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
             code = asyncio.run(_views(settings, args))
         elif args.cmd == "contracts":
             code = asyncio.run(contracts_cli.run(args, settings))
+        elif args.cmd == "erase":
+            code = asyncio.run(_erase(settings, args.subject, args.reason))
         elif args.cmd == "sql":
             code = asyncio.run(_sql(settings, args.query, args.max_rows))
         else:

@@ -24,6 +24,12 @@ from myelin.models import ModelRegistry, ModelVersion, Provenance, RegistryError
 from myelin.settings import Settings
 from myelin.stack.nats_connect import connect_once
 
+# the audit trail records the authenticated identity; this only where there is none
+REQUESTER_HELP = (
+    "who asks, on a server without authentication (otherwise the audit trail names "
+    "the credential's identity, e.g. operator)"
+)
+
 
 class MetaError(MyelinError):
     code = "invalid_model_meta"
@@ -416,7 +422,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rt.add_argument("--shadow", type=int, help="version scored beside the champion (0: none)")
     rt.add_argument("--rollback", action="store_true", help="clear every route at once")
     for p in (al, rt):
-        p.add_argument("--requester", required=True, help="who asks (recorded in the audit trail)")
+        p.add_argument("--requester", default="", help=REQUESTER_HELP)
     dr = ms.add_parser("drift", help="drift figures of the served versions and recent breaches")
     dr.add_argument("name")
     dr.add_argument("--hours", type=int, default=24)
@@ -444,14 +450,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="EVENTS stream sequence to train up to (default: now)",
     )
     re_.add_argument("--force", action="store_true", help="train again for the same bound")
-    re_.add_argument("--requester", default="cli", help="who asks (recorded in the audit trail)")
+    re_.add_argument("--requester", default="cli", help=REQUESTER_HELP)
     adv = ms.add_parser(
         "advance", help="ask governance for a version's next stage: shadow -> canary -> champion"
     )
     adv.add_argument("name")
     adv.add_argument("version", type=int)
     adv.add_argument("--share", type=float, default=0.1, help="the canary's share of entities")
-    adv.add_argument("--requester", required=True, help="who asks (recorded in the audit trail)")
+    adv.add_argument("--requester", default="", help=REQUESTER_HELP)
     jobs = ms.add_parser("retrains", help="retrain jobs (their trigger, state, version, reason)")
     jobs.add_argument("name", nargs="?", default="")
 

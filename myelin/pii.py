@@ -42,6 +42,11 @@ class Tokenizer:
         mac = hmac.new(self._active, value.encode(), hashlib.sha256).hexdigest()[:32]
         return f"{TOKEN_PREFIX}{self.kid}:{mac}"
 
+    @property
+    def active_key(self) -> bytes:
+        """The active key's bytes (subject keys are wrapped under a key derived from it)."""
+        return self._active
+
     def __repr__(self) -> str:
         return f"Tokenizer(kid={self.kid!r}, keys={sorted(self._keys)})"
 

@@ -28,6 +28,11 @@ RPC_GOVERNANCE_DECIDE = "myelin.rpc.governance.decide"
 RPC_GOVERNANCE_PROMOTE = "myelin.rpc.governance.promote"
 RPC_GOVERNANCE_ROUTES = "myelin.rpc.governance.routes"
 RPC_GOVERNANCE_ROLLBACK = "myelin.rpc.governance.rollback"
+# the right to be forgotten: governance decides, destroys the subject's key, and has
+# features and the warehouse delete what they hold of the subject
+RPC_GOVERNANCE_ERASE = "myelin.rpc.governance.erase"
+RPC_FEATURES_ERASE = "myelin.rpc.features.erase"
+RPC_WAREHOUSE_ERASE = "myelin.rpc.warehouse.erase"
 RPC_WAREHOUSE_QUERY = "myelin.rpc.warehouse.query"
 RPC_WAREHOUSE_REWIND = "myelin.rpc.warehouse.rewind"  # re-drain EVENTS from a sequence
 RPC_FEATURES_REPLAY = "myelin.rpc.features.replay"

@@ -38,6 +38,7 @@ from myelin.subjects import (
 
 CONTRACTS_BUCKET = "myelin_contracts"
 LEASES_BUCKET = "myelin_features_leases"
+SUBJECT_KEYS_BUCKET = "myelin_subject_keys"  # per-subject PII keys (myelin.subject_keys)
 TERRAFORM_FILE = Path(__file__).resolve().parents[1] / "infra" / "terraform" / "topology.json"
 
 
@@ -48,6 +49,9 @@ class Bucket:
     name: str
     history: int = 1
     ttl_s: float = 0.0
+    # its messages may be deleted one by one (a secure erase), which KV buckets refuse by
+    # default: the subject keys, destroyed on erasure
+    erasable: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ def buckets(settings: Settings) -> list[Bucket]:
         Bucket(CONTRACTS_BUCKET),
         Bucket(RETRAINS_BUCKET, history=8),
         Bucket(LEASES_BUCKET, ttl_s=settings.features_lease_s),
+        Bucket(SUBJECT_KEYS_BUCKET, erasable=True),
     ]
 
 
@@ -162,7 +167,10 @@ def document(settings: Settings) -> dict[str, Any]:
             }
             for s in streams(settings)
         },
-        "kv_buckets": {b.name: {"history": b.history, "ttl_s": b.ttl_s} for b in buckets(settings)},
+        "kv_buckets": {
+            b.name: {"history": b.history, "ttl_s": b.ttl_s, "erasable": b.erasable}
+            for b in buckets(settings)
+        },
         "object_stores": list(OBJECT_STORES),
         "consumers": {
             d.name: {

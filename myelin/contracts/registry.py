@@ -90,6 +90,11 @@ class ContractRegistry:
         """Read-only ``(type, version) -> contract`` mapping, for hot loops."""
         return MappingProxyType(self._by_key)
 
+    @property
+    def has_pii(self) -> bool:
+        """Whether any contract marks a field as PII."""
+        return any(c.pii_fields for c in self._by_key.values())
+
     def versions(self, type_: str) -> list[int]:
         return sorted(v for (t, v) in self._by_key if t == type_)
 

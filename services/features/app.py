@@ -42,7 +42,7 @@ from services.features.online_store import OnlineStore
 from services.features.pipeline import FeaturePipeline
 from services.features.progress import combine, stored_positions, subject_last_seqs
 from services.features.replay import Replayer
-from services.features.rpc import serve_check, serve_replay, serve_views
+from services.features.rpc import serve_check, serve_erase, serve_replay, serve_views
 from services.features.view_registry import ViewRegistry
 from services.features.view_versions import (
     PartitionRunner,
@@ -143,6 +143,7 @@ class FeaturesApp:
         self.reader = OnlineReader(self._redis)
         self._subs.append(await serve_check(self._nc, self))
         self._subs.append(await serve_views(self._nc, self))
+        self._subs.append(await serve_erase(self._nc, self))
         self.leases = PartitionLeases(
             js,
             self.worker,
@@ -420,6 +421,10 @@ class FeaturesApp:
         served = [r for r in runners if r.served]
         pick = served or sorted(runners, key=lambda r: -r.position)
         return pick[0] if pick else None
+
+    @property
+    def redis(self) -> aioredis.Redis | None:
+        return self._redis
 
     def status(self) -> dict[str, Any]:
         r = self._primary_runner()

@@ -8,9 +8,17 @@ import msgspec
 import pyarrow as pa
 from nats.aio.client import Client as NATS
 
-from myelin import bus, sql_client
-from myelin.subjects import RPC_FEATURES_CHECK, RPC_FEATURES_REPLAY, RPC_FEATURES_VIEWS
+from myelin import access, bus, sql_client
+from myelin.errors import Poison
+from myelin.nats_identity import ANONYMOUS
+from myelin.subjects import (
+    RPC_FEATURES_CHECK,
+    RPC_FEATURES_ERASE,
+    RPC_FEATURES_REPLAY,
+    RPC_FEATURES_VIEWS,
+)
 from services.features.consistency import CheckRequest, check
+from services.features.erasure import erase_entity
 from services.features.replay import Replayer, ReplayRequest
 
 if TYPE_CHECKING:
@@ -31,9 +39,10 @@ async def serve_replay(nc: NATS, replayer: Replayer) -> Any:
     """Start a replay (``myelin features replay``); progress is in the status."""
     decode = msgspec.json.Decoder(ReplayRequest)
 
-    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+    async def handle(data: bytes, headers: dict[str, str]) -> dict[str, Any]:
         req = bus.decode_request(decode, data, "replay")
-        await replayer.start(req)
+        who = access.requester(headers.get(bus.CALLER, ""), req.requester)
+        await replayer.start(msgspec.structs.replace(req, requester=who))
         return replayer.snapshot()
 
     return await bus.serve(nc, RPC_FEATURES_REPLAY, handle, queue=QUEUE)
@@ -62,19 +71,50 @@ async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
     return await bus.serve(nc, RPC_FEATURES_CHECK, handle, queue=QUEUE)
 
 
+class EraseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    subject: str
+
+
+async def serve_erase(nc: NATS, app: FeaturesApp) -> Any:
+    """Forget a subject's online state (asked by governance's erasure)."""
+    decode = msgspec.json.Decoder(EraseRequest)
+
+    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+        req = bus.decode_request(decode, data, "erase")
+        if not req.subject:
+            raise Poison("an erasure names its subject (the entity id)")
+        assert app.redis is not None and app.view_registry is not None
+        return {"deleted": await erase_entity(app.redis, app.view_registry, req.subject)}
+
+    return await bus.serve(nc, RPC_FEATURES_ERASE, handle, queue=QUEUE)
+
+
+# who may change views (others, e.g. the retrainer, may list them)
+CHANGES_VIEWS = frozenset({access.OPERATOR, access.ADMIN})
+
+
 async def serve_views(nc: NATS, app: FeaturesApp) -> Any:
     """Feature view versions (``myelin features views|register|promote|retire``)."""
     decode = msgspec.json.Decoder(ViewsRequest)
+    authenticated = bus.identity_of(nc) != ANONYMOUS
 
-    async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+    async def handle(data: bytes, headers: dict[str, str]) -> dict[str, Any]:
         req = bus.decode_request(decode, data, "views")
         assert app.views is not None
+        caller = headers.get(bus.CALLER, "")
+        if req.op != "list" and authenticated and caller not in CHANGES_VIEWS:
+            endpoint = f"{RPC_FEATURES_VIEWS} ({req.op})"
+            await bus.audit_refusal(nc, caller, endpoint)
+            raise bus.Forbidden(
+                f"identity {caller!r} may not call {endpoint}", caller=caller, endpoint=endpoint
+            )
+        who = access.requester(caller, req.requester)
         if req.op == "register":
             return await app.views.register(req.definition)
         if req.op == "promote":
-            return await app.views.promote(req.view, req.requester)
+            return await app.views.promote(req.view, who)
         if req.op == "retire":
-            return await app.views.retire(req.view, req.requester)
+            return await app.views.retire(req.view, who)
         return await app.views.list()
 
     return await bus.serve(nc, RPC_FEATURES_VIEWS, handle, queue=QUEUE)

@@ -11,9 +11,11 @@ from myelin import bus
 from myelin.audit import AuditLog
 from myelin.models import ModelRegistry
 from myelin.settings import Settings
+from myelin.subject_keys import SubjectKeys
 from services.governance.decider import Decider
+from services.governance.erasure import Eraser
 from services.governance.logic import policy_version
-from services.governance.nats_api import serve_decisions, serve_registry_owner
+from services.governance.nats_api import serve_decisions, serve_erasure, serve_registry_owner
 from services.governance.policy_engines import OpaEngine, PolicyEngine, RegoEngine, load_policies
 from services.governance.serving_owner import ServingOwner
 
@@ -48,9 +50,12 @@ class GovernanceApp:
         audit = AuditLog(bus.Publisher(js, s))
         self.decider = Decider(self._engine, audit, s.policy_cache_ttl_s)
         owner = ServingOwner(ModelRegistry(self._nc, js), self.decider.decide, audit)
+        # erasure destroys keys, never reads them: no PII key needed here
+        eraser = Eraser(self._nc, SubjectKeys(js, b""), self.decider.decide, audit)
         self._subs = [
             await serve_decisions(self._nc, self.decider),
             *await serve_registry_owner(self._nc, owner),
+            await serve_erasure(self._nc, eraser),
         ]
 
     async def stop(self) -> None:

@@ -12,7 +12,7 @@ import msgspec
 
 from myelin.records import AuditRecord
 
-Action = Literal["serve", "promote", "backfill", "pii_read", "serve_view", "retention"]
+Action = Literal["serve", "promote", "backfill", "pii_read", "serve_view", "retention", "erasure"]
 ACTIONS: tuple[str, ...] = ("serve", "promote", "backfill", "pii_read", "serve_view", "retention")
 
 

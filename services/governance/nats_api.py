@@ -11,11 +11,13 @@ from nats.aio.client import Client as NATS
 from myelin import bus, slis
 from myelin.subjects import (
     RPC_GOVERNANCE_DECIDE,
+    RPC_GOVERNANCE_ERASE,
     RPC_GOVERNANCE_PROMOTE,
     RPC_GOVERNANCE_ROLLBACK,
     RPC_GOVERNANCE_ROUTES,
 )
 from services.governance.decider import Decider
+from services.governance.erasure import Eraser, EraseRequest
 from services.governance.logic import DecisionRequest
 from services.governance.serving_owner import (
     PromoteRequest,
@@ -39,6 +41,17 @@ async def serve_decisions(nc: NATS, decider: Decider) -> Any:
             return await decider.decide(req)
 
     return await bus.serve(nc, RPC_GOVERNANCE_DECIDE, handle, queue="governance", concurrency=64)
+
+
+async def serve_erasure(nc: NATS, eraser: Eraser) -> Any:
+    decode = msgspec.json.Decoder(EraseRequest)
+
+    async def erase(data: bytes, headers: dict[str, str]) -> Any:
+        return await eraser.erase(
+            bus.decode_request(decode, data, "erasure"), headers.get(bus.CALLER, "")
+        )
+
+    return await bus.serve(nc, RPC_GOVERNANCE_ERASE, erase, queue="governance", concurrency=4)
 
 
 async def serve_registry_owner(nc: NATS, owner: ServingOwner) -> list[Any]:

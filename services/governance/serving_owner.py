@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from myelin import access
 from myelin.audit import platform_record
 from myelin.models import (
     ModelRegistry,
@@ -51,10 +52,7 @@ class RollbackRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def requester_of(caller: str, claimed: str) -> str:
-    """Who asks: the authenticated caller; a claim counts only without authentication."""
-    if caller and caller != ANONYMOUS:
-        return caller
-    return claimed or ANONYMOUS
+    return access.requester(caller, claimed) or ANONYMOUS
 
 
 class ServingOwner:

@@ -19,6 +19,7 @@ from myelin.dead_letters import consumer_dead_letters
 from myelin.nats_identity import ANONYMOUS
 from myelin.pii import load_tokenizer
 from myelin.settings import Settings
+from myelin.subject_keys import SubjectKeys
 from services.ingest.http_api import DOOR, build_app
 from services.ingest.ingestor import Ingestor
 from services.ingest.logic import Limits, RecentIds, Validator, sanitize
@@ -69,6 +70,8 @@ class IngestApp:
             recent=RecentIds(
                 max_items=500_000 if s.dedupe else 0, ttl_ms=int(s.duplicate_window_s * 1000)
             ),
+            # PII sealed with each subject's own key: erasure destroys one key
+            subject_keys=SubjectKeys(js, tokenizer.active_key),
         )
         self._tasks.append(asyncio.create_task(self._follow_registry(store), name="contracts"))
         self._sub = await serve_ingest(self._nc, self.ingestor)

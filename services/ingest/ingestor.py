@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import nats.errors
 
 from myelin import telemetry
 from myelin.bus import OutMsg, Publisher
-from myelin.errors import Overloaded
+from myelin.errors import Overloaded, Retryable
 from myelin.records import DeadLetter
+from myelin.subject_keys import SubjectKeys
 from myelin.subjects import dlq_subject
 from services.ingest.logic import (
     Accepted,
@@ -92,8 +94,12 @@ class Ingestor:
         publisher: Publisher,
         max_inflight_events: int,
         recent: RecentIds,
+        subject_keys: SubjectKeys | None = None,
     ) -> None:
+        """``subject_keys``: PII is sealed with each subject's own (erasable) key; without
+        it, tokenized with the deployment-wide HMAC key."""
         self.validator = validator  # replaced atomically when the contracts registry changes
+        self._subject_keys = subject_keys
         self._pub = publisher
         self._inflight = InflightLimit(max_inflight_events)
         self._recent = recent
@@ -146,7 +152,18 @@ class Ingestor:
         try:
             # Every event carries a trace id, even when no tracing backend is configured.
             trace_id = telemetry.trace_id_hex() or secrets.token_hex(16)
-            outcomes = self.validator.batch(items, now_ms, trace_id, body, producer)
+            validator = self.validator
+            envs = validator.envelopes(items, body)
+            keys: dict[str, bytes] | None = None
+            if self._subject_keys is not None:
+                subjects = validator.pii_subjects(items, envs)
+                try:
+                    keys = await self._subject_keys.keys_for(subjects) if subjects else {}
+                except (Retryable, nats.errors.Error, TimeoutError) as exc:
+                    raise Overloaded(
+                        f"subject keys unavailable: {exc!r}", retry_after=1.0
+                    ) from None
+            outcomes = validator.batch(items, now_ms, trace_id, body, producer, keys, envs)
             accepted: list[Accepted] = []
             rejected: list[Rejected] = []
             seen = self._recent.seen

@@ -15,6 +15,7 @@ import itertools
 import re
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 import msgspec
 
 from myelin.contracts import Contract, ContractRegistry, IncomingEvent, StreamEvent
-from myelin.pii import Tokenizer
+from myelin.pii import TOKEN_PREFIX, Tokenizer
+from myelin.subject_keys import seal
 from myelin.subjects import event_subject, partition_of
 
 MAX_EVENTS_PER_MESSAGE = 100
@@ -163,6 +165,12 @@ def _field_error(exc: msgspec.ValidationError, prefix: str) -> str:
     return _PATH.sub(lambda m: f"at `$.{prefix}{m.group(1)}`".replace("$..", "$."), text)
 
 
+def _seal(key: bytes, field: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value or value.startswith(TOKEN_PREFIX):
+        return value  # empty stays empty; already a token: idempotent
+    return seal(key, field, value)
+
+
 def _tokenize_leaves(value: Any, tok: Tokenizer) -> Any:
     if isinstance(value, str):
         return tok.token(value)
@@ -248,8 +256,10 @@ class Validator:
         now_ms: int,
         trace_id: str,
         producer: str = "",
+        subject_keys: Mapping[str, bytes] | None = None,
     ) -> Outcome:
-        """``producer``: the authenticated producer, which wins over the envelope's."""
+        """``producer``: the authenticated producer, which wins over the envelope's;
+        ``subject_keys``: see :meth:`accept`."""
         limits = self.limits
         if len(raw) > limits.max_event_bytes:
             return self.reject(
@@ -337,7 +347,7 @@ class Validator:
                 env.event_id,
                 producer or env.producer_id,
             )
-        return self.accept(index, env, contract, payload, now_ms, trace_id, producer)
+        return self.accept(index, env, contract, payload, now_ms, trace_id, producer, subject_keys)
 
     def accept(
         self,
@@ -348,15 +358,27 @@ class Validator:
         now_ms: int,
         trace_id: str,
         producer: str = "",
+        subject_keys: Mapping[str, bytes] | None = None,
     ) -> Outcome:
         """Tokenize PII, pick the partition and stamp the stored form of a valid event
-        (``producer``: the authenticated producer, which wins over the envelope's)."""
-        if contract.pii_fields:
-            token = self.tok.token
-            payload = msgspec.structs.replace(
-                payload, **{f: token(getattr(payload, f)) for f in contract.pii_fields}
-            )
+        (``producer``: the authenticated producer, which wins over the envelope's).
+
+        With ``subject_keys`` (the subject keys of the batch, :func:`pii_subjects`) each
+        PII field is sealed with its subject's key (:mod:`myelin.subject_keys`, erasable);
+        without, it gets the deployment-wide HMAC token."""
         key = getattr(payload, contract.key_field)
+        if contract.pii_fields:
+            if subject_keys is None:
+                token = self.tok.token
+                payload = msgspec.structs.replace(
+                    payload, **{f: token(getattr(payload, f)) for f in contract.pii_fields}
+                )
+            else:
+                skey = subject_keys[key]  # fetched for every subject of the batch
+                payload = msgspec.structs.replace(
+                    payload,
+                    **{f: _seal(skey, f, getattr(payload, f)) for f in contract.pii_fields},
+                )
         lim = self.limits
         part = (
             partition_of(key, lim.partitions)
@@ -389,6 +411,43 @@ class Validator:
         )
         return Accepted(index, env.event_id, stored)
 
+    def envelopes(self, items: list[msgspec.Raw], body: bytes | None) -> list[IncomingEvent | None]:
+        """The batch's envelopes decoded in one call when the whole body is valid (else
+        ``None`` each: every event then takes the full path, with its own verdict)."""
+        if body is not None and all(len(r) <= self.limits.max_event_bytes for r in items):
+            try:
+                return list(_envelopes.decode(body))
+            except (msgspec.ValidationError, RecursionError, UnicodeDecodeError):
+                pass
+        return [None] * len(items)
+
+    def pii_subjects(self, items: list[msgspec.Raw], envs: list[IncomingEvent | None]) -> set[str]:
+        """The subjects (key field values) of the events whose contract has PII fields:
+        whose keys :meth:`batch` needs. An event that will be rejected may be counted;
+        that costs a key, never a wrong token."""
+        if not self.registry.has_pii:
+            return set()
+        out: set[str] = set()
+        lookup = self.registry.lookup
+        for i, raw in enumerate(items):
+            env = envs[i]
+            if env is None:
+                try:
+                    env = _envelope.decode(raw)
+                except (msgspec.ValidationError, RecursionError, UnicodeDecodeError):
+                    continue
+            contract = lookup.get((env.type, env.schema_version))
+            if contract is None or not contract.pii_fields:
+                continue
+            try:
+                payload = contract.json_decoder.decode(env.data)
+            except (msgspec.ValidationError, RecursionError, UnicodeDecodeError):
+                continue
+            key = getattr(payload, contract.key_field, None)
+            if isinstance(key, str):
+                out.add(key)
+        return out
+
     def batch(
         self,
         items: list[msgspec.Raw],
@@ -396,19 +455,18 @@ class Validator:
         trace_id: str = "",
         body: bytes | None = None,
         producer: str = "",
+        subject_keys: Mapping[str, bytes] | None = None,
+        envs: list[IncomingEvent | None] | None = None,
     ) -> list[Outcome]:
         """Each event validated on its own; a repeated ``event_id`` in a batch is rejected.
         ``producer``: who sent the batch, as authenticated (its credential, not the body,
-        names the producer); '' keeps each envelope's ``producer_id``.
+        names the producer); '' keeps each envelope's ``producer_id``. ``subject_keys``:
+        see :meth:`accept`; ``envs``: :meth:`envelopes` of the batch, if already decoded.
 
         Fast path: when the whole body decodes as envelopes in one call, per-event envelope
         decoding is skipped."""
-        envs: list[IncomingEvent | None] = [None] * len(items)
-        if body is not None and all(len(r) <= self.limits.max_event_bytes for r in items):
-            try:
-                envs = list(_envelopes.decode(body))
-            except (msgspec.ValidationError, RecursionError, UnicodeDecodeError):
-                envs = [None] * len(items)
+        if envs is None:
+            envs = self.envelopes(items, body)
         out: list[Outcome] = []
         seen: set[str] = set()
         # The common case (valid event, known contract, plausible time) runs inline with
@@ -428,9 +486,11 @@ class Validator:
                     except (msgspec.ValidationError, RecursionError, UnicodeDecodeError):
                         payload = None
                     if payload is not None:
-                        outcome = self.accept(i, env, contract, payload, now_ms, trace_id, producer)
+                        outcome = self.accept(
+                            i, env, contract, payload, now_ms, trace_id, producer, subject_keys
+                        )
             if outcome is None:
-                outcome = self.event(i, raw, env, now_ms, trace_id, producer)
+                outcome = self.event(i, raw, env, now_ms, trace_id, producer, subject_keys)
             if isinstance(outcome, Accepted):
                 if outcome.event_id in seen:
                     outcome = self.reject(

@@ -31,6 +31,7 @@ from myelin.subjects import (
     FEATURES_STREAM,
     INFERENCES_STREAM,
     LATE_STREAM,
+    RPC_WAREHOUSE_ERASE,
     RPC_WAREHOUSE_REWIND,
 )
 from myelin.warehouse import open_warehouse
@@ -43,6 +44,7 @@ from services.warehouse.drains import (
     inference_drain,
     late_drain,
 )
+from services.warehouse.erasure import erase_subject
 from services.warehouse.http_interface import serve_clickhouse_http
 from services.warehouse.retention import (
     RetentionReport,
@@ -60,6 +62,10 @@ WAREHOUSE_NICENESS = 10
 
 class RewindRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     from_seq: int = 1
+
+
+class EraseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    subject: str
 
 
 class WarehouseApp:
@@ -137,6 +143,7 @@ class WarehouseApp:
         if s.warehouse_http_port:
             self._http = await serve_clickhouse_http(self.sink, s.host, s.warehouse_http_port)
         self._subs.append(await self._serve_rewind())
+        self._subs.append(await self._serve_erase())
 
     def _start_loop(self, durable: str, stored: int) -> None:
         """``stored``: the stream sequence this drain has stored up to (its position until
@@ -185,6 +192,19 @@ class WarehouseApp:
         self._start_loop(EVENTS_DRAIN, stored=from_seq - 1)
         log.info("raw history re-drains EVENTS from sequence %d", from_seq)
         return from_seq
+
+    async def _serve_erase(self) -> Any:
+        assert self._nc is not None
+        decode = msgspec.json.Decoder(EraseRequest)
+
+        async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
+            req = bus.decode_request(decode, data, "erase")
+            if not req.subject:
+                raise Poison("an erasure names its subject (the entity id)")
+            assert self.sink is not None
+            return {"deleted": await erase_subject(self.sink, req.subject)}
+
+        return await bus.serve(self._nc, RPC_WAREHOUSE_ERASE, handle)
 
     async def _serve_rewind(self) -> Any:
         assert self._nc is not None

@@ -88,6 +88,10 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
         {"alias": "shadow", "model": model(labels={"blocked": "true"}), "routes": {}},
         "model is labelled blocked",  # what may not serve may not take an alias
     ),
+    # erasure: may this person be forgotten?
+    ("erasure", {"requester": "operator", "reason": "DSR-17", "subject_hash": "s.ab"}, None),
+    ("erasure", {"reason": "DSR-17"}, "an erasure needs a requester"),
+    ("erasure", {"requester": "operator", "reason": "  "}, "an erasure needs a reason"),
     # backfill
     ("backfill", {"requester": "ana", "range_days": 30}, None),
     ("backfill", {"range_days": 30}, "backfill needs a requester"),
