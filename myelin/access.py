@@ -107,6 +107,16 @@ def may_call(identity: str, endpoint: str) -> bool:
     return identity in allowed
 
 
+# The role each identity has for the pii_read policy (myelin/policies/pii_read.rego): in
+# the development stack the operator is its privacy officer; services and producers have
+# none, so they can never read personal data.
+ROLES: dict[str, str] = {OPERATOR: "privacy_officer"}
+
+
+def role_of(identity: str) -> str:
+    return ROLES.get(identity, "none")
+
+
 def requester(caller: str, claimed: str) -> str:
     """Who asks, for the record and the policies: the authenticated caller; what the
     request claims counts only on a server without authentication."""
@@ -224,6 +234,7 @@ def _service_grants(settings: Settings) -> dict[str, list[str]]:
         "warehouse": [
             *dlq,
             *forbidden,
+            *_kv_read(topology.SUBJECT_KEYS_BUCKET),  # an allowed PII read opens tokens
             *_durables("warehouse", s),
             # retention: each stream's max age, changed after governance allowed it
             *(

@@ -47,6 +47,10 @@ class Tokenizer:
         """The active key's bytes (subject keys are wrapped under a key derived from it)."""
         return self._active
 
+    def key(self, kid: str) -> bytes | None:
+        """Key ``kid``'s bytes (an older one still opens what it wrapped)."""
+        return self._keys.get(kid)
+
     def __repr__(self) -> str:
         return f"Tokenizer(kid={self.kid!r}, keys={sorted(self._keys)})"
 
@@ -71,7 +75,11 @@ def load_tokenizer(keys_spec: str, active_kid: str, state_dir: Path) -> Tokenize
     path = state_dir / "secrets" / "pii-k1.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process of the stack created it a moment ago
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
     return Tokenizer({"k1": path.read_bytes()}, "k1")

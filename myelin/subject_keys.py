@@ -4,13 +4,14 @@
 A *subject* is the entity an event is about: its contract's key field (``user_id``).
 Ingest encrypts each PII field with its subject's own key, deterministically (AES-SIV:
 the same value of the same subject gives the same token, so joins and counts on it still
-work) as ``pii:subject:<base64url>``. The streams are immutable, but once the subject's
+work) as ``pii:subject:<key name>:<base64url>``. The streams are immutable, but once the subject's
 key is destroyed none of those tokens can be read, or matched against a guessed value,
 by anyone, the platform included.
 
 Keys live in the KV bucket ``myelin_subject_keys`` under ``s.<sha256(subject)>`` (the
-subject's id is not a key name), each wrapped (AES-GCM) under the deployment's PII master
-key, so a copy of the bucket alone reveals nothing. Erasing a subject overwrites its
+subject's id is not a key name), each wrapped (AES-GCM) under a key derived from the
+active PII key (``MYELIN_PII_KEYS``; its id is kept beside it, so rotating the active key
+leaves older subject keys readable), so a copy of the bucket alone reveals nothing. Erasing a subject overwrites its
 key's message in the stream (a secure delete, not a tombstone) and forgets it from every
 cache within :data:`CACHE_TTL_S`.
 """
@@ -18,8 +19,10 @@ cache within :data:`CACHE_TTL_S`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -30,6 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from myelin.errors import MyelinError, Retryable
+from myelin.pii import Tokenizer
 
 BUCKET = "myelin_subject_keys"  # myelin.topology.SUBJECT_KEYS_BUCKET
 STREAM = f"KV_{BUCKET}"
@@ -46,38 +50,57 @@ def key_name(subject: str) -> str:
 
 
 def master_key(pii_key: bytes) -> bytes:
-    """The wrapping key, derived from the PII key (separated from its HMAC use)."""
+    """The wrapping key, derived from a PII key (separated from its HMAC use)."""
     return hashlib.sha256(b"myelin subject-key wrap v1\x00" + pii_key).digest()
 
 
-def wrap(master: bytes, subject: str, key: bytes) -> bytes:
+def wrap(tok: Tokenizer, name: str, key: bytes) -> bytes:
+    """``key`` sealed under the active PII key, bound to its KV key ``name``; the key id
+    is kept beside it, so a rotated-out key still opens what it wrapped."""
     nonce = os.urandom(12)
-    return nonce + AESGCM(master).encrypt(nonce, key, key_name(subject).encode())
+    ct = AESGCM(master_key(tok.active_key)).encrypt(nonce, key, name.encode())
+    return b"v1:" + tok.kid.encode() + b":" + nonce + ct
 
 
-def unwrap(master: bytes, subject: str, blob: bytes) -> bytes:
+def unwrap(tok: Tokenizer, name: str, blob: bytes) -> bytes:
+    _v, kid, rest = [*blob.split(b":", 2), b"", b""][:3]
+    pii_key = tok.key(kid.decode(errors="replace"))
+    if not blob.startswith(b"v1:") or pii_key is None:
+        raise SubjectKeyError(
+            f"a subject key is wrapped under PII key {kid!r}, which MYELIN_PII_KEYS lacks"
+        )
     try:
-        return AESGCM(master).decrypt(blob[:12], blob[12:], key_name(subject).encode())
+        return AESGCM(master_key(pii_key)).decrypt(rest[:12], rest[12:], name.encode())
     except InvalidTag:
         raise SubjectKeyError(
-            "a subject key does not open under this PII master key (was MYELIN_PII_KEYS changed?)"
+            f"a subject key does not open under PII key {kid!r} (was that key replaced?)"
         ) from None
 
 
-def seal(key: bytes, field: str, value: str) -> str:
-    """A PII value as its subject's token (deterministic for a subject, field and value)."""
-    ct = AESSIV(key).encrypt(value.encode(), [field.encode()])
-    return TOKEN_PREFIX + base64.urlsafe_b64encode(ct).rstrip(b"=").decode()
+_TOKEN = re.compile(r"pii:subject:s\.([0-9a-f]{40}):([A-Za-z0-9_-]+)")
 
 
-def open_token(key: bytes, field: str, token: str) -> str:
-    """The value behind a token (for an allowed PII read); raises :class:`SubjectKeyError`."""
-    if not token.startswith(TOKEN_PREFIX):
+def seal(key: bytes, subject: str, value: str) -> str:
+    """A PII value as its subject's token, deterministic for a subject and value. It names
+    the subject's key (by hash), so an allowed reader can open it wherever it is found."""
+    ct = AESSIV(key).encrypt(value.encode(), None)
+    return (
+        f"{TOKEN_PREFIX}{key_name(subject)}:" + base64.urlsafe_b64encode(ct).rstrip(b"=").decode()
+    )
+
+
+def open_token(key: bytes, token: str) -> str:
+    """The value behind a token; raises :class:`SubjectKeyError`."""
+    m = _TOKEN.fullmatch(token)
+    if m is None:
         raise SubjectKeyError("not a subject token")
-    raw = token[len(TOKEN_PREFIX) :]
+    return _open(key, m.group(2))
+
+
+def _open(key: bytes, b64: str) -> str:
     try:
-        ct = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
-        return AESSIV(key).decrypt(ct, [field.encode()]).decode()
+        ct = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
+        return AESSIV(key).decrypt(ct, None).decode()
     except (InvalidTag, ValueError):
         raise SubjectKeyError("the token does not open with this subject's key") from None
 
@@ -85,9 +108,11 @@ def open_token(key: bytes, field: str, token: str) -> str:
 class SubjectKeys:
     """Subject keys in NATS KV, created on first use, cached for :data:`CACHE_TTL_S`."""
 
-    def __init__(self, js: JetStreamContext, pii_key: bytes) -> None:
+    def __init__(self, js: JetStreamContext, tokenizer: Tokenizer | None) -> None:
+        """``tokenizer``: the PII keys that wrap subject keys (``None``: this holder only
+        erases keys, it can neither create nor open one)."""
         self._js = js
-        self._master = master_key(pii_key)
+        self._tok = tokenizer
         self._kv: Any = None
         self._cache: dict[str, tuple[bytes, float]] = {}
 
@@ -115,14 +140,37 @@ class SubjectKeys:
 
     async def find(self, subject: str) -> bytes | None:
         """The subject's key, or ``None`` (never had one, or erased)."""
+        return await self._find_named(key_name(subject))
+
+    async def _find_named(self, name: str) -> bytes | None:
         kv = await self._bucket()
         try:
-            entry = await kv.get(key_name(subject))
+            entry = await kv.get(name)
         except KeyNotFoundError:
             return None
         if not entry.value:
             return None
-        return unwrap(self._master, subject, entry.value)
+        if self._tok is None:
+            raise SubjectKeyError("this process holds no PII key: it cannot open subject keys")
+        return unwrap(self._tok, name, entry.value)
+
+    async def reveal(self, texts: Iterable[str]) -> dict[str, str]:
+        """Every subject token found in ``texts`` -> its value, for the tokens whose key
+        still exists (an erased subject's stay tokens: nobody can open them)."""
+        found: dict[str, tuple[str, str]] = {}
+        for text in texts:
+            for m in _TOKEN.finditer(text):
+                found[m.group(0)] = (f"s.{m.group(1)}", m.group(2))
+        keys: dict[str, bytes | None] = {}
+        out: dict[str, str] = {}
+        for token, (name, b64) in found.items():
+            if name not in keys:
+                keys[name] = await self._find_named(name)
+            key = keys[name]
+            if key is not None:
+                with contextlib.suppress(SubjectKeyError):
+                    out[token] = _open(key, b64)
+        return out
 
     async def _get_or_create(self, subject: str) -> bytes:
         kv = await self._bucket()
@@ -130,9 +178,12 @@ class SubjectKeys:
             found = await self.find(subject)
             if found is not None:
                 return found
+            if self._tok is None:
+                raise SubjectKeyError("this process holds no PII key: it cannot create keys")
             key = AESSIV.generate_key(256)
             try:
-                await kv.create(key_name(subject), wrap(self._master, subject, key))
+                name = key_name(subject)
+                await kv.create(name, wrap(self._tok, name, key))
                 return key
             except KeyWrongLastSequenceError:
                 continue  # another ingest worker created it first (or a tombstone): read it

@@ -51,7 +51,7 @@ class GovernanceApp:
         self.decider = Decider(self._engine, audit, s.policy_cache_ttl_s)
         owner = ServingOwner(ModelRegistry(self._nc, js), self.decider.decide, audit)
         # erasure destroys keys, never reads them: no PII key needed here
-        eraser = Eraser(self._nc, SubjectKeys(js, b""), self.decider.decide, audit)
+        eraser = Eraser(self._nc, SubjectKeys(js, None), self.decider.decide, audit)
         self._subs = [
             await serve_decisions(self._nc, self.decider),
             *await serve_registry_owner(self._nc, owner),

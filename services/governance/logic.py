@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import typing
 from collections import OrderedDict
 from typing import Any, Literal
 
@@ -13,7 +14,7 @@ import msgspec
 from myelin.records import AuditRecord
 
 Action = Literal["serve", "promote", "backfill", "pii_read", "serve_view", "retention", "erasure"]
-ACTIONS: tuple[str, ...] = ("serve", "promote", "backfill", "pii_read", "serve_view", "retention")
+ACTIONS: tuple[str, ...] = typing.get_args(Action)
 
 
 class DecisionRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -71,7 +71,7 @@ class IngestApp:
                 max_items=500_000 if s.dedupe else 0, ttl_ms=int(s.duplicate_window_s * 1000)
             ),
             # PII sealed with each subject's own key: erasure destroys one key
-            subject_keys=SubjectKeys(js, tokenizer.active_key),
+            subject_keys=SubjectKeys(js, tokenizer),
         )
         self._tasks.append(asyncio.create_task(self._follow_registry(store), name="contracts"))
         self._sub = await serve_ingest(self._nc, self.ingestor)

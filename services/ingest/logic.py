@@ -165,10 +165,10 @@ def _field_error(exc: msgspec.ValidationError, prefix: str) -> str:
     return _PATH.sub(lambda m: f"at `$.{prefix}{m.group(1)}`".replace("$..", "$."), text)
 
 
-def _seal(key: bytes, field: str, value: Any) -> Any:
+def _seal(key: bytes, subject: str, value: Any) -> Any:
     if not isinstance(value, str) or not value or value.startswith(TOKEN_PREFIX):
         return value  # empty stays empty; already a token: idempotent
-    return seal(key, field, value)
+    return seal(key, subject, value)
 
 
 def _tokenize_leaves(value: Any, tok: Tokenizer) -> Any:
@@ -377,7 +377,7 @@ class Validator:
                 skey = subject_keys[key]  # fetched for every subject of the batch
                 payload = msgspec.structs.replace(
                     payload,
-                    **{f: _seal(skey, f, getattr(payload, f)) for f in contract.pii_fields},
+                    **{f: _seal(skey, key, getattr(payload, f)) for f in contract.pii_fields},
                 )
         lim = self.limits
         part = (

@@ -22,7 +22,9 @@ from myelin.consume import PullLoop, ensure_consumer
 from myelin.dead_letters import consumer_dead_letters
 from myelin.decisions import GovernanceClient
 from myelin.errors import Poison
+from myelin.pii import load_tokenizer
 from myelin.settings import Settings
+from myelin.subject_keys import SubjectKeys
 from myelin.subjects import (
     AUDIT_STREAM,
     DLQ_STREAM,
@@ -139,7 +141,12 @@ class WarehouseApp:
                 start_seq=start,
             )
             self._start_loop(durable, stored=(start or 1) - 1)
-        self._subs.append(await serve_sql(self._nc, self.sink))
+        # personal data is revealed only to a PII read governance allows (pii_read.rego)
+        keys = SubjectKeys(
+            bus.jetstream(self._nc, s),
+            load_tokenizer(s.pii_keys.get(), s.pii_active_kid, s.state_dir),
+        )
+        self._subs.append(await serve_sql(self._nc, self.sink, keys, GovernanceClient(self._nc)))
         if s.warehouse_http_port:
             self._http = await serve_clickhouse_http(self.sink, s.host, s.warehouse_http_port)
         self._subs.append(await self._serve_rewind())

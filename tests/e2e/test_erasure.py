@@ -25,7 +25,7 @@ from myelin.records import AuditRecord
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
 from myelin.subject_keys import STREAM, SubjectKeys, key_name, open_token
-from myelin.subjects import AUDIT_STREAM, RPC_GOVERNANCE_ERASE
+from myelin.subjects import AUDIT_STREAM, RPC_GOVERNANCE_ERASE, RPC_WAREHOUSE_QUERY
 from tests.helpers import wait_caught_up
 
 pytestmark = pytest.mark.e2e
@@ -88,6 +88,14 @@ async def _rows(nc: Any, subject: str) -> dict[str, int]:
     return {k: int(v) for k, v in row.items()}
 
 
+async def _read(nc: Any, sql: str, *, purpose: str) -> list[dict[str, Any]]:
+    raw = await bus.request(
+        nc, RPC_WAREHOUSE_QUERY, {"sql": sql, "reveal_pii": True, "purpose": purpose}, timeout=30
+    )
+    rows: list[dict[str, Any]] = msgspec.json.decode(raw)["data"]
+    return rows
+
+
 async def _online(redis: aioredis.Redis, subject: str) -> int:
     n = 0
     async for key in redis.scan_iter(match=f"{PREFIX}:entities:*"):
@@ -118,12 +126,13 @@ async def test_an_erased_subject_is_unreadable_everywhere_and_others_are_kept(
             body = await r.json()
             assert r.status == 207 and body["accepted"] == 12 and body["rejected"] == 2, body
         nc = await bus.connect(s, "test")  # the operator, as the command line
+        features = await bus.connect(s, "test-features", identity="features")
         admin = await bus.connect(s, "test-admin", identity=access.ADMIN)
         redis = aioredis.Redis.from_url(s.redis_url)
         try:
             await wait_caught_up(nc, s)
             js = admin.jetstream()
-            keys = SubjectKeys(js, load_tokenizer("", "", s.state_dir).active_key)
+            keys = SubjectKeys(js, load_tokenizer("", "", s.state_dir))
             # before: each subject has a key, its tokens open to its e-mail, it is everywhere
             token_of = {}
             for user in (GONE, KEPT):
@@ -134,10 +143,23 @@ async def test_an_erased_subject_is_unreadable_everywhere_and_others_are_kept(
                 )
                 token_of[user] = row["t"]
                 key = await keys.find(user)
-                assert key is not None and open_token(key, "email", row["t"]) == EMAIL[user]
+                assert key is not None and open_token(key, row["t"]) == EMAIL[user]
                 assert await _online(redis, user) >= 1
                 assert all((await _rows(nc, user)).values()), user
             assert token_of[GONE] != token_of[KEPT]
+            # a PII read opens them only as pii_read allows: a role, and a stated purpose
+            sql = "SELECT entity_id, data FROM myelin.events FINAL WHERE type = 'purchase'"
+            rows = await _read(nc, sql, purpose="DSR-1 verification")
+            assert {EMAIL[r["entity_id"]] in r["data"] for r in rows} == {True}
+            for who, purpose, reason in (
+                (nc, "", "needs a stated purpose"),
+                (features, "curiosity", "role none may not read personal data"),
+            ):
+                with pytest.raises(RemoteError) as err:
+                    await _read(who, sql, purpose=purpose)
+                assert err.value.code == "pii_read_denied" and reason in err.value.message
+            plain = await sql_client.query_rows(nc, sql)  # no reveal asked: tokens only
+            assert plain and not any("@mail.example" in r["data"] for r in plain)
             wrapped = (await js.get_last_msg(STREAM, f"$KV.{STREAM[3:]}.{key_name(GONE)}")).data
             assert wrapped and _files_with(s.state_dir / "nats", wrapped)  # the grep finds it
 
@@ -162,7 +184,12 @@ async def test_an_erased_subject_is_unreadable_everywhere_and_others_are_kept(
             assert await _rows(nc, GONE) == {"events": 0, "fv": 0, "dlq": 0}
             assert all((await _rows(nc, KEPT)).values())
             key = await keys.find(KEPT)
-            assert key is not None and open_token(key, "email", token_of[KEPT]) == EMAIL[KEPT]
+            assert key is not None and open_token(key, token_of[KEPT]) == EMAIL[KEPT]
+            # the erased subject's tokens, wherever a copy of them is, open no more
+            [row] = await _read(
+                nc, f"SELECT '{token_of[GONE]}' AS gone, '{token_of[KEPT]}' AS kept", purpose="x"
+            )
+            assert row == {"gone": token_of[GONE], "kept": EMAIL[KEPT]}
             await _aof_rewritten(redis)
             assert not _files_with(s.state_dir / "redis", GONE.encode())
             assert _files_with(s.state_dir / "redis", KEPT.encode())
@@ -185,4 +212,5 @@ async def test_an_erased_subject_is_unreadable_everywhere_and_others_are_kept(
         finally:
             await redis.aclose()
             await admin.close()
+            await features.close()
             await nc.close()
