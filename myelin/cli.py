@@ -149,9 +149,11 @@ async def _erase(settings: Settings, subject: str, reason: str) -> int:
     return 0
 
 
-async def _sql(settings: Settings, query: str, max_rows: int) -> int:
+async def _sql(
+    settings: Settings, query: str, max_rows: int, reveal_pii: bool = False, purpose: str = ""
+) -> int:
     url = settings.clickhouse_url.get()
-    if url:
+    if url and not reveal_pii:
         from myelin.warehouse import ServerWarehouse, read_only_sql
 
         wh = ServerWarehouse(url)
@@ -164,9 +166,10 @@ async def _sql(settings: Settings, query: str, max_rows: int) -> int:
 
         nc = await _connect(settings)
         try:
-            raw = await bus.request(
-                nc, RPC_WAREHOUSE_QUERY, {"sql": query, "max_rows": max_rows}, timeout=60
-            )
+            req: dict[str, Any] = {"sql": query, "max_rows": max_rows}
+            if reveal_pii:
+                req |= {"reveal_pii": True, "purpose": purpose}
+            raw = await bus.request(nc, RPC_WAREHOUSE_QUERY, req, timeout=60)
         finally:
             await nc.close()
         rows = msgspec.json.decode(raw)["data"]
@@ -350,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("sql", help="read-only SQL on the warehouse")
     q.add_argument("query")
     q.add_argument("--max-rows", type=int, default=10_000)
+    q.add_argument(
+        "--reveal-pii",
+        action="store_true",
+        help="open personal data tokens in the result, if governance's pii_read allows "
+        "(asks, audited; needs --purpose)",
+    )
+    q.add_argument("--purpose", default="", help="why personal data is read (for --reveal-pii)")
     e = sub.add_parser(
         "erase",
         help="forget a data subject: destroy its PII key, delete its online state and "
@@ -432,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "erase":
             code = asyncio.run(_erase(settings, args.subject, args.reason))
         elif args.cmd == "sql":
-            code = asyncio.run(_sql(settings, args.query, args.max_rows))
+            code = asyncio.run(
+                _sql(settings, args.query, args.max_rows, args.reveal_pii, args.purpose)
+            )
         else:
             code = asyncio.run(models_cli.run(args, settings))
     except MyelinError as exc:
