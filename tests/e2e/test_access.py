@@ -40,13 +40,16 @@ from myelin.subjects import (
     FEATURES_STREAM,
     MODELS_BUCKET,
     RPC_FEATURES_CHECK,
+    RPC_FEATURES_ERASE,
     RPC_FEATURES_REPLAY,
     RPC_FEATURES_VIEWS,
     RPC_GOVERNANCE_DECIDE,
+    RPC_GOVERNANCE_ERASE,
     RPC_GOVERNANCE_PROMOTE,
     RPC_GOVERNANCE_ROLLBACK,
     RPC_GOVERNANCE_ROUTES,
     RPC_INGEST_PUBLISH,
+    RPC_WAREHOUSE_ERASE,
     RPC_WAREHOUSE_QUERY,
     RPC_WAREHOUSE_REWIND,
 )
@@ -66,6 +69,9 @@ ATTEMPTS: list[tuple[str, dict[str, object], str]] = [
     (RPC_FEATURES_REPLAY, {"requester": "x"}, "inference"),
     (RPC_FEATURES_VIEWS, {"op": "register", "view": "x"}, "ingest"),
     (RPC_FEATURES_CHECK, {}, "producer"),
+    (RPC_GOVERNANCE_ERASE, {"subject": "u1", "reason": "DSR-1"}, "producer"),
+    (RPC_FEATURES_ERASE, {"subject": "u1"}, "operator"),  # only through governance
+    (RPC_WAREHOUSE_ERASE, {"subject": "u1"}, "operator"),
 ]
 
 
@@ -183,6 +189,13 @@ async def test_every_mutating_endpoint_refuses_the_wrong_identity_and_audits_it(
                 await bus.request(c.nc, endpoint, body, timeout=10.0)
             assert err.value.code == "forbidden", (endpoint, err.value)
             assert err.value.message == f"identity {identity!r} may not call {endpoint}"
+    # the retrainer may list views, not change them
+    async with as_identity(s, "retrainer") as c:
+        assert c.nc is not None
+        with pytest.raises(RemoteError) as err:
+            await bus.request(c.nc, RPC_FEATURES_VIEWS, {"op": "register"}, timeout=10.0)
+        assert err.value.code == "forbidden"
+        assert "may not call myelin.rpc.features.views (register)" in err.value.message
     records = await _records(s, access.FORBIDDEN_ACTION)
     seen = {(msgspec.json.decode(r.input_json)["caller"], r.subject) for r in records}
     for endpoint, _body, identity in ATTEMPTS:
@@ -246,6 +259,8 @@ def test_permissions_cover_every_identity() -> None:
             assert f"$KV.{MODELS_BUCKET}.*.aliases" in g.publish_deny, identity
     with pytest.raises(ValueError, match="no permissions"):
         access.grants("mallory", s)
+    # every endpoint with callers is tried by the refusal test (a new one cannot be missed)
+    assert {endpoint for endpoint, _body, _who in ATTEMPTS} == set(access.ENDPOINT_CALLERS)
 
 
 # ------------------------------------------------------------ the HTTP and gRPC doors
