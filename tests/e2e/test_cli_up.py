@@ -108,7 +108,7 @@ async def check_topology(settings: Settings) -> None:
     """What the running stack created on its nats-server is what infra/terraform declares
     (infra/terraform/topology.json), and nothing else but the features consumers."""
     doc = json.loads(TOPOLOGY.read_text())
-    nc = await bus.connect(settings, "test-topology", reconnect=False)
+    nc = await bus.connect(settings, "test-topology", reconnect=False, identity="admin")
     try:
         js = bus.jetstream(nc, settings)
         infos = await js.streams_info()

@@ -147,7 +147,7 @@ async def test_overload_pushes_back_with_bounded_memory_and_no_loss(settings: Se
             rss.stop()
         elapsed = time.monotonic() - started
         hwm = high_water_mark(pid)
-        nc = await bus.connect(s, "test")
+        nc = await bus.connect(s, "test", identity="admin")
         try:
             health = msgspec.json.decode(await bus.request(nc, health_subject("ingest"), {}))
             js = bus.jetstream(nc, s)

@@ -73,7 +73,7 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
                     json=events[i : i + 1000],
                 ) as r:
                     assert r.status == 200
-        nc = await bus.connect(settings, "test")
+        nc = await bus.connect(settings, "test", identity="admin")
         try:
             # A contract version registered while the stack runs, and events of it: on main
             # the replay kept the registry it started with and skipped them.
@@ -109,12 +109,17 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
         await stack.procs["warehouse"].stop()
         shutil.rmtree(settings.warehouse_dir)  # the warehouse is lost; Redis and the stream are not
         await stack.restart_service("warehouse")
-        nc = await bus.connect(settings, "test")
+        nc = await bus.connect(settings, "test", identity="admin")
         try:
             assert (await fingerprint(nc))["events"] == 0
-            with pytest.raises(RemoteError) as denied:
-                await bus.request(nc, RPC_FEATURES_REPLAY, {"requester": ""})
-            assert denied.value.code == "replay_denied" and "requester" in denied.value.message
+            # a replay is the operator's: a producer's credential is refused, whatever it claims
+            producer = await bus.connect(settings, "test-producer", identity="producer")
+            try:
+                with pytest.raises(RemoteError) as denied:
+                    await bus.request(producer, RPC_FEATURES_REPLAY, {"requester": "operator"})
+            finally:
+                await producer.close()
+            assert denied.value.code == "forbidden" and "producer" in denied.value.message
             for attempt in range(2):  # the second replay changes nothing
                 started = msgspec.json.decode(
                     await bus.request(nc, RPC_FEATURES_REPLAY, {"requester": "ops"})

@@ -81,7 +81,7 @@ async def test_a_drift_of_the_champion_trains_one_challenger_into_shadow(
     half = len(stream.events) // 2
     services = ("governance", "warehouse", "features", "ingest", "retrainer")
     async with Stack(settings, log=lambda _m: None, services=services):
-        nc = await bus.connect(settings, "test")
+        nc = await bus.connect(settings, "test", identity="admin")
         try:
             js = bus.jetstream(nc, settings)
             reg = ModelRegistry(nc, js)

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from myelin import bus
 from myelin.errors import ConfigError
+from myelin.nats_identity import dev_seed_file
 from myelin.settings import Settings
 from myelin.stack.engines import NatsServer
 from myelin.stack.ports import check_ports_free
@@ -180,7 +181,13 @@ async def test_another_stack_answering_health_fails_start_up(
         monkeypatch.setenv("MYELIN_REDIS_URL", settings.redis_url)
         empty = tmp_path / "no-policies"
         empty.mkdir()
-        other = replace(settings, state_dir=tmp_path / "other", policy_dir=empty)
+        other = replace(
+            settings,
+            state_dir=tmp_path / "other",
+            policy_dir=empty,
+            # an operator of the same deployment (its NATS admits only known identities)
+            nats_nkey_file=str(dev_seed_file(settings, "admin")),
+        )
         second = Stack(other, log=lambda _m: None, services=("governance",))
         with pytest.raises(StackConflict) as err:
             async with second:

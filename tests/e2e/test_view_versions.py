@@ -103,8 +103,16 @@ async def test_a_new_version_backfills_beside_the_served_one_and_is_promoted_wit
             assert reg["created"] and not reg["served"] and new != OLD
             assert (await views(nc, op="register", definition=doc))["created"] is False
 
-            with pytest.raises(RemoteError, match="promotion needs a requester"):
-                await views(nc, op="promote", view=f"user_activity@{new}", requester="")
+            # only the operator changes what serves; a claimed requester counts for nothing
+            retrainer = await bus.connect(settings, "test-retrainer", identity="retrainer")
+            try:
+                with pytest.raises(RemoteError, match="may not call") as refused:
+                    await views(
+                        retrainer, op="promote", view=f"user_activity@{new}", requester="operator"
+                    )
+                assert refused.value.code == "forbidden"
+            finally:
+                await retrainer.close()
 
             # the new version replays the stream from its start, beside the served one
             listing = await wait_caught_up(nc, settings)

@@ -799,7 +799,9 @@ class WireReply(msgspec.Struct, forbid_unknown_fields=True):
 
 async def nats_ask(nc: NATS, body: bytes, per_event: bool = False) -> WireReply:
     headers = {"Myelin-Mode": "per_event"} if per_event else None
-    msg = await nc.request(RPC_INGEST_PUBLISH, body, timeout=10, headers=headers)
+    msg = await nc.request(
+        bus.caller_subject(nc, RPC_INGEST_PUBLISH), body, timeout=10, headers=headers
+    )
     reply = msgspec.json.decode(msg.data, type=WireReply)
     if reply.ok:
         assert reply.error is None and len(reply.result), reply
