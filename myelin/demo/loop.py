@@ -16,6 +16,7 @@ import msgspec
 import pyarrow as pa
 
 from myelin import bus, grpc_client, sql_client
+from myelin.api_tokens import client_headers
 from myelin.backtest import BacktestError, BacktestReport, NoLabelSource, run_backtest
 from myelin.backtest import format_report as format_backtest
 from myelin.demo.common import (
@@ -83,7 +84,7 @@ async def replay(
     prog = Progress("replay (score, then send)", len(events), "events", out)
     async with (
         grpc_client.channel(settings) as ch,
-        aiohttp.ClientSession() as http,
+        aiohttp.ClientSession(headers=client_headers(settings)) as http,
     ):
         stub = mp_grpc.PredictorStub(ch)
         for users, batch in rounds:
@@ -159,7 +160,7 @@ class LiveTraffic:
     async def _run(self) -> None:
         async with (
             grpc_client.channel(self._s) as ch,
-            aiohttp.ClientSession() as http,
+            aiohttp.ClientSession(headers=client_headers(self._s)) as http,
         ):
             stub = mp_grpc.PredictorStub(ch)
             enc = msgspec.json.Encoder()

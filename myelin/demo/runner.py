@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 from nats.aio.client import Client as NATS
 
 from myelin import bus, grpc_client
+from myelin.api_tokens import client_headers
 from myelin.demo.common import (
     ANALYST_SQL,
     FEATURES,
@@ -228,7 +229,7 @@ async def run_demo(settings: Settings, n_events: int, out: TextIO = sys.stderr) 
         try:
             say(out, "Ingesting the first half (normal traffic) ...")
             report.ingest_s = await ingest(settings, stream.history, report, out)
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(headers=client_headers(settings)) as http:
                 tally(
                     report, await post(http, ingest_url(settings), msgspec.json.encode(stream.bad))
                 )
