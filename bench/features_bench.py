@@ -316,7 +316,7 @@ async def main(n: int, rate: int, seconds: float) -> None:
         )
         try:
             async with Stack(s, services=(), log=lambda _m: None) as stack:
-                nc = await bus.connect(s, "bench")
+                nc = await bus.connect(s, "bench", identity="admin")
                 js = bus.jetstream(nc, s)
                 r = aioredis.Redis.from_url(s.redis_url)
                 reader = OnlineReader(r)

@@ -115,7 +115,7 @@ async def main(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         s = with_ports(Settings(state_dir=Path(tmp)), nats_port=free_port())
         async with NatsServer(Path(tmp) / "nats", s.nats_port):
-            nc = await bus.connect(s, "bench", reconnect=False)
+            nc = await bus.connect(s, "bench", reconnect=False, identity="admin")
             try:
                 js = bus.jetstream(nc, s)
                 await bus.provision(js, s)

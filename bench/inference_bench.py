@@ -147,7 +147,7 @@ async def main() -> None:
         async with Stack(s, log=lambda _m: None) as stack:
             server = psutil.Process(stack.child("inference").pid)
             echo_proc = psutil.Process(echo.pid)
-            nc = await bus.connect(s, "bench")
+            nc = await bus.connect(s, "bench", identity="admin")
             trained = tiny_model()
             await register(nc, s, trained)  # with its drift reference: counters on
             users = [f"user-{i}" for i in range(1000)]

@@ -161,7 +161,7 @@ async def main(n: int, n_single: int, workers: int) -> None:
     rows: list[tuple[str, str, float, float, str]] = []
     try:
         async with Stack(s, log=lambda _m: None, services=("ingest",)):
-            nc = await bus.connect(s, "bench")
+            nc = await bus.connect(s, "bench", identity="admin")
             js = bus.jetstream(nc, s)
             url = f"http://127.0.0.1:{s.ingest_http_port}/v1/events"
             # warm-up

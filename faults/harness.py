@@ -306,7 +306,7 @@ async def register_model(settings: Settings) -> None:
         }
     )
     t = train(table, features)
-    nc = await bus.connect(settings, "faults-model")
+    nc = await bus.connect(settings, "faults-model", identity="admin")
     try:
         reg = ModelRegistry(nc, bus.jetstream(nc, settings))
         mv = await reg.register(
@@ -360,7 +360,7 @@ async def _health(nc: Any, name: str) -> dict[str, Any]:
 
 async def worker_partitions(settings: Settings, workers: int) -> dict[str, tuple[list[int], int]]:
     """Each features worker's partitions and how many times its partitions moved."""
-    nc = await bus.connect(settings, "faults-partitions")
+    nc = await bus.connect(settings, "faults-partitions", identity="admin")
     try:
         out: dict[str, tuple[list[int], int]] = {}
         for k in range(1, workers + 1):
@@ -376,7 +376,7 @@ async def wait_drained(settings: Settings, timeout_s: float = 300.0) -> float:
     """Until every feature view version has applied the whole EVENTS stream and the
     warehouse has stored EVENTS and FEATURES to their ends; returns how long it took."""
     t0 = time.monotonic()
-    nc = await bus.connect(settings, "faults-drain")
+    nc = await bus.connect(settings, "faults-drain", identity="admin")
     try:
         js = bus.jetstream(nc, settings)
         while True:
@@ -408,7 +408,7 @@ async def stream_seqs(settings: Settings) -> dict[int, str]:
 
     decode = msgspec.msgpack.Decoder(list[StreamEvent])
     out: dict[int, str] = {}
-    nc = await bus.connect(settings, "faults-stream")
+    nc = await bus.connect(settings, "faults-stream", identity="admin")
     try:
         js = bus.jetstream(nc, settings)
         last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
@@ -435,7 +435,7 @@ async def final_state(
     """The final state; per event id its effects (feature rows) and raw history rows; the
     inference records stored; how many events the EVENTS stream holds more than once."""
     redis = online.connect(settings.redis_url)
-    nc = await bus.connect(settings, "faults-state")
+    nc = await bus.connect(settings, "faults-state", identity="admin")
     try:
         reader = OnlineReader(redis)
         version = await reader.served_version(VIEW)
@@ -529,7 +529,7 @@ async def sample_rss(
 
 
 async def lag_now(settings: Settings) -> dict[str, int]:
-    nc = await bus.connect(settings, "faults-lag")
+    nc = await bus.connect(settings, "faults-lag", identity="admin")
     try:
         js = bus.jetstream(nc, settings)
         last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
