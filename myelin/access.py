@@ -58,8 +58,12 @@ SERVICES = ("governance", "warehouse", "features", "inference", "ingest", "retra
 ADMIN = "admin"
 OPERATOR = "operator"
 PRODUCER = "producer"
+#: governance's second connection, in the server's system account: it hears every refused
+#: connection (``$SYS.SERVER.*.CLIENT.AUTH.ERR``) and puts it on the audit trail
+AUTH_AUDIT = "auth-audit"
+AUTH_ERRORS = "$SYS.SERVER.*.CLIENT.AUTH.ERR"
 #: the identities ``myelin up`` creates credentials for
-DEV_IDENTITIES = (*SERVICES, ADMIN, OPERATOR, PRODUCER)
+DEV_IDENTITIES = (*SERVICES, ADMIN, OPERATOR, PRODUCER, AUTH_AUDIT)
 #: the audit actions of a refused request: an identity that may not, and no identity
 FORBIDDEN_ACTION = "forbidden"
 UNAUTHENTICATED_ACTION = "unauthenticated"
@@ -319,6 +323,8 @@ def grants(identity: str, settings: Settings) -> Grant:
     """The NATS permissions of ``identity`` (see the module docstring)."""
     if identity == ADMIN:
         return Grant(publish=(">",), subscribe=(">",), responder=True)
+    if identity == AUTH_AUDIT:  # the system account: hears refused connections, says nothing
+        return Grant(publish=(), subscribe=(AUTH_ERRORS,), publish_deny=(">",))
     common_pub = ["$JS.API.INFO", f"myelin.rpc.*.*.{identity}"]
     common_sub = [f"{inbox_prefix(identity)}.>"]
     if identity in SERVICES:
@@ -354,21 +360,31 @@ def _quoted(items: Iterable[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
+def _user(identity: str, key: str, settings: Settings) -> str:
+    g = grants(identity, settings)
+    publish = f"allow: {_quoted(g.publish)}" if g.publish else ""
+    if g.publish_deny:
+        publish += (", " if publish else "") + f"deny: {_quoted(g.publish_deny)}"
+    perms = [f"publish: {{{publish}}}", f"subscribe: {{allow: {_quoted(g.subscribe)}}}"]
+    if g.responder:
+        perms.append("allow_responses: true")
+    return (
+        f"    # {identity}\n    {{nkey: {key}, permissions: {{\n      "
+        + ",\n      ".join(perms)
+        + "\n    }}"
+    )
+
+
 def nats_authorization(public_keys: dict[str, str], settings: Settings) -> str:
-    """The ``authorization`` block of nats-server's config: one nkey user per identity
-    (``public_keys``: identity -> its public key), with :func:`grants`."""
-    users = []
-    for identity, key in sorted(public_keys.items()):
-        g = grants(identity, settings)
-        publish = f"allow: {_quoted(g.publish)}"
-        if g.publish_deny:
-            publish += f", deny: {_quoted(g.publish_deny)}"
-        perms = [f"publish: {{{publish}}}", f"subscribe: {{allow: {_quoted(g.subscribe)}}}"]
-        if g.responder:
-            perms.append("allow_responses: true")
-        users.append(
-            f"    # {identity}\n    {{nkey: {key}, permissions: {{\n      "
-            + ",\n      ".join(perms)
-            + "\n    }}"
-        )
-    return "authorization {\n  users: [\n" + ",\n".join(users) + "\n  ]\n}"
+    """nats-server's users: one nkey user per identity (``public_keys``: identity -> its
+    public key), with :func:`grants`; :data:`AUTH_AUDIT` in the system account."""
+    users = [
+        _user(identity, key, settings)
+        for identity, key in sorted(public_keys.items())
+        if identity != AUTH_AUDIT
+    ]
+    out = "authorization {\n  users: [\n" + ",\n".join(users) + "\n  ]\n}"
+    if AUTH_AUDIT in public_keys:
+        sys_user = _user(AUTH_AUDIT, public_keys[AUTH_AUDIT], settings)
+        out += f"\naccounts {{\n  SYS {{ users: [\n{sys_user}\n  ] }}\n}}\nsystem_account: SYS"
+    return out

@@ -62,6 +62,8 @@ class Settings:
     nats_port: int = 4222
     # the seed file of this process's NATS identity (myelin.nats_identity; '' : see there)
     nats_nkey_file: str = ""
+    # governance's credential in the server's system account, to audit refused connections
+    nats_auth_audit_nkey_file: str = ""
     # the HTTP / gRPC doors' token digests (myelin.api_tokens; '': no authentication)
     api_tokens_file: str = ""
     api_token: Secret = field(default_factory=lambda: Secret(""))  # a client's own token
@@ -151,6 +153,7 @@ class Settings:
             nats_port=nats_port,
             nats_url=_env("NATS_URL", f"nats://127.0.0.1:{nats_port}"),
             nats_nkey_file=_env("NATS_NKEY_FILE", ""),
+            nats_auth_audit_nkey_file=_env("NATS_AUTH_AUDIT_NKEY_FILE", ""),
             api_tokens_file=_env("API_TOKENS_FILE", ""),
             api_token=Secret(_env("API_TOKEN", "")),
             grpc_tls_cert_file=_env("GRPC_TLS_CERT_FILE", ""),

@@ -190,6 +190,9 @@ class Stack:
         if credential is not None:
             env["MYELIN_NATS_NKEY_FILE"] = str(credential.seed_file)
             env.update(self._door_env)
+        auditor = self._credentials.get(access.AUTH_AUDIT)
+        if service == "governance" and auditor is not None:
+            env["MYELIN_NATS_AUTH_AUDIT_NKEY_FILE"] = str(auditor.seed_file)
         for k, name in enumerate(self._process_names(service), start=1):
             port, probes = self._metrics_next, self._health_next
             proc = ManagedProcess(

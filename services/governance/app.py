@@ -12,6 +12,7 @@ from myelin.audit import AuditLog
 from myelin.models import ModelRegistry
 from myelin.settings import Settings
 from myelin.subject_keys import SubjectKeys
+from services.governance.auth_audit import watch_refused_connections
 from services.governance.decider import Decider
 from services.governance.erasure import Eraser
 from services.governance.logic import policy_version
@@ -29,6 +30,7 @@ class GovernanceApp:
         self.settings = settings
         self._nc: NATS | None = None
         self._subs: list[Any] = []
+        self._auth_audit: NATS | None = None  # hears refused NATS connections
         self._engine: PolicyEngine | None = None
         self.decider: Decider | None = None
 
@@ -52,6 +54,7 @@ class GovernanceApp:
         owner = ServingOwner(ModelRegistry(self._nc, js), self.decider.decide, audit)
         # erasure destroys keys, never reads them: no PII key needed here
         eraser = Eraser(self._nc, SubjectKeys(js, None), self.decider.decide, audit)
+        self._auth_audit = await watch_refused_connections(s, audit)
         self._subs = [
             await serve_decisions(self._nc, self.decider),
             *await serve_registry_owner(self._nc, owner),
@@ -62,6 +65,9 @@ class GovernanceApp:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs = []
+        if self._auth_audit is not None:
+            await self._auth_audit.close()
+            self._auth_audit = None
         if self._nc is not None:
             await self._nc.drain()
             self._nc = None

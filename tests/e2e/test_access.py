@@ -161,6 +161,17 @@ async def test_a_client_without_credentials_is_refused_and_credentials_are_priva
     nats_identity.write_private(stranger, nats_identity.new_seed())
     refusal = await _refused_connect(s.nats_url, nkeys_seed=str(stranger))
     assert "authorization violation" in refusal.lower()
+    # both refusals are on the audit trail (governance hears the server's advisories)
+    for _ in range(100):
+        nats_door = [
+            r for r in await _records(s, access.UNAUTHENTICATED_ACTION) if r.subject == "nats"
+        ]
+        if len(nats_door) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(nats_door) == 2, nats_door
+    assert all("was refused" in r.reasons[0] and not r.allow for r in nats_door)
+    assert {msgspec.json.decode(r.input_json)["host"] for r in nats_door} == {"127.0.0.1"}
     # and what proves an identity is its owner's to read
     root = nats_identity.security_dir(stack.settings)
     assert (root / "nats").stat().st_mode & 0o777 == 0o700
@@ -255,7 +266,7 @@ def test_permissions_cover_every_identity() -> None:
     for identity in access.DEV_IDENTITIES:
         g = access.grants(identity, s)
         assert g.subscribe, identity
-        if identity not in ("admin", "governance"):
+        if identity not in ("admin", "governance", access.AUTH_AUDIT):
             assert f"$KV.{MODELS_BUCKET}.*.aliases" in g.publish_deny, identity
     with pytest.raises(ValueError, match="no permissions"):
         access.grants("mallory", s)
