@@ -77,7 +77,7 @@ def is_producer(identity: str) -> bool:
 ENDPOINT_CALLERS: dict[str, frozenset[str]] = {
     RPC_INGEST_PUBLISH: frozenset({OPERATOR, PRODUCER}),  # and every producer-<name>
     RPC_GOVERNANCE_DECIDE: frozenset({"features", "inference", "warehouse", "retrainer"}),
-    RPC_GOVERNANCE_PROMOTE: frozenset({OPERATOR, "retrainer"}),
+    RPC_GOVERNANCE_PROMOTE: frozenset({OPERATOR}),  # the retrainer only moves routes
     RPC_GOVERNANCE_ROUTES: frozenset({OPERATOR, "retrainer"}),
     RPC_GOVERNANCE_ROLLBACK: frozenset({OPERATOR}),
     RPC_GOVERNANCE_ERASE: frozenset({OPERATOR}),
@@ -208,6 +208,26 @@ def _publish_to(
     return list(subjects if subjects is not None else spec.subjects)
 
 
+def _foreign_durables(owner: str, stream: str, settings: Settings) -> list[str]:
+    """What ``_consume(stream)`` (any name) would allow on the fixed-name durables of
+    other services: denied, so a features worker cannot pull, ack or delete the
+    warehouse's consumer of the same stream."""
+    out: list[str] = []
+    for d in topology.durables(settings):
+        if d.stream == stream and d.owner != owner:
+            n = d.name
+            out += [
+                f"$JS.API.CONSUMER.CREATE.{stream}.{n}",
+                f"$JS.API.CONSUMER.CREATE.{stream}.{n}.>",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{n}",
+                f"$JS.API.CONSUMER.INFO.{stream}.{n}",
+                f"$JS.API.CONSUMER.DELETE.{stream}.{n}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{n}",
+                f"$JS.ACK.{stream}.{n}.>",
+            ]
+    return out
+
+
 def _durables(owner: str, settings: Settings) -> list[str]:
     return [
         p
@@ -217,8 +237,13 @@ def _durables(owner: str, settings: Settings) -> list[str]:
     ]
 
 
-# A model's aliases and routes move only through governance (the registry owner)
-_SERVING_KEYS = (f"$KV.{MODELS_BUCKET}.*.aliases", f"$KV.{MODELS_BUCKET}.*.routes")
+# A model's aliases and routes move only through governance (the registry owner), which
+# also pins the cards it approved
+_SERVING_KEYS = (
+    f"$KV.{MODELS_BUCKET}.*.aliases",
+    f"$KV.{MODELS_BUCKET}.*.routes",
+    f"$KV.{MODELS_BUCKET}.*.approved",
+)
 
 
 def _service_grants(settings: Settings) -> dict[str, list[str]]:
@@ -239,6 +264,7 @@ def _service_grants(settings: Settings) -> dict[str, list[str]]:
             *dlq,
             *forbidden,
             *_kv_read(topology.SUBJECT_KEYS_BUCKET),  # an allowed PII read opens tokens
+            *_kv_read(topology.CONTRACTS_BUCKET),  # erasure: where dead letters name subjects
             *_durables("warehouse", s),
             # retention: each stream's max age, changed after governance allowed it
             *(
@@ -330,10 +356,13 @@ def grants(identity: str, settings: Settings) -> Grant:
     if identity in SERVICES:
         own = _service_grants(settings)[identity]
         serves = [f"myelin.rpc.{identity}.*.*", *_health_subjects(identity, settings)]
+        deny = [] if identity == "governance" else list(_SERVING_KEYS)
+        if identity == "features":  # it may consume EVENTS under any name, but not these
+            deny += _foreign_durables(identity, EVENTS_STREAM, settings)
         return Grant(
             publish=tuple(dict.fromkeys([*common_pub, *own])),
             subscribe=tuple([*common_sub, *serves]),
-            publish_deny=() if identity == "governance" else _SERVING_KEYS,
+            publish_deny=tuple(deny),
             responder=True,
         )
     if identity == OPERATOR:

@@ -50,6 +50,14 @@ def identity_of(nc: NATS) -> str:
     return _identities.get(nc, nats_identity.ANONYMOUS)
 
 
+def authenticated(nc: NATS) -> bool:
+    """Whether the server ``nc`` reached requires every client to authenticate: only then
+    does a subject's identity token mean anything (a server that takes anyone lets anyone
+    publish under any name, credential or not)."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+    return identity_of(nc) != nats_identity.ANONYMOUS and bool(info.get("auth_required"))
+
+
 def auth_options(settings: Settings, identity: str | None = None) -> tuple[str, dict[str, Any]]:
     """The identity a connection takes and the ``nats.connect`` options that prove it
     (:func:`myelin.nats_identity.resolve`)."""
@@ -149,10 +157,9 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     for spec in topology.streams(settings):
         await ensure_stream(js, spec, replicas)
     for b in topology.buckets(settings):
-        if b.erasable:
-            await erasable_kv_bucket(js, b.name, replicas=replicas)
-        else:
-            await kv_bucket(js, b.name, history=b.history, replicas=replicas, ttl_s=b.ttl_s)
+        await provision_kv_bucket(
+            js, b.name, history=b.history, replicas=replicas, ttl_s=b.ttl_s, erasable=b.erasable
+        )
     try:
         await js.object_store(ARTIFACTS_BUCKET)
     except (NotFoundError, BadRequestError):
@@ -167,27 +174,52 @@ async def provision(js: JetStreamContext, settings: Settings) -> None:
     await ContractStore(js).publish(default_registry().specs())
 
 
-async def erasable_kv_bucket(js: JetStreamContext, bucket: str, replicas: int = 1) -> None:
-    """A KV bucket (one value per key) whose messages may be deleted one by one, securely
-    (overwritten on disk): what a KV bucket refuses (``deny_delete``), and what erasing a
-    subject's key needs. Otherwise configured as nats-py creates a bucket."""
-    config = api.StreamConfig(
+def _kv_stream_config(
+    bucket: str, *, history: int = 1, replicas: int = 1, ttl_s: float = 0.0, erasable: bool = False
+) -> api.StreamConfig:
+    """The stream behind a KV bucket, as nats-py would create it but for two things:
+    rollup headers are refused (with them, anyone allowed to write one key could publish
+    ``Nats-Rollup: all`` and wipe the whole bucket), and an ``erasable`` bucket lets single
+    messages be deleted, securely (what erasing a subject's key needs)."""
+    return api.StreamConfig(
         name=f"KV_{bucket}",
         subjects=[f"$KV.{bucket}.>"],
-        allow_rollup_hdrs=True,
-        deny_delete=False,
-        deny_purge=False,
+        allow_rollup_hdrs=False,
+        deny_delete=not erasable,
+        deny_purge=False,  # the purge API is the admin's alone (myelin.access)
         discard=api.DiscardPolicy.NEW,
-        max_msgs_per_subject=1,
+        max_msgs_per_subject=history,
+        max_age=ttl_s or None,
+        duplicate_window=min(ttl_s, 120.0) if ttl_s else 120.0,
         max_consumers=-1,
         max_msgs=-1,
         num_replicas=replicas,
         storage=api.StorageType.FILE,
     )
+
+
+async def provision_kv_bucket(
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    history: int = 1,
+    replicas: int = 1,
+    ttl_s: float = 0.0,
+    erasable: bool = False,
+) -> None:
+    """Create the bucket (:func:`_kv_stream_config`); one made by an earlier build, which
+    took rollup headers, is changed to refuse them."""
+    config = _kv_stream_config(
+        bucket, history=history, replicas=replicas, ttl_s=ttl_s, erasable=erasable
+    )
     try:
-        await js.stream_info(f"KV_{bucket}")
+        info = await js.stream_info(f"KV_{bucket}")
     except NotFoundError:
         await js.add_stream(config)
+        return
+    if info.config.allow_rollup_hdrs:
+        info.config.allow_rollup_hdrs = False
+        await js.update_stream(info.config)
 
 
 async def kv_bucket(
@@ -198,9 +230,8 @@ async def kv_bucket(
     try:
         return await js.key_value(bucket)
     except (NotFoundError, BadRequestError):
-        return await js.create_key_value(
-            api.KeyValueConfig(bucket=bucket, history=history, replicas=replicas, ttl=ttl_s or None)
-        )
+        await provision_kv_bucket(js, bucket, history=history, replicas=replicas, ttl_s=ttl_s)
+        return await js.key_value(bucket)
 
 
 def decode_request(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
@@ -393,23 +424,21 @@ async def serve(
     """
     inflight: set[asyncio.Task[None]] = set()
 
-    # On a server without authentication nobody is authenticated: every caller is let in.
-    enforce = identity_of(nc) != nats_identity.ANONYMOUS
+    # On a server without authentication nobody is authenticated: every caller is let in,
+    # as anonymous (the subject's token is only a claim there).
+    enforce = authenticated(nc)
+    refusals: set[asyncio.Task[None]] = set()
+
+    def caller_of(msg: Msg) -> str:
+        return msg.subject.rsplit(".", 1)[-1] if enforce else nats_identity.ANONYMOUS
 
     async def handle(msg: Msg) -> None:
         headers = dict(msg.headers or {})
-        caller = headers[CALLER] = msg.subject.rsplit(".", 1)[-1]
+        headers[CALLER] = caller_of(msg)
         with telemetry.tracer("myelin.bus").start_as_current_span(
             subject, context=telemetry.extract(headers)
         ):
             try:
-                if enforce and not access.may_call(caller, subject):
-                    await audit_refusal(nc, caller, subject)
-                    raise Forbidden(
-                        f"identity {caller!r} may not call {subject}",
-                        caller=caller,
-                        endpoint=subject,
-                    )
                 result = await handler(msg.data, headers)
                 body = Reply(ok=True, result=msgspec.Raw(_json.encode(result)))
             except MyelinError as exc:
@@ -434,7 +463,32 @@ async def serve(
                 )
             await msg.respond(data)
 
+    async def refuse(msg: Msg, caller: str) -> None:
+        # answered at once, before taking a slot: refused callers cannot crowd out the
+        # rightful ones; the audit record is written on the side (a flood of refusals is
+        # recorded up to a bound, then counted in the log, never waited on)
+        exc = Forbidden(
+            f"identity {caller!r} may not call {subject}", caller=caller, endpoint=subject
+        )
+        if msg.reply:
+            await msg.respond(
+                _json.encode(
+                    Reply(ok=False, error=ErrorBody(exc.code, exc.message, dict(exc.details)))
+                )
+            )
+        if len(refusals) < MAX_PENDING_REFUSAL_AUDITS:
+            task = asyncio.create_task(audit_refusal(nc, caller, subject))
+            refusals.add(task)
+            task.add_done_callback(refusals.discard)
+        else:
+            log.warning("refused %s to %s; too many refusals to audit each", subject, caller)
+
     async def on_msg(msg: Msg) -> None:
+        if enforce:
+            caller = caller_of(msg)
+            if not access.may_call(caller, subject):
+                await refuse(msg, caller)
+                return
         if concurrency <= 1:
             await handle(msg)
             return
@@ -462,6 +516,9 @@ async def serve(
     )
     await nc.flush()  # the server knows the subscription before we report ready
     return sub
+
+
+MAX_PENDING_REFUSAL_AUDITS = 64
 
 
 class Forbidden(MyelinError):

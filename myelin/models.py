@@ -4,6 +4,8 @@ the NATS object store. Shared by the inference service (reads) and the CLI (writ
 KV bucket ``myelin_models``:
 - ``<name>.v<N>``      :class:`ModelVersion` (JSON), written once (create, never update)
 - ``<name>.aliases``   ``{"champion": N, "challenger": M}``
+- ``<name>.routes``    :class:`Routes` (canary, shadow)
+- ``<name>.approved``  ``{"N": card digest}``: the cards governance allowed to serve
 Object store ``myelin_model_artifacts``: ``<name>/v<N>.onnx``.
 
 Aliases and routes are moved by governance alone (the registry owner: no other identity
@@ -119,6 +121,14 @@ class ModelVersion(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _mv_dec = msgspec.json.Decoder(ModelVersion)
+
+
+def card_digest(mv: ModelVersion) -> str:
+    """A version card's digest: what governance approved is what is served (the card
+    names the artifact's sha256, which is checked when the artifact is read)."""
+    return hashlib.sha256(msgspec.json.encode(mv)).hexdigest()
+
+
 _routes_dec = msgspec.json.Decoder(Routes)
 _json = msgspec.json.Encoder()
 
@@ -260,6 +270,17 @@ class ModelRegistry:
             except KeyWrongLastSequenceError:
                 continue
         raise RegistryError(f"could not update {key}: too much contention")
+
+    async def approved(self, name: str) -> dict[int, str]:
+        """The versions governance allowed to serve, with the digest of the card it judged
+        (:func:`card_digest`): a card rewritten since is not served."""
+        kv, _ = await self._stores()
+        try:
+            entry = await kv.get(f"{name}.approved")
+        except KeyNotFoundError:
+            return {}
+        raw: dict[str, str] = msgspec.json.decode(entry.value, type=dict[str, str])
+        return {int(v): d for v, d in raw.items()}
 
     async def routes(self, name: str) -> Routes:
         """``name``'s canary and shadow (``Routes()`` when it has none)."""

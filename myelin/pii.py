@@ -13,12 +13,15 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
 from myelin.errors import ConfigError
 
 TOKEN_PREFIX = "pii:"  # noqa: S105 - a prefix, not a secret
+# an HMAC token, or a subject token (myelin.subject_keys)
+_TOKEN = re.compile(r"pii:(?:[^:]+:[0-9a-f]{32}|subject:s\.[0-9a-f]{40}:[A-Za-z0-9_-]+)")
 
 
 class Tokenizer:
@@ -37,8 +40,9 @@ class Tokenizer:
         self._active = keys[active_kid]
 
     def token(self, value: str) -> str:
-        if not value or value.startswith(TOKEN_PREFIX):
-            return value  # empty stays empty; already a token: idempotent
+        if not value or _TOKEN.fullmatch(value):
+            return value  # empty stays empty; already a token: idempotent (a value that
+            # merely starts with "pii:" is tokenized like any other)
         mac = hmac.new(self._active, value.encode(), hashlib.sha256).hexdigest()[:32]
         return f"{TOKEN_PREFIX}{self.kid}:{mac}"
 

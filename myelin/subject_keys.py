@@ -30,7 +30,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from myelin.errors import MyelinError, Retryable
 from myelin.pii import Tokenizer
@@ -78,6 +78,12 @@ def unwrap(tok: Tokenizer, name: str, blob: bytes) -> bytes:
 
 
 _TOKEN = re.compile(r"pii:subject:s\.([0-9a-f]{40}):([A-Za-z0-9_-]+)")
+
+
+def is_token(value: str) -> bool:
+    """Whether ``value`` is a whole subject token (a value merely starting ``pii:`` is
+    not: it is sealed like any other)."""
+    return _TOKEN.fullmatch(value) is not None
 
 
 def seal(key: bytes, subject: str, value: str) -> str:
@@ -191,7 +197,8 @@ class SubjectKeys:
 
     async def erase(self, subject: str) -> int:
         """Destroy the subject's key: every message of its KV key is overwritten on disk
-        (JetStream's secure delete) and the key is gone. Returns the messages erased."""
+        (JetStream's secure delete) and the key is gone. Returns the messages erased;
+        raises (never reports success) unless the key is verifiably gone."""
         name = key_name(subject)
         self._cache.pop(subject, None)
         erased = 0
@@ -199,10 +206,10 @@ class SubjectKeys:
         while True:
             try:
                 msg = await self._js.get_last_msg(STREAM, subject_filter)
-            except Exception:  # noqa: BLE001 - no message left on that subject
-                break
+            except NotFoundError:
+                break  # none left: the only way out that is not an error
             if msg.seq is None:
-                break
+                raise SubjectKeyError(f"a message of {name} has no sequence")
             await self._js.delete_msg(STREAM, msg.seq)  # erase: overwritten, not just marked
             erased += 1
         return erased

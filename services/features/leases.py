@@ -31,14 +31,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 from nats.js.errors import (
     BadRequestError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NotFoundError,
 )
 
+from myelin import bus
 from myelin.topology import LEASES_BUCKET
 from services.features.assignment import plan
 
@@ -52,12 +52,7 @@ def worker_key(worker: str) -> str:
 
 
 async def leases_bucket(js: JetStreamContext, lease_s: float, replicas: int = 1) -> Any:
-    try:
-        return await js.key_value(LEASES_BUCKET)
-    except (NotFoundError, BadRequestError):
-        return await js.create_key_value(
-            api.KeyValueConfig(bucket=LEASES_BUCKET, history=1, ttl=lease_s, replicas=replicas)
-        )
+    return await bus.kv_bucket(js, LEASES_BUCKET, history=1, replicas=replicas, ttl_s=lease_s)
 
 
 class PartitionLeases:

@@ -10,7 +10,6 @@ from nats.aio.client import Client as NATS
 
 from myelin import access, bus, sql_client
 from myelin.errors import Poison
-from myelin.nats_identity import ANONYMOUS
 from myelin.subjects import (
     RPC_FEATURES_CHECK,
     RPC_FEATURES_ERASE,
@@ -96,7 +95,7 @@ CHANGES_VIEWS = frozenset({access.OPERATOR, access.ADMIN})
 async def serve_views(nc: NATS, app: FeaturesApp) -> Any:
     """Feature view versions (``myelin features views|register|promote|retire``)."""
     decode = msgspec.json.Decoder(ViewsRequest)
-    authenticated = bus.identity_of(nc) != ANONYMOUS
+    authenticated = bus.authenticated(nc)
 
     async def handle(data: bytes, headers: dict[str, str]) -> dict[str, Any]:
         req = bus.decode_request(decode, data, "views")

@@ -8,6 +8,7 @@ authentication, what the caller says; ``anonymous`` if nothing).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from myelin.models import (
     PromotionDenied,
     RegistryError,
     Routes,
+    card_digest,
     check_name,
 )
 from myelin.nats_identity import ANONYMOUS
@@ -65,6 +67,14 @@ class ServingOwner:
         self._reg = registry
         self._decide = decide
         self._audit = audit
+        # one move of a model's aliases or routes at a time: each reads, decides, then
+        # writes what it read plus its change (two at once could undo each other). This
+        # orders the moves one governance process serves; replicas would need the routes'
+        # revision carried through (they are not run yet)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
 
     async def _ask_promote(
         self, mv: ModelVersion, alias: str, requester: str, **extra: Any
@@ -89,9 +99,26 @@ class ServingOwner:
                 f"{'; '.join(decision.reasons)}",
                 decision_id=decision.decision_id,
             )
+        await self._approve(mv)
+
+    async def _approve(self, mv: ModelVersion) -> None:
+        """Pin the card just judged: inference serves this version only while its card
+        (and so its artifact's digest) is the one approved."""
+        digest = card_digest(mv)
+
+        def change(current: bytes | None) -> bytes:
+            approved = msgspec.json.decode(current, type=dict[str, str]) if current else {}
+            approved[str(mv.version)] = digest
+            return _json.encode(approved)
+
+        await self._reg.update(f"{mv.name}.approved", change)
 
     async def set_alias(self, req: PromoteRequest, caller: str) -> None:
         """Point ``alias`` at ``version`` if the promotion is allowed."""
+        async with self._lock(check_name(req.name)):
+            await self._set_alias(req, caller)
+
+    async def _set_alias(self, req: PromoteRequest, caller: str) -> None:
         name, alias, version = check_name(req.name), req.alias, req.version
         mv = await self._reg.get(name, version)
         routes = await self._reg.routes(name)
@@ -126,6 +153,10 @@ class ServingOwner:
     async def set_routes(self, req: RoutesRequest, caller: str) -> Routes:
         """Move a model's canary and / or shadow (``0`` removes a route); each new target
         asks ``promote`` to ``canary`` / ``shadow``."""
+        async with self._lock(check_name(req.name)):
+            return await self._set_routes(req, caller)
+
+    async def _set_routes(self, req: RoutesRequest, caller: str) -> Routes:
         name = check_name(req.name)
         canary, canary_share, shadow = req.canary, req.canary_share, req.shadow
         requester = requester_of(caller, req.requester)
@@ -178,6 +209,10 @@ class ServingOwner:
     async def rollback(self, req: RollbackRequest, caller: str) -> Routes:
         """Take every route away: always allowed (it only takes traffic off versions), and
         audited. Returns the routes taken away."""
+        async with self._lock(check_name(req.name)):
+            return await self._rollback(req, caller)
+
+    async def _rollback(self, req: RollbackRequest, caller: str) -> Routes:
         name = check_name(req.name)
         requester = requester_of(caller, req.requester)
         previous = await self._reg.routes(name)

@@ -26,7 +26,7 @@ import msgspec
 
 from myelin.decisions import GovernanceClient, Verdict
 from myelin.errors import MyelinError, Retryable
-from myelin.models import ModelNotFound, ModelRegistry, ModelVersion, Routes
+from myelin.models import ModelNotFound, ModelRegistry, ModelVersion, Routes, card_digest
 from myelin.settings import Settings
 from services.inference.drift_counters import DriftCounters
 from services.inference.routing import canary_takes
@@ -50,6 +50,8 @@ class LoadedModel:
     renew_error: str = ""
     # served values per reference bin in the current window (None: no reference registered)
     drift: DriftCounters | None = None
+    # its card is not the one governance approved: refused for good, whatever the policy
+    tampered: bool = False
 
     @property
     def version(self) -> str:
@@ -228,6 +230,7 @@ class ModelHost:
             if model is not None:
                 return model
             mv = await self._registry.get(name, version)
+            pinned = (await self._registry.approved(name)).get(version)
             data = await self._registry.artifact(mv)
             ortm = await asyncio.to_thread(
                 load_onnx, data, self._s.ort_intra_threads, self._s.ort_inter_threads
@@ -236,9 +239,19 @@ class ModelHost:
                 await asyncio.to_thread(ortm.warm_up)
             except Exception as exc:  # noqa: BLE001 - real inputs may still run; serve it cold
                 log.warning("warm-up of %s v%d failed, serving it cold: %r", name, version, exc)
-            verdict = await self._decide(mv)
+            tampered = pinned is not None and pinned != card_digest(mv)
+            if tampered:
+                # rewritten since governance approved it: not this card, not served
+                verdict = Verdict(
+                    decision_id="",
+                    allow=False,
+                    reasons=[f"the card of {name} v{version} changed after governance approved it"],
+                    policy_version="",
+                )
+            else:
+                verdict = await self._decide(mv)
             drift = DriftCounters(mv.reference) if mv.reference is not None else None
-            model = LoadedModel(mv, ortm, verdict, time.monotonic(), drift=drift)
+            model = LoadedModel(mv, ortm, verdict, time.monotonic(), drift=drift, tampered=tampered)
             self._loaded[key] = model
             log.info("loaded %s v%d (allowed=%s)", name, version, verdict.allow)
             return model
@@ -254,7 +267,7 @@ class ModelHost:
             ) from None
 
     async def _check(self, model: LoadedModel) -> None:
-        if time.monotonic() - model.decided_at > self._s.policy_cache_ttl_s:
+        if not model.tampered and time.monotonic() - model.decided_at > self._s.policy_cache_ttl_s:
             model.verdict = await self._decide(model.mv)
             model.decided_at = time.monotonic()
         if not model.verdict.allow:
@@ -398,6 +411,8 @@ class ModelHost:
                 await self._renew(model)
 
     async def _renew(self, model: LoadedModel) -> None:
+        if model.tampered:
+            return  # no policy makes a rewritten card the approved one
         try:
             verdict = await self._decide(model.mv)
         except MyelinError as exc:

@@ -16,7 +16,6 @@ from myelin.api_tokens import TokenBook
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts.store import ContractStore
 from myelin.dead_letters import consumer_dead_letters
-from myelin.nats_identity import ANONYMOUS
 from myelin.pii import load_tokenizer
 from myelin.settings import Settings
 from myelin.subject_keys import SubjectKeys
@@ -97,7 +96,7 @@ class IngestApp:
             js,
             inbox.stream,
             inbox.name,
-            inbox_handler(self.ingestor, bus.identity_of(self._nc) != ANONYMOUS),
+            inbox_handler(self.ingestor, bus.authenticated(self._nc)),
             batch=500,
             shared=True,
             dead_letter=consumer_dead_letters(

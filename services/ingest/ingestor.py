@@ -20,7 +20,7 @@ from myelin import telemetry
 from myelin.bus import OutMsg, Publisher
 from myelin.errors import Overloaded, Retryable
 from myelin.records import DeadLetter
-from myelin.subject_keys import SubjectKeys
+from myelin.subject_keys import SubjectKeyError, SubjectKeys
 from myelin.subjects import dlq_subject
 from services.ingest.logic import (
     Accepted,
@@ -159,7 +159,7 @@ class Ingestor:
                 subjects = validator.pii_subjects(items, envs)
                 try:
                     keys = await self._subject_keys.keys_for(subjects) if subjects else {}
-                except (Retryable, nats.errors.Error, TimeoutError) as exc:
+                except (Retryable, SubjectKeyError, nats.errors.Error, TimeoutError) as exc:
                     raise Overloaded(
                         f"subject keys unavailable: {exc!r}", retry_after=1.0
                     ) from None

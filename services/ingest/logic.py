@@ -23,8 +23,8 @@ from typing import Any
 import msgspec
 
 from myelin.contracts import Contract, ContractRegistry, IncomingEvent, StreamEvent
-from myelin.pii import TOKEN_PREFIX, Tokenizer
-from myelin.subject_keys import seal
+from myelin.pii import Tokenizer
+from myelin.subject_keys import is_token, seal
 from myelin.subjects import event_subject, partition_of
 
 MAX_EVENTS_PER_MESSAGE = 100
@@ -166,8 +166,8 @@ def _field_error(exc: msgspec.ValidationError, prefix: str) -> str:
 
 
 def _seal(key: bytes, subject: str, value: Any) -> Any:
-    if not isinstance(value, str) or not value or value.startswith(TOKEN_PREFIX):
-        return value  # empty stays empty; already a token: idempotent
+    if not isinstance(value, str) or not value or is_token(value):
+        return value  # empty stays empty; already a subject token: idempotent
     return seal(key, subject, value)
 
 

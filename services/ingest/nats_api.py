@@ -12,7 +12,6 @@ from nats.aio.client import Client as NATS
 
 from myelin import bus, slis, telemetry
 from myelin.errors import MyelinError
-from myelin.nats_identity import ANONYMOUS
 from myelin.subjects import RPC_INGEST_PUBLISH
 from services.ingest.ingestor import BatchResult, Ingestor
 from services.ingest.logic import BatchRefused
@@ -24,7 +23,7 @@ class BatchRefusedError(MyelinError):
 
 async def serve_ingest(nc: NATS, ingestor: Ingestor) -> Any:
     # behind an authenticating server the caller's identity names the producer
-    authenticated = bus.identity_of(nc) != ANONYMOUS
+    authenticated = bus.authenticated(nc)
 
     async def handle(data: bytes, headers: dict[str, str]) -> BatchResult:
         with (

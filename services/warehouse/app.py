@@ -19,6 +19,7 @@ from nats.js.errors import NotFoundError
 
 from myelin import bus, topology
 from myelin.consume import PullLoop, ensure_consumer
+from myelin.contracts.store import ContractStore
 from myelin.dead_letters import consumer_dead_letters
 from myelin.decisions import GovernanceClient
 from myelin.errors import Poison
@@ -208,8 +209,10 @@ class WarehouseApp:
             req = bus.decode_request(decode, data, "erase")
             if not req.subject:
                 raise Poison("an erasure names its subject (the entity id)")
-            assert self.sink is not None
-            return {"deleted": await erase_subject(self.sink, req.subject)}
+            assert self.sink is not None and self._nc is not None
+            registry = await ContractStore(bus.jetstream(self._nc, self.settings)).registry()
+            key_fields = [c.key_field for c in registry]
+            return {"deleted": await erase_subject(self.sink, req.subject, key_fields)}
 
         return await bus.serve(self._nc, RPC_WAREHOUSE_ERASE, handle)
 

@@ -31,6 +31,7 @@ from myelin.errors import RemoteError
 from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
 from myelin.grpc_client import ca_file
+from myelin.models import ModelRegistry, card_digest
 from myelin.records import AuditRecord
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
@@ -392,3 +393,31 @@ async def test_grpc_needs_tls_and_an_application_token(doors: Stack) -> None:
         for r in await _records(s, access.FORBIDDEN_ACTION)
     }
     assert ("producer", "/inference.GRPCInferenceService/ServerMetadata") in callers
+
+
+async def test_a_card_rewritten_after_approval_is_not_served(settings: Settings) -> None:
+    """The operator may add model versions, not change what governance approved: a
+    version card rewritten after its promotion (here, a better AUC claimed) is refused
+    by inference, whatever the serve policy would say of the new card."""
+    from tests.helpers import register, tiny_model
+
+    async with Stack(settings, log=lambda _m: None, services=("governance", "inference")) as stack:
+        nc = await bus.connect(settings, "test")  # the operator
+        try:
+            version = await register(nc, settings, tiny_model())
+            reg = ModelRegistry(nc, bus.jetstream(nc, settings))
+            mv = await reg.get("ctr", version)
+            assert (await reg.approved("ctr")) == {version: card_digest(mv)}
+            forged = msgspec.structs.replace(mv, metrics={**mv.metrics, "auc": 0.99})
+            kv = await nc.jetstream().key_value(MODELS_BUCKET)
+            await kv.put(f"ctr.v{version}", msgspec.json.encode(forged))  # allowed: a card
+        finally:
+            await nc.close()
+        await stack.restart_service("inference")  # it reads the card again
+        async with grpc_client.channel(settings) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await oip_grpc.GRPCInferenceServiceStub(ch).ModelMetadata(
+                    oip.ModelMetadataRequest(name="ctr"), timeout=10
+                )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value
+        assert "changed after governance approved it" in (err.value.details() or "")

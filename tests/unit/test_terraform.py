@@ -101,11 +101,16 @@ def test_jetstream_module_declares_every_stream_bucket_and_consumer_from_it() ->
     assert "jsondecode(file(var.topology_file))" in str(locals_["topology"])
     for kind, source in (
         ("jetstream_stream", "local.streams"),
-        ("jetstream_kv_bucket", "local.buckets"),
         ("jetstream_consumer", "local.consumers"),
     ):
         (body,) = resources(mod, kind).values()
         assert source in str(body["for_each"]), kind
+    # KV buckets are the streams behind them, with rollups refused (myelin.bus provisions
+    # them so): a jetstream_kv_bucket would take rollup headers
+    assert not resources(mod, "jetstream_kv_bucket")
+    assert "local.buckets" in str(locals_["streams"])
+    (stream,) = resources(mod, "jetstream_stream").values()
+    assert stream["allow_rollup_hdrs"] is False
     platform = module("platform")
     calls = {n: b for block in platform["module"] for n, b in block.items()}
     assert "topology.json" in str(calls["jetstream"]["topology_file"])

@@ -2,26 +2,26 @@
 # from the generated topology file: nothing here names a stream by hand.
 locals {
   topology = jsondecode(file(var.topology_file))
-  # A KV bucket refuses deleting single messages; an erasable one (the per-subject PII
-  # keys, securely deleted on erasure) is declared as the stream behind it instead
-  buckets = { for k, v in local.topology.kv_buckets : k => v if !v.erasable }
-  erasable_buckets = {
+  # KV buckets are declared as the streams behind them, as the platform provisions them:
+  # rollup headers refused (with them, whoever may write one key could wipe the bucket),
+  # and single deletes allowed only in an erasable bucket (the per-subject PII keys)
+  buckets = {
     for k, v in local.topology.kv_buckets : "KV_${k}" => {
       subjects             = ["$KV.${k}.>"]
-      max_age_s            = 0
-      duplicate_window_s   = 120
+      max_age_s            = v.ttl_s
+      duplicate_window_s   = v.ttl_s > 0 ? min(v.ttl_s, 120) : 120
       discard              = "new"
       max_msgs_per_subject = v.history
-      allow_rollup_hdrs    = true
-    } if v.erasable
+      deny_delete          = !v.erasable
+    }
   }
   streams = merge(
     { for k, v in local.topology.streams : k => merge(v, {
       discard              = "old"
       max_msgs_per_subject = -1
-      allow_rollup_hdrs    = false
+      deny_delete          = false
     }) },
-    local.erasable_buckets,
+    local.buckets,
   )
   consumers = local.topology.consumers
 }
@@ -36,18 +36,10 @@ resource "jetstream_stream" "stream" {
   max_age              = each.value.max_age_s
   duplicate_window     = each.value.duplicate_window_s
   max_msgs_per_subject = each.value.max_msgs_per_subject
-  allow_rollup_hdrs    = each.value.allow_rollup_hdrs
-  deny_delete          = false
+  allow_rollup_hdrs    = false
+  deny_delete          = each.value.deny_delete
   max_bytes            = var.max_bytes_per_stream
   replicas             = var.replicas
-}
-
-resource "jetstream_kv_bucket" "bucket" {
-  for_each = local.buckets
-  name     = each.key
-  history  = each.value.history
-  ttl      = each.value.ttl_s > 0 ? each.value.ttl_s : null
-  replicas = var.replicas
 }
 
 # The services own their consumers' positions: a drain re-creates its consumer right

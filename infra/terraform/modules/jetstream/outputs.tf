@@ -4,8 +4,8 @@ output "streams" {
 }
 
 output "kv_buckets" {
-  description = "Every KV bucket's name."
-  value       = keys(jetstream_kv_bucket.bucket)
+  description = "Every KV bucket's name (each declared as the stream KV_<name>)."
+  value       = [for k in keys(local.buckets) : trimprefix(k, "KV_")]
 }
 
 output "consumers" {
