@@ -18,6 +18,7 @@ cache within :data:`CACHE_TTL_S`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -39,6 +40,7 @@ BUCKET = "myelin_subject_keys"  # myelin.topology.SUBJECT_KEYS_BUCKET
 STREAM = f"KV_{BUCKET}"
 TOKEN_PREFIX = "pii:subject:"  # noqa: S105 - a prefix, not a secret
 CACHE_TTL_S = 30.0  # how long a process may keep using a key after it was erased
+CONCURRENCY = 64  # subject keys read or created at once
 
 
 class SubjectKeyError(MyelinError):
@@ -128,18 +130,31 @@ class SubjectKeys:
         return self._kv
 
     async def keys_for(self, subjects: Iterable[str]) -> dict[str, bytes]:
-        """Each subject's key, created when it has none (one KV round trip per subject
-        not cached; the common case, a subject seen in the last half minute, costs none)."""
+        """Each subject's key, created when it has none. A subject seen in the last half
+        minute costs nothing; the others are read (or created) concurrently, up to
+        :data:`CONCURRENCY` at once: a batch that brings a thousand new subjects waits
+        for a few round trips, not a thousand."""
         now = time.monotonic()
         out: dict[str, bytes] = {}
+        missing: list[str] = []
         for subject in subjects:
             hit = self._cache.get(subject)
             if hit is not None and hit[1] > now:
                 out[subject] = hit[0]
-                continue
-            key = await self._get_or_create(subject)
-            self._cache[subject] = (key, now + CACHE_TTL_S)
-            out[subject] = key
+            else:
+                missing.append(subject)
+        if missing:
+            gate = asyncio.Semaphore(CONCURRENCY)
+
+            async def one(subject: str) -> bytes:
+                async with gate:
+                    return await self._get_or_create(subject)
+
+            keys = await asyncio.gather(*(one(s) for s in missing))
+            expires = time.monotonic() + CACHE_TTL_S
+            for subject, key in zip(missing, keys, strict=True):
+                self._cache[subject] = (key, expires)
+                out[subject] = key
         if len(self._cache) > 100_000:
             self._cache = {s: v for s, v in self._cache.items() if v[1] > now}
         return out
