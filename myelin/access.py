@@ -201,11 +201,9 @@ def _objects_write(bucket: str) -> list[str]:
     ]
 
 
-def _publish_to(
-    stream: str, settings: Settings, subjects: Iterable[str] | None = None
-) -> list[str]:
+def _publish_to(stream: str, settings: Settings) -> list[str]:
     spec = next(s for s in topology.streams(settings) if s.name == stream)
-    return list(subjects if subjects is not None else spec.subjects)
+    return list(spec.subjects)
 
 
 def _foreign_durables(owner: str, stream: str, settings: Settings) -> list[str]:

@@ -20,8 +20,10 @@ from pathlib import Path
 from myelin.errors import ConfigError
 
 TOKEN_PREFIX = "pii:"  # noqa: S105 - a prefix, not a secret
-# an HMAC token, or a subject token (myelin.subject_keys)
-_TOKEN = re.compile(r"pii:(?:[^:]+:[0-9a-f]{32}|subject:s\.[0-9a-f]{40}:[A-Za-z0-9_-]+)")
+# a subject token (myelin.subject_keys): its key's name (hash) and the ciphertext
+SUBJECT_TOKEN = r"pii:subject:s\.([0-9a-f]{40}):([A-Za-z0-9_-]+)"  # noqa: S105 - a pattern, not a secret
+# an HMAC token, or a subject token
+_TOKEN = re.compile(rf"pii:[^:]+:[0-9a-f]{{32}}|{SUBJECT_TOKEN}")
 
 
 class Tokenizer:

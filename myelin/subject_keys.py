@@ -28,13 +28,15 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from myelin.errors import MyelinError, Retryable
-from myelin.pii import Tokenizer
+from myelin.bus import decode_request
+from myelin.errors import MyelinError, Poison, Retryable
+from myelin.pii import SUBJECT_TOKEN, Tokenizer
 
 BUCKET = "myelin_subject_keys"  # myelin.topology.SUBJECT_KEYS_BUCKET
 STREAM = f"KV_{BUCKET}"
@@ -45,6 +47,23 @@ CONCURRENCY = 64  # subject keys read or created at once
 
 class SubjectKeyError(MyelinError):
     code = "subject_key_error"
+
+
+class EraseSubject(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What governance's erasure asks the features service and the warehouse."""
+
+    subject: str
+
+
+_erase_dec = msgspec.json.Decoder(EraseSubject)
+
+
+def erase_request_subject(data: bytes) -> str:
+    """The subject of an erase request; :class:`Poison` for a bad or empty one."""
+    subject = decode_request(_erase_dec, data, "erase").subject
+    if not subject:
+        raise Poison("an erasure names its subject (the entity id)")
+    return subject
 
 
 def key_name(subject: str) -> str:
@@ -79,7 +98,7 @@ def unwrap(tok: Tokenizer, name: str, blob: bytes) -> bytes:
         ) from None
 
 
-_TOKEN = re.compile(r"pii:subject:s\.([0-9a-f]{40}):([A-Za-z0-9_-]+)")
+_TOKEN = re.compile(SUBJECT_TOKEN)
 
 
 def is_token(value: str) -> bool:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import nats.errors
 import numpy as np
 import pyarrow as pa
 from nats.aio.client import Client as NATS
@@ -16,9 +18,16 @@ from myelin import bus
 from myelin.contracts import StreamEvent
 from myelin.demo.trainer import Trained, train
 from myelin.models import ModelRegistry, Provenance
+from myelin.records import AuditRecord
 from myelin.settings import Settings
 from myelin.sql_client import wait_stored
-from myelin.subjects import EVENTS_STREAM, FEATURES_STREAM, RPC_WAREHOUSE_QUERY, health_subject
+from myelin.subjects import (
+    AUDIT_STREAM,
+    EVENTS_STREAM,
+    FEATURES_STREAM,
+    RPC_WAREHOUSE_QUERY,
+    health_subject,
+)
 from services.features.views import USER_ACTIVITY
 
 FEATURES = list(USER_ACTIVITY.feature_names)
@@ -196,3 +205,19 @@ async def seed_online_features(
         )
         batch.append((i + 1, mp.encode([ev])))
     await p.process(batch)
+
+
+async def audit_records(settings: Settings, action: str) -> list[AuditRecord]:
+    """Every audit record of ``action`` on the AUDIT stream so far (read as admin)."""
+    nc = await bus.connect(settings, "test-audit", reconnect=False, identity="admin")
+    try:
+        sub = await nc.jetstream().pull_subscribe(f"myelin.audit.{action}", stream=AUDIT_STREAM)
+        out: list[AuditRecord] = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                for m in await sub.fetch(100, timeout=0.5):
+                    out.append(msgspec.msgpack.decode(m.data, type=AuditRecord))
+        await sub.unsubscribe()
+        return out
+    finally:
+        await nc.close()

@@ -9,7 +9,7 @@ import pyarrow as pa
 from nats.aio.client import Client as NATS
 
 from myelin import access, bus, sql_client
-from myelin.errors import Poison
+from myelin.subject_keys import erase_request_subject
 from myelin.subjects import (
     RPC_FEATURES_CHECK,
     RPC_FEATURES_ERASE,
@@ -70,20 +70,13 @@ async def serve_check(nc: NATS, app: FeaturesApp) -> Any:
     return await bus.serve(nc, RPC_FEATURES_CHECK, handle, queue=QUEUE)
 
 
-class EraseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    subject: str
-
-
 async def serve_erase(nc: NATS, app: FeaturesApp) -> Any:
     """Forget a subject's online state (asked by governance's erasure)."""
-    decode = msgspec.json.Decoder(EraseRequest)
 
     async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-        req = bus.decode_request(decode, data, "erase")
-        if not req.subject:
-            raise Poison("an erasure names its subject (the entity id)")
+        subject = erase_request_subject(data)
         assert app.redis is not None and app.view_registry is not None
-        return {"deleted": await erase_entity(app.redis, app.view_registry, req.subject)}
+        return {"deleted": await erase_entity(app.redis, app.view_registry, subject)}
 
     return await bus.serve(nc, RPC_FEATURES_ERASE, handle, queue=QUEUE)
 

@@ -25,7 +25,7 @@ from myelin.decisions import GovernanceClient
 from myelin.errors import Poison
 from myelin.pii import load_tokenizer
 from myelin.settings import Settings
-from myelin.subject_keys import SubjectKeys
+from myelin.subject_keys import SubjectKeys, erase_request_subject
 from myelin.subjects import (
     AUDIT_STREAM,
     DLQ_STREAM,
@@ -65,10 +65,6 @@ WAREHOUSE_NICENESS = 10
 
 class RewindRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     from_seq: int = 1
-
-
-class EraseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    subject: str
 
 
 class WarehouseApp:
@@ -203,16 +199,13 @@ class WarehouseApp:
 
     async def _serve_erase(self) -> Any:
         assert self._nc is not None
-        decode = msgspec.json.Decoder(EraseRequest)
 
         async def handle(data: bytes, _headers: dict[str, str]) -> dict[str, Any]:
-            req = bus.decode_request(decode, data, "erase")
-            if not req.subject:
-                raise Poison("an erasure names its subject (the entity id)")
+            subject = erase_request_subject(data)
             assert self.sink is not None and self._nc is not None
             registry = await ContractStore(bus.jetstream(self._nc, self.settings)).registry()
             key_fields = [c.key_field for c in registry]
-            return {"deleted": await erase_subject(self.sink, req.subject, key_fields)}
+            return {"deleted": await erase_subject(self.sink, subject, key_fields)}
 
         return await bus.serve(self._nc, RPC_WAREHOUSE_ERASE, handle)
 

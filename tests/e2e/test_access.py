@@ -32,11 +32,9 @@ from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
 from myelin.grpc_client import ca_file
 from myelin.models import ModelRegistry, card_digest
-from myelin.records import AuditRecord
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
 from myelin.subjects import (
-    AUDIT_STREAM,
     EVENTS_STREAM,
     FEATURES_STREAM,
     MODELS_BUCKET,
@@ -54,6 +52,7 @@ from myelin.subjects import (
     RPC_WAREHOUSE_QUERY,
     RPC_WAREHOUSE_REWIND,
 )
+from tests.helpers import audit_records
 
 pytestmark = pytest.mark.e2e
 
@@ -165,7 +164,7 @@ async def test_a_client_without_credentials_is_refused_and_credentials_are_priva
     # both refusals are on the audit trail (governance hears the server's advisories)
     for _ in range(100):
         nats_door = [
-            r for r in await _records(s, access.UNAUTHENTICATED_ACTION) if r.subject == "nats"
+            r for r in await audit_records(s, access.UNAUTHENTICATED_ACTION) if r.subject == "nats"
         ]
         if len(nats_door) >= 2:
             break
@@ -208,7 +207,7 @@ async def test_every_mutating_endpoint_refuses_the_wrong_identity_and_audits_it(
             await bus.request(c.nc, RPC_FEATURES_VIEWS, {"op": "register"}, timeout=10.0)
         assert err.value.code == "forbidden"
         assert "may not call myelin.rpc.features.views (register)" in err.value.message
-    records = await _records(s, access.FORBIDDEN_ACTION)
+    records = await audit_records(s, access.FORBIDDEN_ACTION)
     seen = {(msgspec.json.decode(r.input_json)["caller"], r.subject) for r in records}
     for endpoint, _body, identity in ATTEMPTS:
         assert (identity, endpoint) in seen, f"no audit record of {identity} at {endpoint}"
@@ -297,21 +296,6 @@ def _click(event_id: str) -> dict[str, object]:
     }
 
 
-async def _records(settings: Settings, action: str) -> list[AuditRecord]:
-    nc = await bus.connect(settings, "test-audit", reconnect=False, identity=access.ADMIN)
-    try:
-        sub = await nc.jetstream().pull_subscribe(f"myelin.audit.{action}", stream=AUDIT_STREAM)
-        out: list[AuditRecord] = []
-        with contextlib.suppress(nats.errors.TimeoutError):
-            while True:
-                for m in await sub.fetch(100, timeout=0.5):
-                    out.append(msgspec.msgpack.decode(m.data, type=AuditRecord))
-        await sub.unsubscribe()
-        return out
-    finally:
-        await nc.close()
-
-
 async def test_http_ingest_needs_a_producer_token_and_stamps_its_identity(doors: Stack) -> None:
     s = doors.settings
     url = f"http://127.0.0.1:{s.ingest_http_port}/v1/events"
@@ -333,9 +317,9 @@ async def test_http_ingest_needs_a_producer_token_and_stamps_its_identity(doors:
         async with http.post(url, json=[_click("stamped-1")], headers=ok) as r:
             assert r.status == 200, await r.text()
             assert (await r.json())["accepted"] == 1
-    unauthenticated = await _records(s, access.UNAUTHENTICATED_ACTION)
+    unauthenticated = await audit_records(s, access.UNAUTHENTICATED_ACTION)
     assert len([r for r in unauthenticated if r.subject == "POST /v1/events"]) == 3
-    forbidden = await _records(s, access.FORBIDDEN_ACTION)
+    forbidden = await audit_records(s, access.FORBIDDEN_ACTION)
     assert any(msgspec.json.decode(r.input_json)["caller"] == "app" for r in forbidden)
     # nothing refused was stored; the accepted event carries the token's producer
     nc = await bus.connect(s, "test-events", reconnect=False, identity=access.ADMIN)
@@ -386,11 +370,11 @@ async def test_grpc_needs_tls_and_an_application_token(doors: Stack) -> None:
             oip.ServerMetadataRequest(), timeout=5
         )
         assert meta.name
-    methods = {r.subject for r in await _records(s, access.UNAUTHENTICATED_ACTION)}
+    methods = {r.subject for r in await audit_records(s, access.UNAUTHENTICATED_ACTION)}
     assert "/inference.GRPCInferenceService/ServerMetadata" in methods
     callers = {
         (msgspec.json.decode(r.input_json)["caller"], r.subject)
-        for r in await _records(s, access.FORBIDDEN_ACTION)
+        for r in await audit_records(s, access.FORBIDDEN_ACTION)
     }
     assert ("producer", "/inference.GRPCInferenceService/ServerMetadata") in callers
 

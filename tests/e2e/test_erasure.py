@@ -21,12 +21,11 @@ from myelin.api_tokens import client_headers
 from myelin.errors import RemoteError
 from myelin.online import PREFIX
 from myelin.pii import load_tokenizer
-from myelin.records import AuditRecord
 from myelin.settings import Settings
 from myelin.stack.supervisor import Stack
 from myelin.subject_keys import STREAM, SubjectKeys, key_name, open_token
-from myelin.subjects import AUDIT_STREAM, RPC_GOVERNANCE_ERASE, RPC_WAREHOUSE_QUERY
-from tests.helpers import wait_caught_up
+from myelin.subjects import RPC_GOVERNANCE_ERASE, RPC_WAREHOUSE_QUERY
+from tests.helpers import audit_records, wait_caught_up
 
 pytestmark = pytest.mark.e2e
 GONE, KEPT = "u-forget-me", "u-keep-me"
@@ -197,12 +196,7 @@ async def test_an_erased_subject_is_unreadable_everywhere_and_others_are_kept(
             assert not _files_with(s.state_dir / "nats", b"@mail.example")
 
             # audited: the decision and what was done, by hash only
-            sub = await js.pull_subscribe("myelin.audit.erasure", stream=AUDIT_STREAM)
-            records = [
-                msgspec.msgpack.decode(m.data, type=AuditRecord)
-                for m in await sub.fetch(10, timeout=5)
-            ]
-            await sub.unsubscribe()
+            records = await audit_records(s, "erasure")
             done = [r for r in records if r.policy_version == ""]
             decisions = [r for r in records if r.policy_version]
             assert [r.allow for r in decisions] == [False, True]
