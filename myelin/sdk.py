@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 import uuid
@@ -48,6 +47,7 @@ from myelin.contracts.store import ContractStore
 from myelin.errors import MyelinError, Overloaded, RemoteError, Retryable
 from myelin.nats_identity import ANONYMOUS, check_identity, inbox_prefix
 from myelin.subjects import RPC_INGEST_PUBLISH
+from myelin.tasks import cancel_and_wait
 
 #: How deep a value may nest (contracts have flat fields; this only bounds the checks).
 MAX_DEPTH = 32
@@ -286,9 +286,7 @@ class Producer:
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await cancel_and_wait(self._flusher)
             self._flusher = None
         if self._nc is not None:
             try:

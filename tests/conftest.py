@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+import sys
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,6 +23,42 @@ from myelin.stack.supervisor import with_ports
 from myelin.warehouse import ChdbWarehouse, Warehouse, open_warehouse
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dump_tasks() -> None:
+    """Where every asyncio task waits (pytest-timeout shows only the event loop's select)."""
+    out = sys.stderr
+    print("\n---- asyncio tasks still running near the test's timeout ----", file=out)
+    for task in list(getattr(asyncio.tasks, "_all_tasks", ())):  # every loop's tasks
+        if task.done():
+            continue
+        print(f"task {task.get_name()}:", file=out)
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # the chain of awaits, outermost first
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                print(f"  awaiting {awaited!r}", file=out)
+                break
+            print(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}", file=out)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    out.flush()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """Shortly before pytest-timeout fails a test, print the stacks of its asyncio tasks:
+    a hang in CI is then found from the log, not by reproducing it."""
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else item.config.getini("timeout")
+    timer = threading.Timer(max(float(limit or 0) - 5, 1), _dump_tasks) if limit else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        return (yield)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 @pytest.fixture

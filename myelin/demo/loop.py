@@ -44,6 +44,7 @@ from myelin.models import ModelRegistry, PromotionDenied
 from myelin.quality import agreement_sql
 from myelin.retraining import RetrainJob, advance, list_jobs
 from myelin.settings import Settings
+from myelin.tasks import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -150,9 +151,7 @@ class LiveTraffic:
         task = asyncio.ensure_future(step)
         await asyncio.wait({task, self._task}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             await self._task  # raises its error
             raise RuntimeError("the live traffic stopped on its own")
         return task.result()

@@ -39,6 +39,7 @@ from myelin.retraining.jobs import JobStateName, JobStore, RetrainJob, Trigger, 
 from myelin.retraining.lineage import TRAINING_LABELS, code_version, fingerprint
 from myelin.retraining.training_data import NatsTrainingData, TrainingData
 from myelin.settings import Settings
+from myelin.tasks import cancel_and_wait
 from myelin.trainers import Fitted, LoadedTrainer, TrainerError, load_trainer, time_split
 from myelin.training import labels_sql, training_set_sql
 
@@ -224,9 +225,7 @@ class Retrainer:
                 log.exception("retrain job %s failed", job.job_id)
             job = await self._finish(job, "failed", reason, transient=is_transient(exc) is True)
         finally:
-            beat.cancel()
-            with contextlib.suppress(BaseException):
-                await beat
+            await cancel_and_wait(beat)
         return job
 
     async def _finish(

@@ -34,6 +34,7 @@ from myelin.stack.nats_connect import connect_once
 from myelin.stack.ports import PortClaim, check_ports_free
 from myelin.stack.process import ManagedProcess, ProcessError, describe_exit, log_tail
 from myelin.subjects import health_subject
+from myelin.tasks import cancel_all, cancel_and_wait
 
 SERVICES = ("governance", "warehouse", "features", "inference", "ingest", "retrainer", "ops")
 ENGINES = ("nats-server", "redis-server")
@@ -311,8 +312,7 @@ class Stack:
         try:
             pending = self._restarting.pop(name, None)
             if pending is not None:  # a restart in backoff: the caller takes over
-                pending.cancel()
-                await asyncio.wait([pending])  # without taking on its cancellation
+                await cancel_and_wait(pending)  # without taking on its cancellation
             try:
                 yield child
             except Exception:
@@ -416,9 +416,7 @@ class Stack:
         # This runs in a task of its own, so it never cancels itself; whatever a watcher
         # ended with has been said already (or does not matter once stopping).
         watchers = [t for t in (self._monitor_task, *self._restarting.values()) if t]
-        for task in watchers:
-            task.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
+        await cancel_all(watchers)
         self._restarting.clear()
         for name in reversed(list(self.procs)):
             code = await self.procs[name].stop(timeout=30.0)

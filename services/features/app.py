@@ -33,6 +33,7 @@ from myelin.online import OnlineReader
 from myelin.service import BatchGc
 from myelin.settings import Settings
 from myelin.subjects import EVENTS_STREAM, event_subject
+from myelin.tasks import cancel_all
 from services.features.event_dead_letters import event_dead_letters
 from services.features.feature_rows import RowsSink, rows_publisher
 from services.features.late_sink import late_publisher
@@ -394,10 +395,7 @@ class FeaturesApp:
         self._subs.clear()
         if self.replayer is not None:
             await self.replayer.stop()
-        for task in (self._lease_task, self._progress):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await cancel_all(t for t in (self._lease_task, self._progress) if t is not None)
         if self.leases is not None:  # the others take this worker's partitions at once
             await self.leases.close()
         parts = [

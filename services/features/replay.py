@@ -38,6 +38,7 @@ from myelin.subjects import (
     FEATURES_STREAM,
     RPC_WAREHOUSE_REWIND,
 )
+from myelin.tasks import cancel_and_wait
 from services.features.feature_rows import RowsSink
 from services.features.logic import WindowEngine
 from services.features.online_store import MemoryStateStore
@@ -253,9 +254,7 @@ class Replayer:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     def snapshot(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.to_builtins(self.status)

@@ -23,6 +23,7 @@ from myelin.models import ModelRegistry
 from myelin.online import OnlineReader
 from myelin.redis_wire import RedisWire
 from myelin.settings import Settings
+from myelin.tasks import cancel_and_wait
 from services.inference.drift_watch import DriftWatch
 from services.inference.grpc_api import build_server
 from services.inference.grpc_auth import TokenAuth
@@ -31,7 +32,6 @@ from services.inference.predictor import Predictor
 from services.inference.readiness import Probe, Readiness
 from services.inference.recorder import Recorder
 from services.inference.shadow import ShadowScorer
-from services.inference.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

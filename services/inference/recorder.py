@@ -24,7 +24,7 @@ from myelin import telemetry
 from myelin.bus import OutMsg, Publisher
 from myelin.records import InferenceRecord
 from myelin.subjects import inference_subject
-from services.inference.tasks import cancel_and_wait
+from myelin.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _enc = msgspec.msgpack.Encoder()

@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from myelin.records import InferenceRecord
+from myelin.tasks import cancel_and_wait
 from services.inference.logic import positive_scores, probabilities
-from services.inference.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from services.inference.model_host import LoadedModel

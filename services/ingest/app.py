@@ -19,6 +19,7 @@ from myelin.dead_letters import consumer_dead_letters
 from myelin.pii import load_tokenizer
 from myelin.settings import Settings
 from myelin.subject_keys import SubjectKeys
+from myelin.tasks import cancel_all
 from services.ingest.http_api import DOOR, build_app
 from services.ingest.ingestor import Ingestor
 from services.ingest.logic import Limits, RecentIds, Validator, sanitize
@@ -143,10 +144,9 @@ class IngestApp:
             self._sub = None
         if self._inbox is not None:
             self._inbox.stop()
-        for t in self._tasks:
-            if t.get_name() != "ingest-inbox":
-                t.cancel()
-        for t in self._tasks:
+        inbox = [t for t in self._tasks if t.get_name() == "ingest-inbox"]
+        await cancel_all(t for t in self._tasks if t.get_name() != "ingest-inbox")
+        for t in inbox:  # stopped above: it finishes what it holds
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()

@@ -5,7 +5,6 @@ letters and governance denials from the warehouse's SQL door every few seconds."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -16,6 +15,7 @@ from nats.aio.client import Client as NATS
 from myelin import bus
 from myelin.settings import Settings
 from myelin.subjects import RPC_WAREHOUSE_QUERY, health_subject
+from myelin.tasks import cancel_all
 from services.ops.series import Series
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,5 @@ class Collector:
         ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all(self._tasks)
         self._tasks = []

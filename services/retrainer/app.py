@@ -18,6 +18,7 @@ from myelin.models import ModelRegistry
 from myelin.retraining import Retrainer
 from myelin.settings import Settings
 from myelin.subjects import DRIFT_STREAM
+from myelin.tasks import cancel_all
 from myelin.trainers import load_trainer
 from services.retrainer.drift_api import drift_handler
 from services.retrainer.schedule import run_schedule
@@ -97,8 +98,8 @@ class RetrainerApp:
             self.loop.stop()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=STOP_GRACE_S)
-            for task in pending:  # a job still training: interrupted, taken over later
-                task.cancel()
+            # a job still training: interrupted, taken over later
+            await cancel_all(pending)
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks.clear()
         if self._nc is not None:

@@ -21,6 +21,7 @@ from myelin.consume import BatchHandler, PoisonMessages
 from myelin.errors import BAD_INPUT, Retryable
 from myelin.records import DriftDetected
 from myelin.retraining import Retrainer, RetrainError, drift_trigger
+from myelin.tasks import cancel_and_wait
 from services.retrainer.logic import drift_triggers
 
 _dec = msgspec.msgpack.Decoder(DriftDetected)
@@ -63,8 +64,6 @@ def drift_handler(retrainer: Retrainer, ack_wait_s: float) -> BatchHandler:
                         f"retrain job {job.job_id} failed for a cause that may pass: {job.reason}"
                     )
         finally:
-            alive.cancel()
-            with contextlib.suppress(BaseException):
-                await alive
+            await cancel_and_wait(alive)
 
     return handle

@@ -37,6 +37,7 @@ from myelin.subjects import (
     RPC_WAREHOUSE_ERASE,
     RPC_WAREHOUSE_REWIND,
 )
+from myelin.tasks import cancel_and_wait
 from myelin.warehouse import open_warehouse
 from services.warehouse.drains import (
     audit_drain,
@@ -221,9 +222,7 @@ class WarehouseApp:
 
     async def stop(self) -> None:
         if self._retention_task is not None:
-            self._retention_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._retention_task
+            await cancel_and_wait(self._retention_task)
             self._retention_task = None
         if self._http is not None:
             await self._http.cleanup()

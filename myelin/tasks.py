@@ -1,9 +1,11 @@
-"""Stopping the service's background tasks reliably."""
+"""Stopping background tasks reliably (every service and client uses this, not a bare
+``task.cancel()``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -22,3 +24,8 @@ async def cancel_and_wait(task: asyncio.Task[Any], retry_s: float = 0.5) -> None
         await asyncio.wait({task}, timeout=retry_s)
     if not task.cancelled() and task.exception() is not None:
         log.warning("task %s had failed: %r", task.get_name(), task.exception())
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]], retry_s: float = 0.5) -> None:
+    """``cancel_and_wait`` for each of ``tasks``, all at once."""
+    await asyncio.gather(*(cancel_and_wait(t, retry_s) for t in tasks))
