@@ -467,6 +467,7 @@ class FeaturesApp:
             "partitions": self.owned_partitions(),
             "workers": self.leases.members if self.leases else [],
             "partition_moves": self.leases.moves if self.leases else 0,
+            "lease_error": self.leases.last_error if self.leases else "",
             "idle": all(loop.idle for loop in loops),
             "drained": {loop.durable: loop.messages for loop in loops},
             "replay": self.replayer.snapshot() if self.replayer else {},

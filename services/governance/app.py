@@ -8,7 +8,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from myelin import bus
-from myelin.audit import AuditLog
+from myelin.audit import AuditTrail
 from myelin.models import ModelRegistry
 from myelin.settings import Settings
 from myelin.subject_keys import SubjectKeys
@@ -33,6 +33,7 @@ class GovernanceApp:
         self._auth_audit: NATS | None = None  # hears refused NATS connections
         self._engine: PolicyEngine | None = None
         self.decider: Decider | None = None
+        self._audit: AuditTrail | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -49,7 +50,10 @@ class GovernanceApp:
         )
         self._nc = await bus.connect(s, self.name)
         js = bus.jetstream(self._nc, s)
-        audit = AuditLog(bus.Publisher(js, s))
+        # decisions return once their record is on the connection, ahead of the reply;
+        # acknowledged behind it (see myelin.audit)
+        audit = self._audit = AuditTrail(self._nc, s)
+        await audit.start()
         self.decider = Decider(self._engine, audit, s.policy_cache_ttl_s)
         owner = ServingOwner(ModelRegistry(self._nc, js), self.decider.decide, audit)
         # erasure destroys keys, never reads them: no PII key needed here
@@ -68,6 +72,8 @@ class GovernanceApp:
         if self._auth_audit is not None:
             await self._auth_audit.close()
             self._auth_audit = None
+        if self._audit is not None:  # the records in flight are stored before leaving
+            await self._audit.close()
         if self._nc is not None:
             await self._nc.drain()
             self._nc = None
@@ -76,9 +82,13 @@ class GovernanceApp:
             self._engine = None
 
     def status(self) -> dict[str, Any]:
-        d = self.decider
+        d, trail = self.decider, self._audit
+        lagging = trail is not None and trail.lag_s() > trail.max_lag_s
         return {
-            "ready": d is not None,  # policies compiled, decisions served
+            # policies compiled, and the audit trail keeps up (else decisions are withheld)
+            "ready": d is not None and not lagging,
+            "not_ready": [f"audit trail lags: {trail.last_error}"] if trail and lagging else [],
+            **(trail.snapshot() if trail else {}),
             "policy_version": self._engine.version if self._engine else "",
             "decisions": d.decisions if d else 0,
             "denials": d.denials if d else 0,

@@ -101,6 +101,27 @@ async def wait_for_meta_leader(settings: Settings, timeout_s: float = 30.0) -> N
         await nc.close()
 
 
+def settle_report(s: Settings, workers: list[dict[str, Any]]) -> str:
+    """What each features worker says and logged about its leases (the workers run in
+    processes of their own: their logs are not captured by pytest)."""
+    lines = [f"partitions held: {sorted(p for w in workers for p in w['partitions'])}"]
+    for w in workers:
+        lines.append(
+            f"{w['worker']}: partitions {w['partitions']}, members {w['workers']}, "
+            f"moves {w['partition_moves']}, lease error {w['lease_error']!r}"
+        )
+    for name in ("features", "features-2"):
+        log_file = s.state_dir / "logs" / f"{name}.log"
+        text = log_file.read_text(errors="replace") if log_file.exists() else ""
+        keep = [
+            line
+            for line in text.splitlines()
+            if "lease" in line or "partition" in line or " WARNING " in line or " ERROR " in line
+        ]
+        lines += [f"-- {name}.log (lease, partition, warnings; last 60)", *keep[-60:]]
+    return "\n".join(lines)
+
+
 @pytest.mark.timeout(480)  # a failover on a loaded 2-core machine took up to ~2 min
 async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -161,7 +182,7 @@ async def test_the_platform_keeps_flowing_when_the_events_leader_dies(
                     held = sorted(p for w in workers for p in w["partitions"])
                     if held == list(range(s.partitions)):
                         break
-                    assert time.monotonic() < deadline, f"partitions held: {held}"
+                    assert time.monotonic() < deadline, settle_report(s, workers)
                     await asyncio.sleep(0.5)
                 counts = {
                     k: sum(w[k] for w in workers)
