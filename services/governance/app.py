@@ -55,10 +55,12 @@ class GovernanceApp:
         audit = self._audit = AuditTrail(self._nc, s)
         await audit.start()
         self.decider = Decider(self._engine, audit, s.policy_cache_ttl_s)
-        owner = ServingOwner(ModelRegistry(self._nc, js), self.decider.decide, audit)
+        # what was done already is recorded whatever the trail's lag (see AuditTrail)
+        done = audit.after_the_fact
+        owner = ServingOwner(ModelRegistry(self._nc, js), self.decider.decide, done)
         # erasure destroys keys, never reads them: no PII key needed here
-        eraser = Eraser(self._nc, SubjectKeys(js, None), self.decider.decide, audit)
-        self._auth_audit = await watch_refused_connections(s, audit)
+        eraser = Eraser(self._nc, SubjectKeys(js, None), self.decider.decide, done)
+        self._auth_audit = await watch_refused_connections(s, done)
         self._subs = [
             await serve_decisions(self._nc, self.decider),
             *await serve_registry_owner(self._nc, owner),
@@ -83,7 +85,7 @@ class GovernanceApp:
 
     def status(self) -> dict[str, Any]:
         d, trail = self.decider, self._audit
-        lagging = trail is not None and trail.lag_s() > trail.max_lag_s
+        lagging = trail is not None and trail.lagging()
         return {
             # policies compiled, and the audit trail keeps up (else decisions are withheld)
             "ready": d is not None and not lagging,

@@ -67,6 +67,42 @@ async def test_a_gone_stream_withholds_decisions_and_loses_nothing(
     assert trail.republished == 5
 
 
+async def test_what_was_done_already_is_recorded_even_while_decisions_are_withheld(
+    nc: NATS, settings: Settings
+) -> None:
+    fast = replace(settings, publish_timeout_s=0.5, publish_retries=0)
+    js = bus.jetstream(nc, fast)
+    trail = AuditTrail(nc, fast, max_lag_s=0.3, max_unconfirmed=2)
+    await trail.start()
+    await js.delete_stream(AUDIT_STREAM)
+    await trail(record(1))
+    await trail(record(2))
+    assert trail.lagging()  # two in flight: the limit
+    with pytest.raises(Retryable):
+        await trail(record(3))  # a decision not yet given: withheld
+    await trail.after_the_fact(record(4))  # a rollback done already: recorded all the same
+    await bus.provision(js, fast)
+    assert await trail.flush(15.0), trail.last_error
+    await trail.close()
+    stored = {r.subject for r in await audit_records(settings, "trail_test")}
+    assert stored == {"subject-1", "subject-2", "subject-4"}
+
+
+async def test_a_flush_returns_once_what_came_before_is_stored_while_more_comes(
+    nc: NATS, settings: Settings
+) -> None:
+    trail = AuditTrail(nc, settings)
+    await trail.start()
+    for i in range(50):
+        await trail(record(i))
+    flushed = asyncio.ensure_future(trail.flush(10.0))
+    for i in range(50, 100):
+        await trail(record(i))  # written after the flush began
+    assert await flushed
+    await trail.close()
+    assert trail.stored == 100
+
+
 async def test_records_that_cannot_be_stored_by_shutdown_are_logged(
     nc: NATS, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -78,6 +114,12 @@ async def test_records_that_cannot_be_stored_by_shutdown_are_logged(
     await trail(record(7))
     with caplog.at_level(logging.ERROR, logger="myelin.audit"):
         await trail.close(timeout_s=0.5)
-    [line] = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
-    assert '"subject":"subject-7"' in line and '"reasons":["reason 7"]' in line
+        with pytest.raises(Retryable):
+            await trail(record(8))  # a decision after shutdown: withheld
+        await trail.after_the_fact(record(9))  # done already: to the log
+    lines = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert '"subject":"subject-7"' in lines[0] and '"reasons":["reason 7"]' in lines[0]
+    assert '"subject":"subject-9"' in lines[1] and "stopping" in lines[1]
+    assert trail.logged_only == 2
     await bus.provision(js, fast)
