@@ -35,7 +35,7 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench._common import pct, table
-from myelin import bus, online
+from myelin import bus, online, redis_users
 from myelin.consume import ensure_consumer
 from myelin.contracts import StreamEvent
 from myelin.online import OnlineReader
@@ -318,7 +318,7 @@ async def main(n: int, rate: int, seconds: float) -> None:
             async with Stack(s, services=(), log=lambda _m: None) as stack:
                 nc = await bus.connect(s, "bench", identity="admin")
                 js = bus.jetstream(nc, s)
-                r = aioredis.Redis.from_url(s.redis_url)
+                r = aioredis.Redis.from_url(redis_users.client_url(s, "admin"))
                 reader = OnlineReader(r)
                 ours, bare, us = await throughput(stack, nc, js, n, workers)
                 rates[workers] = ours

@@ -34,7 +34,7 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench._common import pct, table
-from myelin import bus, grpc_client, online
+from myelin import bus, grpc_client, online, redis_users
 from myelin.gen import grpc_predict_v2_pb2 as oip
 from myelin.gen import grpc_predict_v2_pb2_grpc as oip_grpc
 from myelin.gen import myelin_predict_pb2 as mp
@@ -151,7 +151,7 @@ async def main() -> None:
             trained = tiny_model()
             await register(nc, s, trained)  # with its drift reference: counters on
             users = [f"user-{i}" for i in range(1000)]
-            r = aioredis.Redis.from_url(s.redis_url)
+            r = aioredis.Redis.from_url(redis_users.client_url(s, "admin"))
             meta = await OnlineReader(r).meta("user_activity")
             width, version = len(meta.features), meta.hash
             now_ms = int(time.time() * 1000)

@@ -40,7 +40,7 @@ import pyarrow as pa
 from faults.checker import Classification, FinalState, classify, compare
 from faults.load import Load, LoadStats
 from faults.workload import Workload, clickstream
-from myelin import bus, online, sql_client
+from myelin import bus, online, redis_users, sql_client
 from myelin.models import ModelRegistry, Provenance
 from myelin.online import OnlineReader
 from myelin.settings import Settings
@@ -434,7 +434,7 @@ async def final_state(
 ) -> tuple[FinalState, dict[str, int], dict[str, int], int, int]:
     """The final state; per event id its effects (feature rows) and raw history rows; the
     inference records stored; how many events the EVENTS stream holds more than once."""
-    redis = online.connect(settings.redis_url)
+    redis = online.connect(redis_users.client_url(settings, "admin"))
     nc = await bus.connect(settings, "faults-state", identity="admin")
     try:
         reader = OnlineReader(redis)

@@ -5,7 +5,7 @@ pool, retry and timeout wrappers, command packing in Python): more than the rest
 Predict. This connection is one socket with requests pipelined on it, replies matched to
 requests in order and parsed by hiredis (C), and one timer per command. It speaks only
 what the read needs (commands in, RESP replies out), for ``redis://`` and ``unix://`` URLs
-with an optional password and database.
+with an optional ACL user and password, and database.
 
 A failed or timed-out connection fails every command waiting on it (their replies could
 no longer be matched) and is replaced on the next command; a read is retried once on a
@@ -106,6 +106,7 @@ class RedisWire:
         self._host = u.hostname or "127.0.0.1"
         self._port = u.port or 6379
         self._password = unquote(u.password) if u.password else ""
+        self._username = unquote(u.username) if u.username and u.password else ""
         db = u.path.lstrip("/") if u.scheme == "redis" else ""
         if u.scheme == "unix":
             db = dict(p.split("=", 1) for p in u.query.split("&") if "=" in p).get("db", "")
@@ -135,7 +136,9 @@ class RedisWire:
                             lambda: _Protocol(conn), self._host, self._port
                         )
                     conn.transport = transport
-                    if self._password:
+                    if self._username:  # an ACL user (myelin.redis_users)
+                        await conn.send(("AUTH", self._username, self._password))
+                    elif self._password:
                         await conn.send(("AUTH", self._password))
                     if self._db:
                         await conn.send(("SELECT", self._db))

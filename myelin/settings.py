@@ -73,6 +73,9 @@ class Settings:
     tls_ca_file: str = ""
     redis_url: str = ""
     redis_cluster: bool = False  # MYELIN_REDIS_URL names a node of a Redis Cluster
+    # a Redis ACL user and the file holding its password (myelin.redis_users)
+    redis_username: str = ""
+    redis_password_file: str = ""
     redis_port: int = 6390
     clickhouse_url: Secret = field(default_factory=lambda: Secret(""))
     opa_url: str = ""
@@ -162,6 +165,8 @@ class Settings:
             redis_port=redis_port,
             redis_url=_env("REDIS_URL", f"redis://127.0.0.1:{redis_port}/0"),
             redis_cluster=_env("REDIS_CLUSTER", "0").lower() in ("1", "true", "yes"),
+            redis_username=_env("REDIS_USERNAME", ""),
+            redis_password_file=_env("REDIS_PASSWORD_FILE", ""),
             clickhouse_url=Secret(_env("CLICKHOUSE_URL", "")),
             opa_url=_env("OPA_URL", ""),
             ingest_http_port=_int("INGEST_HTTP_PORT", d.ingest_http_port),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Generic, Self, TypeVar
 
 from myelin.errors import ConfigError
+from myelin.nats_identity import write_private
 from myelin.stack.ports import listens_on
 from myelin.stack.process import (
     ManagedProcess,
@@ -163,10 +164,16 @@ class NatsServer(_Engine):
 
 class RedisServer(_Engine):
     """redis-server with an append-only file, so a killed process loses no acked write;
-    with ``cluster`` a Redis Cluster node (see :class:`RedisCluster`)."""
+    with ``cluster`` a Redis Cluster node (see :class:`RedisCluster`); with ``acl`` the
+    ``user`` lines of its ACL (the config file is 0600)."""
 
     def __init__(
-        self, data_dir: Path, port: int, host: str = "127.0.0.1", cluster: bool = False
+        self,
+        data_dir: Path,
+        port: int,
+        host: str = "127.0.0.1",
+        cluster: bool = False,
+        acl: list[str] | None = None,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = data_dir / "redis.conf"
@@ -187,7 +194,8 @@ class RedisServer(_Engine):
                 f'cluster-config-file "{data_dir / "nodes.conf"}"',
                 "cluster-node-timeout 2000",
             ]
-        conf.write_text("\n".join(lines) + "\n")
+        lines += acl or []  # ACL users (myelin.redis_users): password hashes only
+        write_private(conf, ("\n".join(lines) + "\n").encode())
         super().__init__(
             "redis-server", [str(redis_server_binary()), str(conf)], data_dir / "redis.log"
         )

@@ -25,7 +25,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from myelin import access, api_tokens, bus, dev_tls, nats_identity
+from myelin import access, api_tokens, bus, dev_tls, nats_identity, redis_users
 from myelin.errors import MyelinError
 from myelin.settings import Settings
 from myelin.stack.crash_policy import CrashPolicy
@@ -73,6 +73,7 @@ class Stack:
         # identity -> its NATS credential, when this stack runs its own NATS (security on)
         self._credentials: dict[str, nats_identity.NatsCredential] = {}
         self._door_env: dict[str, str] = {}  # the HTTP and gRPC doors' TLS and tokens
+        self._redis_users = False  # the embedded redis-server has ACL users
         self.metrics: dict[str, int] = {}  # process name -> Prometheus port
         self._metrics_next = 0
         self.supervise = supervise
@@ -163,7 +164,15 @@ class Stack:
             await self.nats.wait_ready()
             self._log(f"nats-server   {self.nats.url} (JetStream, data in {s.state_dir / 'nats'})")
         if "MYELIN_REDIS_URL" not in os.environ:
-            self.redis = RedisServer(s.state_dir / "redis", s.redis_port, "127.0.0.1")
+            # security on: the default user is off; features, inference and admin have
+            # ACL users of their own (myelin.redis_users)
+            self._redis_users = True
+            self.redis = RedisServer(
+                s.state_dir / "redis",
+                s.redis_port,
+                "127.0.0.1",
+                acl=redis_users.ensure_dev_users(s),
+            )
             self.redis.start()
             self.restarts["redis-server"] = 0
             await self.redis.wait_ready()
@@ -191,6 +200,9 @@ class Stack:
         if credential is not None:
             env["MYELIN_NATS_NKEY_FILE"] = str(credential.seed_file)
             env.update(self._door_env)
+        if self._redis_users and service in redis_users.RULES and not s.redis_password_file:
+            env["MYELIN_REDIS_USERNAME"] = service
+            env["MYELIN_REDIS_PASSWORD_FILE"] = str(redis_users.dev_password_file(s, service))
         auditor = self._credentials.get(access.AUTH_AUDIT)
         if service == "governance" and auditor is not None:
             env["MYELIN_NATS_AUTH_AUDIT_NKEY_FILE"] = str(auditor.seed_file)

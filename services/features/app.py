@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from myelin import bus, online, slis, telemetry
+from myelin import bus, online, redis_users, slis, telemetry
 from myelin.audit import AuditLog, platform_record
 from myelin.consume import PullLoop, ensure_consumer
 from myelin.contracts import ContractRegistry
@@ -98,7 +98,7 @@ class FeaturesApp:
 
     async def start(self) -> None:
         s = self.settings
-        self._redis = online.connect(s.redis_url, s.redis_cluster)
+        self._redis = online.connect(redis_users.client_url(s), s.redis_cluster)
         await self._redis.ping()
         self._nc = await bus.connect(s, self.name)
         js = self._js = bus.jetstream(self._nc, s)

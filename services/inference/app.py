@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from myelin import bus, online
+from myelin import bus, online, redis_users
 from myelin.api_tokens import TokenBook
 from myelin.decisions import GovernanceClient
 from myelin.errors import ConfigError
@@ -63,15 +63,16 @@ class InferenceApp:
         s = self.settings
         self._nc = await bus.connect(s, self.name)
         js = bus.jetstream(self._nc, s)
-        self._redis = online.connect(s.redis_url, s.redis_cluster)
+        redis_url = redis_users.client_url(s)  # with the credentials: never logged
+        self._redis = online.connect(redis_url, s.redis_cluster)
         await self._redis.ping()
         # the online read, on the hot path: a lean connection to a single Redis node (a
         # Redis Cluster is read through the cluster client, which routes by slot)
-        self._wire = None if s.redis_cluster else RedisWire(s.redis_url)
+        self._wire = None if s.redis_cluster else RedisWire(redis_url)
         # A client of its own, without the serving client's retries, so a probe measures
         # reachability now instead of riding out an outage.
         self._probe_redis = aioredis.Redis.from_url(
-            s.redis_url,
+            redis_url,
             socket_timeout=PROBE_TIMEOUT_S,
             socket_connect_timeout=PROBE_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),

@@ -22,9 +22,11 @@ import msgspec
 import nats
 import nats.errors
 import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
 from nats.aio.client import Client as NATS
 
-from myelin import access, bus, grpc_client, nats_identity
+from myelin import access, bus, grpc_client, nats_identity, online, redis_users
 from myelin.api_tokens import TOKEN_IDENTITIES, client_token
 from myelin.contracts.envelope import StreamEvent
 from myelin.errors import RemoteError
@@ -259,6 +261,46 @@ async def test_a_compromised_ingest_credential_cannot_read_features_or_move_a_mo
     async with as_identity(s, "ingest") as c:
         assert c.nc is not None
         assert await bus.kv_keys(c.nc.jetstream(timeout=5.0), "myelin_contracts")
+
+
+async def test_redis_lets_in_only_its_acl_users_each_with_its_own_rights(stack: Stack) -> None:
+    """The online store: nobody without a Redis credential (ingest, a stranger) gets in;
+    inference may read it but not write it; features writes it (the stack is ready, so
+    the features service authenticated)."""
+    s = stack.settings
+    conf = s.state_dir / "redis" / "redis.conf"
+    assert conf.stat().st_mode & 0o777 == 0o600
+    assert "user default off" in conf.read_text()
+    for identity in redis_users.RULES:
+        password = redis_users.dev_password_file(s, identity).read_text().strip()
+        assert password not in conf.read_text()  # its SHA-256 only
+    # no credential: ingest has none, and the default user is off
+    assert not redis_users.dev_password_file(s, "ingest").exists()
+    assert redis_users.client_url(s, "ingest") == s.redis_url
+    anonymous = aioredis.Redis.from_url(s.redis_url)
+    try:
+        with pytest.raises(redis.exceptions.RedisError, match=r"(?i)auth"):
+            await anonymous.hgetall(online.view_key("user_activity"))
+    finally:
+        await anonymous.aclose()
+    admin = aioredis.Redis.from_url(redis_users.client_url(s, "admin"))
+    reader = aioredis.Redis.from_url(redis_users.client_url(s, "inference"))
+    writer = aioredis.Redis.from_url(redis_users.client_url(s, "features"))
+    try:
+        await admin.hset("acl-probe", "k", "v")
+        assert await reader.hget("acl-probe", "k") == b"v"  # inference reads
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await reader.hset("acl-probe", "k", "overwritten")  # but never writes
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await reader.delete("acl-probe")
+        await writer.hset("acl-probe", "k", "w")  # features writes
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await writer.config_get("*")  # but does not administer
+        assert await admin.hget("acl-probe", "k") == b"w"
+    finally:
+        await admin.delete("acl-probe")
+        for c in (admin, reader, writer):
+            await c.aclose()
 
 
 def test_permissions_cover_every_identity() -> None:

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from myelin import access, bus, sql_client
+from myelin import access, bus, redis_users, sql_client
 from myelin.api_tokens import client_headers
 from myelin.errors import RemoteError
 from myelin.online import PREFIX
@@ -127,7 +127,7 @@ async def test_an_erased_subject_is_unreadable_everywhere_and_others_are_kept(
         nc = await bus.connect(s, "test")  # the operator, as the command line
         features = await bus.connect(s, "test-features", identity="features")
         admin = await bus.connect(s, "test-admin", identity=access.ADMIN)
-        redis = aioredis.Redis.from_url(s.redis_url)
+        redis = aioredis.Redis.from_url(redis_users.client_url(s, "admin"))
         try:
             await wait_caught_up(nc, s)
             js = admin.jetstream()

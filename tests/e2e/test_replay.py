@@ -11,7 +11,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from myelin import bus, online
+from myelin import bus, online, redis_users
 from myelin.api_tokens import client_headers
 from myelin.contracts.registry import default_registry
 from myelin.contracts.schema import FieldSpec
@@ -173,7 +173,7 @@ async def test_rebuild_the_offline_store_by_replay(settings: Settings) -> None:
             assert ok["checked"] == 41 and ok["mismatches"] == [] and ok["matched"] == 41
             import redis
 
-            rc = redis.Redis.from_url(settings.redis_url)
+            rc = redis.Redis.from_url(redis_users.client_url(settings, "admin"))
             version = rc.hget(online.view_key("user_activity"), "served")
             assert isinstance(version, bytes)
             key = online.entities_key(

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from myelin import bus
+from myelin import bus, redis_users
 from myelin.errors import ConfigError
 from myelin.nats_identity import dev_seed_file
 from myelin.settings import Settings
@@ -82,7 +82,7 @@ async def test_killed_engine_comes_back_on_its_port(settings: Settings) -> None:
     async with Stack(settings, log=lines.append, services=(), supervise=True) as stack:
         redis = stack.child("redis-server")
         old = redis.pid
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = aioredis.Redis.from_url(redis_users.client_url(settings, "admin"))
         try:
             await client.set("kept", "yes")  # in the AOF (the kernel's copy) once acked
         finally:
@@ -91,7 +91,7 @@ async def test_killed_engine_comes_back_on_its_port(settings: Settings) -> None:
         os.kill(old, signal.SIGKILL)
         await until(lambda: stack.restarts["redis-server"] == 1, 30, "redis restarted")
         assert redis.pid != old and redis.running
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = aioredis.Redis.from_url(redis_users.client_url(settings, "admin"))
         try:
             assert await client.get("kept") == b"yes"  # same data dir, same port
         finally:

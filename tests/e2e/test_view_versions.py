@@ -12,7 +12,7 @@ import grpc
 import msgspec
 import pytest
 
-from myelin import bus, grpc_client
+from myelin import bus, grpc_client, redis_users
 from myelin.api_tokens import client_headers
 from myelin.errors import RemoteError
 from myelin.gen import myelin_predict_pb2 as mp
@@ -85,7 +85,7 @@ async def test_a_new_version_backfills_beside_the_served_one_and_is_promoted_wit
 
         await post(events(0, 1500, now))
         nc = await bus.connect(settings, "test")
-        r = aioredis.Redis.from_url(settings.redis_url)
+        r = aioredis.Redis.from_url(redis_users.client_url(settings, "admin"))
         try:
             listing = await wait_caught_up(nc, settings)
             assert [(v["version"], v["served"]) for v in listing["versions"]] == [(OLD, True)]
