@@ -6,7 +6,7 @@ identity that needs Redis, each with a password of its own under
 
 - ``features`` writes the online store: every data command, no administration (but
   ``BGREWRITEAOF``, which an erasure needs to drop the subject from the append-only file);
-- ``inference`` reads it: read commands only;
+- ``inference`` reads it: read commands only (and PING, HELLO, AUTH, ECHO, SELECT);
 - ``admin`` (the operator's tools and tests) may do anything.
 
 Every other identity (ingest, governance, the warehouse, producers, ...) has no Redis
@@ -17,6 +17,7 @@ credential at all. A deployment's own Redis sets ``MYELIN_REDIS_USERNAME`` and
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -28,7 +29,9 @@ from myelin.settings import Settings
 ADMIN = "admin"
 RULES: dict[str, str] = {
     "features": "~* &* +@all -@admin +bgrewriteaof",
-    "inference": "~* &* -@all +@read +@connection",
+    # read commands, and what a connection needs; not @connection: it holds CLIENT
+    # (KILL, PAUSE), which would let a reader cut off or stall the writer
+    "inference": "~* &* -@all +@read +ping +hello +auth +echo +select",
     ADMIN: "~* &* +@all",
 }
 
@@ -59,7 +62,8 @@ def _credentials(settings: Settings, identity: str | None) -> tuple[str, str] | 
                 "(MYELIN_REDIS_USERNAME needs it)"
             )
         return settings.redis_username or "default", path.read_text().strip()
-    if identity is not None:
+    # a development password only for the Redis `myelin up` runs (not an operator's own)
+    if identity is not None and "MYELIN_REDIS_URL" not in os.environ:
         path = dev_password_file(settings, identity)
         if path.exists():
             return identity, path.read_text().strip()
@@ -75,8 +79,6 @@ def client_url(settings: Settings, identity: str | None = None) -> str:
         return settings.redis_url
     user, password = found
     u = urlsplit(settings.redis_url)
-    host = u.hostname or "127.0.0.1"
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
-    if u.port:
-        netloc += f":{u.port}"
+    where = u.netloc.rpartition("@")[2]  # host and port as written ([::1]:6379 too)
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{where}"
     return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))

@@ -200,9 +200,12 @@ class Stack:
         if credential is not None:
             env["MYELIN_NATS_NKEY_FILE"] = str(credential.seed_file)
             env.update(self._door_env)
-        if self._redis_users and service in redis_users.RULES and not s.redis_password_file:
-            env["MYELIN_REDIS_USERNAME"] = service
-            env["MYELIN_REDIS_PASSWORD_FILE"] = str(redis_users.dev_password_file(s, service))
+        if self._redis_users:  # its own Redis user, or none (whatever the shell had set)
+            own = service in redis_users.RULES
+            env["MYELIN_REDIS_USERNAME"] = service if own else ""
+            env["MYELIN_REDIS_PASSWORD_FILE"] = (
+                str(redis_users.dev_password_file(s, service)) if own else ""
+            )
         auditor = self._credentials.get(access.AUTH_AUDIT)
         if service == "governance" and auditor is not None:
             env["MYELIN_NATS_AUTH_AUDIT_NKEY_FILE"] = str(auditor.seed_file)

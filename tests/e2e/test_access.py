@@ -293,6 +293,9 @@ async def test_redis_lets_in_only_its_acl_users_each_with_its_own_rights(stack: 
             await reader.hset("acl-probe", "k", "overwritten")  # but never writes
         with pytest.raises(redis.exceptions.NoPermissionError):
             await reader.delete("acl-probe")
+        for command in (("CLIENT", "LIST"), ("CLIENT", "PAUSE", "10")):  # nor stall the writer
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await reader.execute_command(*command)  # type: ignore[no-untyped-call]
         await writer.hset("acl-probe", "k", "w")  # features writes
         with pytest.raises(redis.exceptions.NoPermissionError):
             await writer.config_get("*")  # but does not administer

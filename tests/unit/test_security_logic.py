@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-from myelin import access
+from myelin import access, redis_users
 from myelin.api_tokens import TokenBook, digest
 from myelin.pii import Tokenizer
 from myelin.settings import Settings
@@ -168,3 +168,53 @@ def test_a_refused_connection_advisory_becomes_an_audit_record() -> None:
     assert json.loads(rec.input_json)["host"] == "10.0.0.7"
     # a sparse advisory still reads
     assert refusal_record(b"{}").reasons[0].startswith("a NATS connection from :0")
+
+
+def test_redis_credentials_go_into_the_url_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MYELIN_REDIS_URL", raising=False)
+    secret = tmp_path / "features.pass"
+    secret.write_text("p@ss/w:rd\n")
+    for url, expected in (
+        ("redis://127.0.0.1:6390/0", "redis://features:p%40ss%2Fw%3Ard@127.0.0.1:6390/0"),
+        ("redis://[::1]:6390/2", "redis://features:p%40ss%2Fw%3Ard@[::1]:6390/2"),
+        (
+            "rediss://old:creds@db.example:6380/0",
+            "rediss://features:p%40ss%2Fw%3Ard@db.example:6380/0",
+        ),
+    ):
+        s = Settings(
+            state_dir=tmp_path,
+            redis_url=url,
+            redis_username="features",
+            redis_password_file=str(secret),
+        )
+        assert redis_users.client_url(s) == expected
+    # no credential of its own and none written by myelin up: the URL as it is
+    bare = Settings(state_dir=tmp_path, redis_url="redis://127.0.0.1:6390/0")
+    assert redis_users.client_url(bare, "ingest") == "redis://127.0.0.1:6390/0"
+
+
+def test_development_redis_passwords_are_not_used_against_an_operators_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Settings(state_dir=tmp_path, redis_url="redis://u:theirs@10.0.0.5:6379/0")
+    redis_users.ensure_dev_users(s)  # a leftover from an earlier `myelin up`
+    monkeypatch.setenv("MYELIN_REDIS_URL", s.redis_url)
+    assert redis_users.client_url(s, "admin") == "redis://u:theirs@10.0.0.5:6379/0"
+    monkeypatch.delenv("MYELIN_REDIS_URL")
+    assert redis_users.client_url(s, "admin").startswith("redis://admin:")
+
+
+def test_the_redis_acl_holds_digests_and_no_reader_may_administer(tmp_path: Path) -> None:
+    s = Settings(state_dir=tmp_path)
+    lines = redis_users.ensure_dev_users(s)
+    assert lines[0] == "user default off"
+    for identity in redis_users.RULES:
+        password = redis_users.dev_password_file(s, identity).read_text().strip()
+        assert not any(password in line for line in lines)
+        assert redis_users.dev_password_file(s, identity).stat().st_mode & 0o777 == 0o600
+    inference = next(line for line in lines if line.startswith("user inference "))
+    assert "-@all +@read" in inference and "@connection" not in inference
+    assert redis_users.ensure_dev_users(s) == lines  # kept across restarts
