@@ -99,6 +99,23 @@ async def timed_flushed(
     return lat, (time.process_time() - cpu0) / n * 1e6
 
 
+def over_nats_rows(
+    audit: str,
+    measured: tuple[list[float], float],
+    echo_lat: list[float],
+    echo_cpu: float,
+    notes: tuple[str, str, str],
+) -> list[tuple[str, str, float, float, str]]:
+    """p50, p99 and CPU of cached decisions asked over NATS, beside the bare echo."""
+    lat, cpu = measured
+    path = f"over NATS, cached, audit {audit}"
+    return [
+        (path, "p50 ms", pct(lat, 50), pct(echo_lat, 50), notes[0]),
+        (path, "p99 ms", pct(lat, 99), pct(echo_lat, 99), notes[1]),
+        (path, "us/decision CPU", cpu, echo_cpu, notes[2]),
+    ]
+
+
 async def main(n: int) -> None:
     sources = load_policies(ROOT / "myelin" / "policies")
     from regopy import Interpreter
@@ -269,47 +286,23 @@ async def main(n: int) -> None:
             "reference",
         ),
         ("decision, cached, audit acked before return", "us/decision CPU", k_hit_cpu, raw_cpu, ""),
-        (
-            "over NATS, cached, audit written behind",
-            "p50 ms",
-            pct(rt["behind"][0], 50),
-            pct(echo_lat, 50),
-            "ceiling: bare NATS request/reply echo",
-        ),
-        (
-            "over NATS, cached, audit written behind",
-            "p99 ms",
-            pct(rt["behind"][0], 99),
-            pct(echo_lat, 99),
-            "as a service asks governance",
-        ),
-        (
-            "over NATS, cached, audit written behind",
-            "us/decision CPU",
-            rt["behind"][1],
+        *over_nats_rows(
+            "written behind",
+            rt["behind"],
+            echo_lat,
             echo_cpu,
-            "both sides, one process",
+            (
+                "ceiling: bare NATS request/reply echo",
+                "as a service asks governance",
+                "both sides, one process",
+            ),
         ),
-        (
-            "over NATS, cached, audit acked before return",
-            "p50 ms",
-            pct(rt["acked"][0], 50),
-            pct(echo_lat, 50),
-            "reference",
-        ),
-        (
-            "over NATS, cached, audit acked before return",
-            "p99 ms",
-            pct(rt["acked"][0], 99),
-            pct(echo_lat, 99),
-            "reference",
-        ),
-        (
-            "over NATS, cached, audit acked before return",
-            "us/decision CPU",
-            rt["acked"][1],
+        *over_nats_rows(
+            "acked before return",
+            rt["acked"],
+            echo_lat,
             echo_cpu,
-            "",
+            ("reference", "reference", ""),
         ),
     ]
     print(table(f"Governance decisions ({n:,} per row, serve policy, one process)", rows))

@@ -154,13 +154,14 @@ class AuditTrail:
 
     async def after_the_fact(self, record: AuditRecord) -> None:
         """The record of something done already: never refused (see the class notes)."""
+        msg = audit_msg(record)
         if self._closed or len(self._unconfirmed) >= 10 * self.max_unconfirmed:
-            self._log_unstored(audit_msg(record), "stopping" if self._closed else "lagging")
+            self._log_unstored(msg, "stopping" if self._closed else "lagging")
             return
         try:
-            await self._send(audit_msg(record), time.monotonic())
+            await self._send(msg, time.monotonic())
         except Exception as exc:  # noqa: BLE001 - too large, or the connection is closed
-            self._log_unstored(audit_msg(record), repr(exc))
+            self._log_unstored(msg, repr(exc))
 
     async def _send(self, msg: OutMsg, now: float) -> None:
         token = self._next
@@ -227,15 +228,18 @@ class AuditTrail:
         if self._unconfirmed.pop(token, None) is not None and stored:
             self.stored += 1
         if self._flushes:
-            oldest = next(iter(self._unconfirmed), self._next)
-            waiting = []
-            for mark, fut in self._flushes:
-                if oldest >= mark:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    waiting.append((mark, fut))
-            self._flushes = waiting
+            self._wake_flushes()
+
+    def _wake_flushes(self) -> None:
+        """Ends each flush whose records (those written before it began) are all settled."""
+        oldest = next(iter(self._unconfirmed), self._next)
+        waiting = []
+        for mark, fut in self._flushes:
+            if oldest < mark:
+                waiting.append((mark, fut))
+            elif not fut.done():
+                fut.set_result(None)
+        self._flushes = waiting
 
     def _log_unstored(self, msg: OutMsg, why: str) -> None:
         self.logged_only += 1
@@ -282,7 +286,7 @@ class AuditTrail:
         for msg, _sent, _again in self._unconfirmed.values():
             self._log_unstored(msg, self.last_error or "not acknowledged by shutdown")
         self._unconfirmed.clear()
-        self._confirmed(-1, stored=False)  # any flush still waiting ends
+        self._wake_flushes()  # any flush still waiting ends
 
     def snapshot(self) -> dict[str, Any]:
         return {
